@@ -1,0 +1,170 @@
+"""Typed site description: what the site file (INTERFACE.md section 5) turns into.
+
+Pure data: the simulator, the drivers and the gateway all read it; nothing here knows
+about OPC UA, Modbus or the plant physics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+
+class SourceSelection(IntEnum):
+    """INTERFACE.md enumeration `SourceSelection`."""
+
+    NONE = 0
+    SOURCE_A = 1
+    SOURCE_B = 2
+
+
+class AtsState(IntEnum):
+    NORMAL = 0
+    TRANSFERRING = 1
+    BRIDGING = 2
+    FAULT = 3
+    OFFLINE = 4
+
+
+class StorageMode(IntEnum):
+    STANDBY = 0
+    CHARGING = 1
+    BRIDGING = 2
+    SMOOTHING = 3
+    FAULT = 4
+
+
+class CmcsMode(IntEnum):
+    MANUAL = 0
+    ADVISORY = 1
+    AUTOMATIC = 2
+
+
+# Source names in the site file map onto SourceSelection by position: the first source is A.
+SOURCE_NAMES = ("SourceA", "SourceB")
+
+
+@dataclass(frozen=True)
+class DeviceEndpoint:
+    """Where and how a device is reached."""
+
+    driver: str  # "modbus" | "modbus-tls" | "tsn" | "sim"
+    profile: str  # register-map profile name: drivers/profiles/<profile>.yaml
+    host: str = "127.0.0.1"
+    port: int = 1502
+    unit_id: int = 1
+    scan_group: str = "normal"
+    # Modbus/TCP Security (driver "modbus-tls"): paths to PEM files, filled in by issue 4.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    name: str  # "SourceA" | "SourceB"
+    selection: SourceSelection
+    rated_power_kw: float
+    backup: str  # "ups" (UPS + battery string) | "generator" (standby gen + start battery) | "none"
+    nominal_voltage_v: float
+    frequency_hz: float
+    device: DeviceEndpoint
+
+
+@dataclass(frozen=True)
+class PdbConfig:
+    name: str  # "PDB-01-A"
+    aisle: str
+    feed: SourceSelection
+    rated_current_a: float
+    joints_per_phase: int
+    device: DeviceEndpoint
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    name: str  # "DES-01-01"
+    capacity_kwh: float
+    max_power_kw: float  # inverter / C-rate limit at full health
+    soc_min_pct: float
+    soc_max_pct: float
+    device: DeviceEndpoint
+
+
+@dataclass(frozen=True)
+class MicroAtsConfig:
+    name: str  # "MATS-01-01"
+    aisle: str
+    position_ft: float
+    rated_current_a: float
+    preferred_source: SourceSelection
+    it_load_kw: float  # mean IT load of the segment it serves
+    dual_corded_fraction: float  # share of the load on dual-corded racks (second cord on the next unit)
+    transfer_time_ms: float  # nominal local transfer time (detection + switching + break-before-make gap)
+    device: DeviceEndpoint
+    storage: StorageConfig | None = None
+
+
+@dataclass(frozen=True)
+class AisleConfig:
+    name: str  # "Aisle01"
+    pdbs: tuple[PdbConfig, ...]
+    units: tuple[MicroAtsConfig, ...]
+
+
+@dataclass(frozen=True)
+class OpcUaConfig:
+    host: str = "0.0.0.0"
+    port: int = 4840
+    path: str = "/cmcs"
+    allow_security_none: bool = False
+    allow_anonymous: bool = True
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    opcua: OpcUaConfig = field(default_factory=OpcUaConfig)
+    scan_groups_s: dict[str, float] = field(default_factory=lambda: {"fast": 0.5, "normal": 1.0, "slow": 5.0})
+    stale_time_s: float = 10.0  # Uncertain -> Bad after this long without a good read
+    dwell_time_s: float = 30.0  # anti-flapping: minimum time between transfers of one unit
+    derating: float = 0.8  # NEC 210.20(A) 80 % rule for continuous load
+
+
+@dataclass(frozen=True)
+class Site:
+    name: str
+    nominal_voltage_v: float  # line-to-line
+    frequency_hz: float
+    sources: tuple[SourceConfig, ...]
+    aisles: tuple[AisleConfig, ...]
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
+    path: str | None = None  # the file it came from, None for a built-in site
+
+    @property
+    def units(self) -> list[MicroAtsConfig]:
+        return [u for a in self.aisles for u in a.units]
+
+    @property
+    def pdbs(self) -> list[PdbConfig]:
+        return [p for a in self.aisles for p in a.pdbs]
+
+    @property
+    def storages(self) -> list[StorageConfig]:
+        return [u.storage for u in self.units if u.storage is not None]
+
+    def source(self, selection: SourceSelection) -> SourceConfig:
+        for s in self.sources:
+            if s.selection == selection:
+                return s
+        raise KeyError(selection)
+
+    def devices(self) -> list[tuple[str, str, DeviceEndpoint]]:
+        """Every device as (name, kind, endpoint); kind is source|pdb|ats|des."""
+        out: list[tuple[str, str, DeviceEndpoint]] = [(s.name, "source", s.device) for s in self.sources]
+        for a in self.aisles:
+            out += [(p.name, "pdb", p.device) for p in a.pdbs]
+            for u in a.units:
+                out.append((u.name, "ats", u.device))
+                if u.storage is not None:
+                    out.append((u.storage.name, "des", u.storage.device))
+        return out
