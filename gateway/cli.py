@@ -1,0 +1,98 @@
+"""The `cmcs` command line (INTERFACE.md section 2).
+
+Every sub-command lives in the package that owns it; this module only parses arguments,
+dispatches, and turns expected failures into one clear line and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+class CliError(Exception):
+    """An expected failure: printed as one line, exit code 2 unless given."""
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+DEFAULT_DATA_DIR = Path("cmcs-data")
+
+
+def _data_dir_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
+                   help="state directory: pki/, users.yaml, history, model bundle, audit log (default ./cmcs-data)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cmcs", description="cmcs-gateway: data-centre power distribution gateway")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("run", help="run the gateway (demo site with in-process simulators when no --config)")
+    p.add_argument("--config", type=Path, help="site file (YAML); without it the built-in demo site runs")
+    _data_dir_arg(p)
+    p.set_defaults(handler="gateway.app:cli_run")
+
+    p = sub.add_parser("simulate", help="serve the device simulators as real Modbus TCP endpoints")
+    p.add_argument("--config", type=Path, help="site file (YAML); without it the built-in demo site")
+    p.add_argument("--scenario", type=Path, help="scenario file to replay in real time (default: a quiet day)")
+    p.add_argument("--list", action="store_true", help="print one line per device: name, host, port, unit id, profile")
+    p.add_argument("--speed", type=float, default=1.0, help="plant time per wall-clock time (default 1.0 = real time)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the plant")
+    p.set_defaults(handler="simulator.serve:cli_simulate")
+
+    p = sub.add_parser("config", help="site files: check, generate")
+    csub = p.add_subparsers(dest="config_command", metavar="ACTION")
+    csub.required = True
+    c = csub.add_parser("check", help="validate a site file; errors name the file, line and key")
+    c.add_argument("file", type=Path)
+    c.set_defaults(handler="siteconfig.cli:cli_check")
+    c = csub.add_parser("generate", help="write a site file: the demo site, or a large one")
+    c.add_argument("--aisles", type=int, default=None, help="number of aisles (default: the demo site)")
+    c.add_argument("--units-per-aisle", type=int, default=None, help="micro-ATS units per aisle")
+    c.add_argument("--name", default=None, help="site name")
+    c.add_argument("-o", "--output", type=Path, default=None, help="file to write (default: standard output)")
+    c.set_defaults(handler="siteconfig.cli:cli_generate")
+
+    p = sub.add_parser("bench", help="benchmarks; write a Markdown report, PNG plots and JSON")
+    p.add_argument("which", choices=["sim", "mission", "gateway", "tsn", "all"])
+    p.add_argument("--json", type=Path, help="write the figures as JSON to this file")
+    p.add_argument("--out", type=Path, default=Path("reports"), help="report directory (default ./reports)")
+    p.add_argument("--scenarios", type=Path, help="folder of scenario files (mission)")
+    p.add_argument("--quick", action="store_true", help="shorter runs, for a smoke check")
+    p.set_defaults(handler="bench.cli:cli_bench")
+
+    return parser
+
+
+def _resolve(spec: str):
+    module_name, func_name = spec.split(":")
+    import importlib
+
+    return getattr(importlib.import_module(module_name), func_name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        handler = _resolve(args.handler)
+        code = handler(args)
+        return int(code or 0)
+    except CliError as exc:
+        print(f"cmcs: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
