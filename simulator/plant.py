@@ -1,0 +1,948 @@
+"""The plant: a physical model of a data hall's power distribution.
+
+Stepped where physics is slow (thermal, state of charge, loads: `Scenario.step_s`, 1 s by
+default), event-driven where milliseconds matter (outages, sags, transfers, bridging): an event
+is processed at its exact time, and the interruption each IT load sees is accounted in the ITIC
+ledger to the millisecond. Vectorised with numpy so that a 1,000-unit hall runs far faster
+than real time. Deterministic for a given scenario seed and step.
+
+The plant knows nothing of Modbus or OPC UA: device endpoints read it with `read_device` and
+command it with `command`, which refuses what the hardware itself would refuse.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from siteconfig.model import AtsState, Site, SourceSelection, StorageMode
+from siteconfig.points import COMMANDS, POINTS
+from simulator import constants as C
+from simulator.itic import IticLedger, within_itic
+from simulator.scenario import Fault, Scenario, quiet_day
+
+NO_SOURCE = 0
+
+
+class InterlockRefused(Exception):
+    """The device refuses the command (as the hardware would); nothing changed."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class _Degradation:
+    """A fault's precursor ramp: progress d(t) in 0..1 from precursor start to onset."""
+
+    fault: Fault
+    index: int  # device index in its kind's arrays
+    gamma: float  # shape of the ramp (>1: slow start, fast finish, as self-reinforcing faults do)
+    gain: float  # how far the degraded quantity moves at onset (multiplier - 1)
+    sub: int = 0  # phase (joints), pole (contacts)
+    joint: int = 0
+
+    def progress(self, t_s: float) -> float:
+        f = self.fault
+        if f.precursor_s <= 0.0:
+            return 0.0 if t_s < f.onset_s else 1.0
+        x = (t_s - f.precursor_start_s) / f.precursor_s
+        if x <= 0.0:
+            return 0.0
+        return min(1.0, x) ** self.gamma
+
+
+def _hash_rng(*keys: int) -> np.random.Generator:
+    return np.random.default_rng([int(k) & 0xFFFFFFFF for k in keys])
+
+
+class Plant:
+    """A data hall: two sources, PDB segments, micro-ATS units with DES, IT loads, faults."""
+
+    def __init__(self, site: Site, scenario: Scenario | None = None, seed: int | None = None,
+                 measurement_noise: bool = True):
+        self.site = site
+        self.scenario = scenario or quiet_day(seed or 0)
+        self.seed = self.scenario.seed if seed is None else seed
+        self.step_s = float(self.scenario.step_s)
+        self.measurement_noise = measurement_noise
+        rng = np.random.default_rng(self.seed)
+        self.ledger = IticLedger()
+        self.t_s = 0.0
+        self._events: list[tuple[float, int, str, tuple]] = []
+        self._event_seq = 0
+        self._snapshot_cache: dict | None = None
+
+        # ---- index the site ----------------------------------------------------------------
+        units = site.units
+        self.n = n = len(units)
+        self.unit_names = [u.name for u in units]
+        self.aisle_names = [a.name for a in site.aisles]
+        aisle_of = {a.name: i for i, a in enumerate(site.aisles)}
+        self.unit_aisle = np.array([aisle_of[u.aisle] for u in units], dtype=np.int64)
+        self.pdbs = site.pdbs
+        self.pdb_names = [p.name for p in self.pdbs]
+        self.np_ = len(self.pdbs)
+        self.pdb_aisle = np.array([aisle_of[p.aisle] for p in self.pdbs], dtype=np.int64)
+        self.pdb_feed = np.array([int(p.feed) for p in self.pdbs], dtype=np.int64)
+        pdb_lookup = {(aisle_of[p.aisle], int(p.feed)): i for i, p in enumerate(self.pdbs)}
+        self.pdb_of = np.array([[pdb_lookup[(self.unit_aisle[i], 1)], pdb_lookup[(self.unit_aisle[i], 2)]]
+                                for i in range(n)], dtype=np.int64).reshape(n, 2)
+        # dual-corded racks: cord 1 on this unit, cord 2 on the next unit of the same aisle
+        self.partner = np.arange(n)
+        for a in site.aisles:
+            idx = [self.unit_names.index(u.name) for u in a.units]
+            for k, i in enumerate(idx):
+                self.partner[i] = idx[(k + 1) % len(idx)]
+        self.sources = sorted(site.sources, key=lambda s: int(s.selection))
+        self.source_names = [s.name for s in self.sources]
+        self.src_rated_kw = np.array([s.rated_power_kw for s in self.sources])
+        self.v_nom_ll = float(site.nominal_voltage_v)
+        self.v_nom_ln = self.v_nom_ll / C.SQRT3
+        self.freq_nom = float(site.frequency_hz)
+
+        # ---- unit parameters -----------------------------------------------------------------
+        self.base_kw = np.array([u.it_load_kw for u in units]) * self.scenario.load.scale
+        self.dual_frac = np.array([u.dual_corded_fraction for u in units])
+        self.transfer_ms_nominal = np.array([u.transfer_time_ms for u in units])
+        self.unit_rated_a = np.array([u.rated_current_a for u in units])
+        self.position_ft = np.array([u.position_ft for u in units])
+        w = 1.0 / 3.0 + rng.uniform(-0.04, 0.04, size=(n, 3))  # rack PDUs spread over the phases
+        self.phase_w = w / w.sum(axis=1, keepdims=True)
+        self.contact_r0 = rng.uniform(*C.CONTACT_R_NOMINAL_UOHM, size=(n, 2))
+        self.actuator_ms0 = rng.uniform(1.4, 2.4, size=n)
+        self.pdb_rated_a = np.array([p.rated_current_a for p in self.pdbs])
+        jpp = max(p.joints_per_phase for p in self.pdbs) if self.pdbs else 1
+        self.joint_r0 = rng.uniform(*C.JOINT_R_NOMINAL_UOHM, size=(self.np_, 3, jpp))
+        for i, p in enumerate(self.pdbs):  # segments with fewer joints: unused slots carry no resistance
+            self.joint_r0[i, :, p.joints_per_phase:] = 0.0
+        self.seg_r_ohm = C.SEGMENT_DROP_AT_RATED * self.v_nom_ln / self.pdb_rated_a
+
+        # ---- DES parameters ------------------------------------------------------------------
+        self.has_des = np.array([u.storage is not None for u in units])
+        self.des_names = [u.storage.name if u.storage else "" for u in units]
+        self.des_cap_kwh = np.array([u.storage.capacity_kwh if u.storage else 0.0 for u in units])
+        self.des_pmax_kw = np.array([u.storage.max_power_kw if u.storage else 0.0 for u in units])
+        self.des_soc_min = np.array([u.storage.soc_min_pct / 100 if u.storage else 0.0 for u in units])
+        self.des_soc_max = np.array([u.storage.soc_max_pct / 100 if u.storage else 0.0 for u in units])
+        self.des_r0 = rng.uniform(*C.DES_R_INT_NOMINAL_MOHM, size=n)
+
+        # ---- state ---------------------------------------------------------------------------
+        self.src_breaker = np.ones(2, dtype=bool)
+        self.src_v_pu = np.ones(2)  # voltage factor set by outages, sags, swells
+        self.src_theta = np.zeros(2)
+        self.pdb_breaker = np.ones(self.np_, dtype=bool)
+        self.pdb_failed = np.zeros(self.np_, dtype=bool)
+        self.pdb_theta = np.zeros(self.np_)
+        self.preferred = np.array([int(u.preferred_source) for u in units], dtype=np.int64)
+        self.active = self.preferred.copy()
+        self.unit_fault = np.zeros(n, dtype=bool)
+        self.pole_failed = np.zeros((n, 2), dtype=bool)
+        self.supplied = np.ones(n, dtype=bool)  # fed from a source (not dark, not on DES alone)
+        self.transfer_count = rng.integers(0, 40, size=n).astype(np.int64)
+        self.last_transfer_ms = self.transfer_ms_nominal.copy()
+        self.last_transfer_t = np.full(n, -1e9)
+        self.slow_transfer_ms = np.zeros(n)  # > 0 once an ats_slow_transfer fault has struck
+        self.actuator_measured_ms = self.actuator_ms0.copy()
+        self.selftest_phase = rng.uniform(0, C.ATS_SELFTEST_PERIOD_S, size=n)
+        self.retransfer_token = np.zeros(n, dtype=np.int64)
+        self.single_up = np.ones(n, dtype=bool)
+        self.dual_up = np.ones(n, dtype=bool)
+        self.single_restart_at = np.full(n, np.inf)
+        self.dual_restart_at = np.full(n, np.inf)
+        self.des_soc = np.where(self.has_des, self.des_soc_max - C.DES_SOC_STANDBY_TARGET_MARGIN_PCT / 100, 0.0)
+        self.des_soh = np.where(self.has_des, rng.uniform(0.93, 0.99, size=n), 0.0)
+        self.des_mode = np.where(self.has_des, int(StorageMode.STANDBY), int(StorageMode.FAULT)).astype(np.int64)
+        self.des_fault = ~self.has_des
+        self.des_auto = np.zeros(n, dtype=bool)  # bridging because the unit has no source
+        self.des_bridge_kw = np.zeros(n)
+        self.des_bridge_until = np.zeros(n)
+        self.des_p_kw = np.zeros(n)
+        self.des_temp = np.full(n, C.AMBIENT_MEAN_DEGC)
+        self.load_ema_kw = self.base_kw.copy()
+        n_aisles = len(self.aisle_names)
+        self.aisle_ambient_offset = rng.uniform(-1.5, 1.5, size=n_aisles)
+        self.aisle_ambient_walk = np.zeros(n_aisles)
+        self.joint_T = np.full((self.np_, 3, jpp), C.AMBIENT_MEAN_DEGC + 5.0)
+        self.contact_T = np.full((n, 2), C.AMBIENT_MEAN_DEGC + 3.0)
+        self.ar_load = np.zeros(n)
+        self.white_load = np.zeros(n)
+        self._tick_rng = np.random.default_rng(self.seed + 7919)
+        self._noise: dict[str, np.ndarray] = {}
+        self._batch_cache: dict[int, np.ndarray] = {}
+        self.backup_kind = [s.backup for s in self.sources]
+        self.backup_v0 = np.array([C.BACKUP_BATTERY[b][0] for b in self.backup_kind])
+        self.backup_r0 = np.array([C.BACKUP_BATTERY[b][1] for b in self.backup_kind]) * rng.uniform(0.9, 1.1, 2)
+
+        # ---- faults -------------------------------------------------------------------------
+        self._degradations: dict[str, list[_Degradation]] = {k: [] for k in
+                                                              ("joint", "contact", "actuator", "battery", "backup")}
+        self._excursions: list[tuple[int, float, float, float]] = []  # (aisle, start, end, degC)
+        frng = np.random.default_rng(self.seed + 104729)
+        for f in self.scenario.faults:
+            self._install_fault(f, frng)
+        self._schedule(0.0, "tick", ())
+        self._compute()
+
+    # ------------------------------------------------------------------------------------------
+    # public API
+    def device_kind(self, name: str) -> str:
+        kind = self._device_index().get(name)
+        if kind is None:
+            raise KeyError(f"no device named {name!r}")
+        return kind[0]
+
+    def device_names(self) -> list[str]:
+        return list(self._device_index())
+
+    def advance(self, dt_s: float) -> None:
+        self.advance_to(self.t_s + dt_s)
+
+    def advance_to(self, t_s: float) -> None:
+        """Run the plant up to time t_s, processing every event at its own time."""
+        while self._events and self._events[0][0] <= t_s:
+            t_ev, _, kind, args = heapq.heappop(self._events)
+            self._integrate_to(t_ev)
+            getattr(self, f"_ev_{kind}")(t_ev, *args)
+        self._integrate_to(t_s)
+
+    def read_device(self, name: str) -> dict[str, float | int | bool]:
+        """Every point of the device, in engineering units, as its sensors report them now."""
+        kind, i = self._device_index()[name]
+        snap = self.snapshot()[kind]
+        return {p.name: _py(snap[p.name][i]) for p in POINTS[kind]}
+
+    def snapshot(self) -> dict[str, dict[str, np.ndarray]]:
+        """All points of all devices as arrays, indexed by kind, then point name."""
+        if self._snapshot_cache is None:
+            self._snapshot_cache = self._measure()
+        return self._snapshot_cache
+
+    def command(self, name: str, command: str, **args) -> dict:
+        """Execute a device command now; raises InterlockRefused or ValueError and changes nothing then."""
+        kind, i = self._device_index()[name]
+        allowed = COMMANDS[kind]
+        if command not in allowed:
+            raise ValueError(f"{name} does not accept {command}")
+        missing = set(allowed[command]) - set(args)
+        if missing:
+            raise ValueError(f"{command} needs {', '.join(sorted(missing))}")
+        handler = getattr(self, f"_cmd_{command}")
+        result = handler(self.t_s, i, **args)
+        self._snapshot_cache = None
+        return result
+
+    @property
+    def efficiency(self) -> float:
+        e = self._elec
+        out = e["src_kw"].sum()
+        return float(e["it_kw"].sum() / out) if out > 0 else 1.0
+
+    # ------------------------------------------------------------------------------------------
+    # commands (the hardware's own interlocks)
+    def _cmd_SwitchSource(self, t: float, i: int, Target) -> dict:
+        target = _selection(Target)
+        if self.unit_fault[i]:
+            raise InterlockRefused("unit in Fault")
+        if not self.supplied[i] and not self.des_auto[i]:
+            raise InterlockRefused("unit offline")
+        feed_ok = self._feed_ok()
+        if not feed_ok[i, target - 1]:
+            raise InterlockRefused(f"target source {SourceSelection(target).name} unavailable or out of tolerance")
+        if target == self.active[i]:
+            self.preferred[i] = target
+            return {"TransferTime": 0.0}
+        if t - self.last_transfer_t[i] < C.ATS_ACTUATOR_RECOVERY_S:
+            raise InterlockRefused("actuator recovering from the last transfer")
+        self.preferred[i] = target  # a commanded transfer makes the target the preferred source
+        gap_ms = self._transfer_time_ms(i)
+        self._transfer(t, i, target, gap_ms, cause="commanded transfer")
+        return {"TransferTime": float(gap_ms)}
+
+    def _cmd_SetPreferredSource(self, t: float, i: int, Source) -> dict:
+        source = _selection(Source)
+        if self.unit_fault[i]:
+            raise InterlockRefused("unit in Fault")
+        self.preferred[i] = source
+        self._schedule_retransfer(t, i)
+        return {}
+
+    def _cmd_StartBridging(self, t: float, i: int, Power, Duration) -> dict:
+        power, duration = float(Power), float(Duration)
+        if not (0.0 < duration <= 3600.0):
+            raise ValueError("Duration must be in (0, 3600] s")
+        if not (0.0 < power <= self.des_pmax_kw[i]):
+            raise ValueError(f"Power must be in (0, {self.des_pmax_kw[i]:g}] kW")
+        if self.des_fault[i]:
+            raise InterlockRefused("storage in Fault")
+        if self.des_soc[i] <= self.des_soc_min[i] + 0.01:
+            raise InterlockRefused("state of charge at its lower limit")
+        self.des_mode[i] = int(StorageMode.BRIDGING)
+        self.des_bridge_kw[i] = power
+        self.des_bridge_until[i] = t + duration
+        self._schedule(t + duration, "bridge_end", (i, t + duration))
+        return {}
+
+    def _cmd_StopBridging(self, t: float, i: int) -> dict:
+        if self.des_mode[i] == StorageMode.BRIDGING and not self.des_auto[i]:
+            self.des_mode[i] = int(StorageMode.STANDBY)
+            self.des_bridge_kw[i] = 0.0
+            self.des_bridge_until[i] = 0.0
+        return {}
+
+    # ------------------------------------------------------------------------------------------
+    # faults
+    def _install_fault(self, f: Fault, rng: np.random.Generator) -> None:
+        gamma = float(rng.uniform(1.5, 3.0))
+        sev = float(np.clip(f.severity, 0.0, 1.0))
+        if f.kind in ("source_outage", "voltage_sag", "voltage_swell"):
+            s = self.source_names.index(f.target)
+            if f.kind == "source_outage":
+                if f.precursor_s > 0 and self.backup_kind[s] != "none":
+                    self._degradations["backup"].append(_Degradation(f, s, gamma, 1.0 + 2.0 * sev))
+                self._schedule(f.onset_s, "source_voltage", (s, 0.0, "source outage"))
+                self._schedule(f.onset_s + max(f.duration_s, 0.001), "source_voltage", (s, 1.0, "source restored"))
+            else:
+                depth = f.depth_pu if f.depth_pu > 0 else (0.6 if f.kind == "voltage_sag" else 1.25)
+                self._schedule(f.onset_s, "source_voltage", (s, depth, f.kind.replace("_", " ")))
+                self._schedule(f.onset_s + max(f.duration_s, 0.001), "source_voltage", (s, 1.0, "voltage restored"))
+        elif f.kind == "joint_degradation":
+            p = self.pdb_names.index(f.target)
+            phase = int(rng.integers(0, 3))
+            joint = int(rng.integers(0, max(1, self.pdbs[p].joints_per_phase)))
+            self._degradations["joint"].append(_Degradation(f, p, gamma, 6.0 + 14.0 * sev, phase, joint))
+            self._schedule(f.onset_s, "joint_fail", (p,))
+        elif f.kind == "contact_wear":
+            u = self.unit_names.index(f.target)
+            pole = (f.pole or int(self.preferred[u])) - 1
+            self._degradations["contact"].append(_Degradation(f, u, gamma, 3.0 + 7.0 * sev, pole))
+            self._schedule(f.onset_s, "contact_fail", (u, pole))
+        elif f.kind == "ats_slow_transfer":
+            u = self.unit_names.index(f.target)
+            self._degradations["actuator"].append(_Degradation(f, u, gamma, 2.0 + 6.0 * sev))
+            self._schedule(f.onset_s, "ats_slow", (u, 25.0 + 100.0 * sev))
+        elif f.kind == "battery_fade":
+            u = self.des_names.index(f.target)
+            self._degradations["battery"].append(_Degradation(f, u, gamma, 1.0 + 2.0 * sev))
+            self._schedule(f.onset_s, "des_fail", (u,))
+        elif f.kind == "ambient_excursion":
+            a = self.aisle_names.index(f.target)
+            self._excursions.append((a, f.onset_s, f.onset_s + f.duration_s, 3.0 + 5.0 * sev))
+        else:  # pragma: no cover - the scenario loader rejects unknown kinds
+            raise ValueError(f"unknown fault kind {f.kind}")
+
+    # ------------------------------------------------------------------------------------------
+    # events
+    def _schedule(self, t: float, kind: str, args: tuple) -> None:
+        self._event_seq += 1
+        heapq.heappush(self._events, (float(t), self._event_seq, kind, args))
+
+    def _ev_tick(self, t: float) -> None:
+        self._tick(t)
+        self._schedule(t + self.step_s, "tick", ())
+
+    def _ev_source_voltage(self, t: float, s: int, v_pu: float, cause: str) -> None:
+        self.src_v_pu[s] = v_pu
+        self._resolve_supply(t, cause)
+
+    def _ev_breaker_reset(self, t: float, what: str, i: int) -> None:
+        if what == "source":
+            self.src_breaker[i] = True
+            self.src_theta[i] = 0.0
+        else:
+            self.pdb_breaker[i] = True
+            self.pdb_theta[i] = 0.0
+        self._resolve_supply(t, f"{what} breaker reset")
+
+    def _ev_joint_fail(self, t: float, p: int) -> None:
+        self.pdb_failed[p] = True
+        # an opening joint arcs: the voltage chatters before the unit can tell it is gone
+        arcing = {u: self._arc(u) for u in np.flatnonzero(self.pdb_of[np.arange(self.n), self.active - 1] == p)
+                  if self.active[u] != NO_SOURCE}
+        self._resolve_supply(t, f"joint failure {self.pdb_names[p]}", arcing)
+
+    def _ev_contact_fail(self, t: float, u: int, pole: int) -> None:
+        self.pole_failed[u, pole] = True
+        self.unit_fault[u] = True
+        arcing = {u: self._arc(u)} if self.active[u] == pole + 1 else {}
+        self._resolve_supply(t, f"contact failure {self.unit_names[u]}", arcing)
+
+    def _ev_ats_slow(self, t: float, u: int, slow_ms: float) -> None:
+        self.slow_transfer_ms[u] = slow_ms
+
+    def _ev_des_fail(self, t: float, u: int) -> None:
+        self.des_fault[u] = True
+        self.des_mode[u] = int(StorageMode.FAULT)
+        self.des_bridge_kw[u] = 0.0
+        if self.des_auto[u]:
+            self.des_auto[u] = False
+            self._go_dark(t, u, "storage failure")
+        self._snapshot_cache = None
+
+    def _ev_bridge_end(self, t: float, u: int, until: float) -> None:
+        if self.des_bridge_until[u] == until and self.des_mode[u] == StorageMode.BRIDGING and not self.des_auto[u]:
+            self.des_mode[u] = int(StorageMode.STANDBY)
+            self.des_bridge_kw[u] = 0.0
+
+    def _ev_retransfer(self, t: float, u: int, token: int) -> None:
+        if token != self.retransfer_token[u] or self.unit_fault[u] or not self.supplied[u]:
+            return
+        target = int(self.preferred[u])
+        if self.active[u] == target or not self._feed_ok()[u, target - 1]:
+            return
+        self._transfer(t, u, target, self._transfer_time_ms(u), cause="return to preferred source")
+
+    def _ev_restart(self, t: float, u: int, group: str, token: float) -> None:
+        if group == "single" and self.single_restart_at[u] == token:
+            self.single_up[u] = True
+            self.single_restart_at[u] = np.inf
+        elif group == "dual" and self.dual_restart_at[u] == token:
+            self.dual_up[u] = True
+            self.dual_restart_at[u] = np.inf
+        self._snapshot_cache = None
+
+    # ------------------------------------------------------------------------------------------
+    # supply logic
+    def _src_ok(self) -> np.ndarray:
+        v = self.src_v_pu
+        return self.src_breaker & (v >= C.ATS_TOLERANCE_LOW_PU) & (v <= C.ATS_TOLERANCE_HIGH_PU)
+
+    def _seg_ok(self) -> np.ndarray:
+        return self._src_ok()[self.pdb_feed - 1] & self.pdb_breaker & ~self.pdb_failed
+
+    def _feed_ok(self) -> np.ndarray:
+        return self._seg_ok()[self.pdb_of] & ~self.pole_failed
+
+    def _transfer_time_ms(self, u: int) -> float:
+        if self.slow_transfer_ms[u] > 0:
+            return float(self.slow_transfer_ms[u])
+        # contact wear and actuator ageing add a little; the nominal figure is detection + switching + gap
+        return float(self.transfer_ms_nominal[u] * (self.actuator_measured_ms[u] / self.actuator_ms0[u]) ** 0.3)
+
+    def _arc(self, u: int) -> tuple[float, float]:
+        r = _hash_rng(self.seed, int(u), int(self.t_s * 1000))
+        return float(r.uniform(*C.ARC_DETECT_DELAY_MS)), float(r.uniform(*C.ARC_RESIDUAL_PU))
+
+    def _des_can_carry(self, u: int) -> bool:
+        load = self._unit_load_now(u)
+        return bool(self.has_des[u] and not self.des_fault[u] and self.des_soc[u] > self.des_soc_min[u] + 0.005
+                    and self._des_pmax_now()[u] >= load)
+
+    def _des_online(self, u: int) -> bool:
+        """Commanded bridging keeps the inverter online: the load rides through any interruption."""
+        return bool(self.des_mode[u] == StorageMode.BRIDGING and self._des_can_carry(u))
+
+    def _unit_load_now(self, u: int) -> float:
+        e = self._elec
+        return float(e["unit_kw"][u]) if e["unit_kw"][u] > 0 else float(e["demand_kw"][u])
+
+    def _transfer(self, t: float, u: int, target: int, gap_ms: float, cause: str,
+                  arc: tuple[float, float] | None = None) -> None:
+        """Move unit u to `target`: the load is dark for gap_ms (plus arcing time)."""
+        dark_ms = gap_ms + (arc[0] if arc else 0.0)
+        protected = self._des_online(u)
+        self.active[u] = target
+        self.transfer_count[u] += 1
+        self.last_transfer_ms[u] = dark_ms
+        self.last_transfer_t[u] = t
+        # each operation wears the contact set a little (arc erosion)
+        self.contact_r0[u, target - 1] *= 1.0005
+        self._disturb(t, u, 0.0, dark_ms, cause, protected)
+        self.retransfer_token[u] += 1
+        self._snapshot_cache = None
+        self._schedule_retransfer(t, u)
+
+    def _schedule_retransfer(self, t: float, u: int) -> None:
+        if self.active[u] != self.preferred[u]:
+            self.retransfer_token[u] += 1
+            self._schedule(t + C.ATS_RETRANSFER_DELAY_S, "retransfer", (u, int(self.retransfer_token[u])))
+
+    def _disturb(self, t: float, u: int, residual_pu: float, dark_ms: float, cause: str, protected: bool,
+                 partner_dark_ms: float = 0.0) -> None:
+        """Account a disturbance on unit u's loads in the ledger and drop what leaves ITIC."""
+        name = self.unit_names[u]
+        if self.single_up[u] and self.dual_frac[u] < 1.0:
+            if self.ledger.record(t, f"{name}/single", residual_pu, dark_ms, cause, protected):
+                self._drop(t, u, "single")
+        if self.dual_up[u] and self.dual_frac[u] > 0.0:
+            # dual-corded racks ride on their second cord, unless that one is dark at the same time
+            p = int(self.partner[u])
+            second_cord_ok = p != u and bool(self.supplied[p] or self.des_auto[p])
+            both_dark_ms = min(dark_ms, partner_dark_ms) if second_cord_ok else dark_ms
+            if both_dark_ms > 0.0:
+                if self.ledger.record(t, f"{name}/dual", residual_pu, both_dark_ms, cause, protected):
+                    self._drop(t, u, "dual")
+
+    def _drop(self, t: float, u: int, group: str) -> None:
+        if group == "single":
+            self.single_up[u] = False
+            self.single_restart_at[u] = np.inf
+        else:
+            self.dual_up[u] = False
+            self.dual_restart_at[u] = np.inf
+        if self.supplied[u] or self.des_auto[u]:
+            self._schedule_restart(t, u, group)
+
+    def _schedule_restart(self, t: float, u: int, group: str) -> None:
+        at = t + C.LOAD_RESTART_S
+        if group == "single" and not self.single_up[u] and not math.isfinite(self.single_restart_at[u]):
+            self.single_restart_at[u] = at
+            self._schedule(at, "restart", (u, "single", at))
+        if group == "dual" and not self.dual_up[u] and not math.isfinite(self.dual_restart_at[u]):
+            self.dual_restart_at[u] = at
+            self._schedule(at, "restart", (u, "dual", at))
+
+    def _go_dark(self, t: float, u: int, cause: str) -> None:
+        self.supplied[u] = False
+        self.des_auto[u] = False
+        if self.des_mode[u] == StorageMode.BRIDGING:
+            self.des_mode[u] = int(StorageMode.STANDBY)
+        self._disturb(t, u, 0.0, math.inf, cause, False, partner_dark_ms=0.0)
+        self._snapshot_cache = None
+
+    def _resolve_supply(self, t: float, cause: str, arcing: dict[int, tuple[float, float]] | None = None) -> None:
+        """After a change upstream: transfer, bridge or go dark, unit by unit, as the local logic would."""
+        arcing = arcing or {}
+        self._compute()
+        feed_ok = self._feed_ok()
+        on_ok = np.zeros(self.n, dtype=bool)
+        has_active = self.active != NO_SOURCE
+        on_ok[has_active] = feed_ok[np.flatnonzero(has_active), self.active[has_active] - 1]
+        lost = np.flatnonzero((self.supplied & ~on_ok) | (np.isin(np.arange(self.n), list(arcing)) & self.supplied))
+        dark_ms: dict[int, float] = {}
+        plan: list[tuple[int, str, float]] = []
+        for u in lost:
+            other = 3 - int(self.active[u])
+            arc_ms = arcing.get(u, (0.0, 0.0))[0]
+            if not on_ok[u] or u in arcing:
+                if feed_ok[u, other - 1]:
+                    ms = arc_ms + self._transfer_time_ms(u)
+                    plan.append((u, "transfer", ms))
+                elif self._des_can_carry(u):
+                    ms = arc_ms + C.DES_AUTO_BRIDGE_RESPONSE_MS
+                    plan.append((u, "bridge", ms))
+                else:
+                    ms = math.inf
+                    plan.append((u, "dark", ms))
+                dark_ms[u] = 0.0 if self._des_online(u) else ms
+        for u, action, ms in plan:
+            protected = self._des_online(u)
+            partner_ms = dark_ms.get(int(self.partner[u]), 0.0)
+            if action == "transfer":
+                other = 3 - int(self.active[u])
+                self.active[u] = other
+                self.transfer_count[u] += 1
+                self.last_transfer_ms[u] = ms
+                self.last_transfer_t[u] = t
+                self._disturb(t, u, 0.0, ms, cause, protected, partner_ms)
+                self._schedule_retransfer(t, u)
+            elif action == "bridge":
+                self.supplied[u] = False
+                self.des_auto[u] = True
+                self.des_mode[u] = int(StorageMode.BRIDGING)
+                self._disturb(t, u, 0.0, ms, cause, protected, partner_ms)
+            else:
+                self.supplied[u] = False
+                self.des_auto[u] = False
+                self._disturb(t, u, 0.0, ms, cause, protected, partner_ms)
+        # units without a source get one back as soon as either feed returns
+        for u in np.flatnonzero(~self.supplied):
+            ok = feed_ok[u]
+            if not ok.any():
+                continue
+            target = int(self.active[u]) if ok[self.active[u] - 1] else (1 if ok[0] else 2)
+            if target != self.active[u]:
+                self.transfer_count[u] += 1
+                self.last_transfer_t[u] = t
+            self.active[u] = target
+            self.supplied[u] = True
+            if self.des_auto[u]:  # the DES hands the load back without a break
+                self.des_auto[u] = False
+                self.des_mode[u] = int(StorageMode.STANDBY)
+            self._schedule_restart(t, u, "single")
+            self._schedule_restart(t, u, "dual")
+            self._schedule_retransfer(t, u)
+        # sources back: units away from their preferred source go home after the delay
+        for u in np.flatnonzero(self.supplied & (self.active != self.preferred)):
+            if feed_ok[u, self.preferred[u] - 1]:
+                self._schedule_retransfer(t, u)
+        self._snapshot_cache = None
+        self._compute()
+
+    # ------------------------------------------------------------------------------------------
+    # continuous physics
+    def _tick(self, t: float) -> None:
+        """Once per step: new load and noise samples, protection, self-tests."""
+        r = self._tick_rng
+        n = self.n
+        a = math.exp(-self.step_s / C.LOAD_AR_TAU_S)
+        drift = self.scenario.load.drift_pct / 100.0
+        self.ar_load = a * self.ar_load + drift * math.sqrt(1 - a * a) * r.standard_normal(n)
+        self.white_load = self.scenario.load.noise_pct / 100.0 * r.standard_normal(n)
+        self.aisle_ambient_walk = 0.999 * self.aisle_ambient_walk + 0.03 * r.standard_normal(len(self.aisle_names))
+        if self.measurement_noise:
+            self._noise = {
+                "u": r.standard_normal((n, 8)), "p": r.standard_normal((self.np_, 8)),
+                "s": r.standard_normal((2, 8)),
+            }
+        # actuator self-test results appear once per period
+        due = np.floor((t - self.selftest_phase) / C.ATS_SELFTEST_PERIOD_S) != np.floor(
+            (t - self.step_s - self.selftest_phase) / C.ATS_SELFTEST_PERIOD_S)
+        if due.any():
+            act = self.actuator_ms0.copy()
+            for d in self._degradations["actuator"]:
+                act[d.index] *= 1.0 + d.gain * d.progress(t)
+            jitter = 1.0 + 0.04 * r.standard_normal(n)
+            self.actuator_measured_ms[due] = (act * jitter)[due]
+        self._compute()
+        self._protection(t)
+        self._des_limits(t)
+
+    def _protection(self, t: float) -> None:
+        e = self._elec
+        dt = self.step_s
+        L_src = e["src_kw"] / self.src_rated_kw
+        L_pdb = e["pdb_i"].max(axis=1) / self.pdb_rated_a
+        for theta, L in ((self.src_theta, L_src), (self.pdb_theta, L_pdb)):
+            heat = (L * L - 1.0) / C.OVERLOAD_TAU_S
+            theta += np.where(L > 1.0, heat * dt, -theta * (1 - math.exp(-dt / C.OVERLOAD_COOL_TAU_S)))
+            np.maximum(theta, 0.0, out=theta)
+        tripped = False
+        for s in np.flatnonzero((self.src_theta >= 1.0) & self.src_breaker):
+            self.src_breaker[s] = False
+            self._schedule(t + C.BREAKER_RESET_S, "breaker_reset", ("source", int(s)))
+            tripped = True
+        for p in np.flatnonzero((self.pdb_theta >= 1.0) & self.pdb_breaker):
+            self.pdb_breaker[p] = False
+            self._schedule(t + C.BREAKER_RESET_S, "breaker_reset", ("pdb", int(p)))
+            tripped = True
+        if tripped:
+            self._resolve_supply(t, "overload trip")
+
+    def _des_limits(self, t: float) -> None:
+        empty = self.des_auto & (self.des_soc <= self.des_soc_min + 0.002)
+        for u in np.flatnonzero(empty):
+            self._go_dark(t, u, "storage exhausted")
+        low = (self.des_mode == StorageMode.BRIDGING) & ~self.des_auto & (self.des_soc <= self.des_soc_min + 0.002)
+        self.des_mode[low] = int(StorageMode.STANDBY)
+
+    def _demand_kw(self, t: float) -> np.ndarray:
+        lp = self.scenario.load
+        tod = (self.scenario.start_time_of_day_s + t) % 86400.0
+        diurnal = 1.0 + lp.diurnal_amplitude * math.cos(2 * math.pi * (tod - 15 * 3600.0) / 86400.0)
+        batch = self._batch_factor(t)[self.unit_aisle]
+        return self.base_kw * diurnal * (1.0 + batch) * (1.0 + self.ar_load) * (1.0 + self.white_load)
+
+    def _batch_factor(self, t: float) -> np.ndarray:
+        """Scheduled batch jobs: each aisle's job starts at its own minute past the hour (cron-like)."""
+        abs_t = self.scenario.start_time_of_day_s + t
+        hour = int(abs_t // 3600.0)
+        out = np.zeros(len(self.aisle_names))
+        for h in (hour - 1, hour):
+            table = self._batch_cache.get(h)
+            if table is None:
+                r = _hash_rng(self.seed, 31337, h)
+                na = len(self.aisle_names)
+                runs = r.random(na) < self.scenario.load.batch_probability
+                start = h * 3600.0 + (np.arange(na) * 17 % 60) * 60.0
+                dur = r.uniform(600.0, 2400.0, na)
+                mag = self.scenario.load.batch_magnitude * r.uniform(0.7, 1.3, na)
+                table = np.stack([runs, start, dur, mag])
+                self._batch_cache[h] = table
+                if len(self._batch_cache) > 8:
+                    self._batch_cache.pop(min(self._batch_cache))
+            runs, start, dur, mag = table
+            x = abs_t - start
+            ramp = np.clip(x / 60.0, 0.0, 1.0) * np.clip((dur - x) / 60.0, 0.0, 1.0)
+            out += np.where(runs.astype(bool) & (x >= 0) & (x <= dur), mag * ramp, 0.0)
+        return out
+
+    def _des_pmax_now(self) -> np.ndarray:
+        r = self._battery_r()
+        return np.where(self.des_fault | (self.des_soc <= self.des_soc_min + 0.005), 0.0,
+                        self.des_pmax_kw * np.minimum(1.0, self.des_r0 / np.maximum(r, 1e-9)) ** 0.5)
+
+    def _battery_r(self) -> np.ndarray:
+        r = self.des_r0.copy()
+        for d in self._degradations["battery"]:
+            r[d.index] *= 1.0 + d.gain * d.progress(self.t_s)
+        return r
+
+    def _compute(self) -> None:
+        """Electrical state now: who carries what, currents, losses, powers."""
+        t = self.t_s
+        n = self.n
+        demand = self._demand_kw(t)
+        single = demand * (1.0 - self.dual_frac) * self.single_up
+        dual = demand * self.dual_frac * self.dual_up
+        alive = self.supplied | self.des_auto
+        partner_alive = alive[self.partner] & (self.partner != np.arange(n))
+        share1 = np.where(alive & partner_alive, 0.5, np.where(alive, 1.0, 0.0))
+        share2 = np.where(alive & partner_alive, 0.5, np.where(partner_alive, 1.0, 0.0))
+        unit_kw = np.where(alive, single, 0.0) + dual * share1
+        unit_kw += np.bincount(self.partner, weights=dual * share2, minlength=n)
+        # storage
+        pmax = self._des_pmax_now()
+        p_des = np.zeros(n)
+        bridging = (self.des_mode == StorageMode.BRIDGING) & ~self.des_fault
+        p_des = np.where(bridging & ~self.des_auto, np.minimum(np.minimum(self.des_bridge_kw, unit_kw), pmax), p_des)
+        p_des = np.where(self.des_auto, unit_kw, p_des)
+        smoothing = (self.des_mode == StorageMode.SMOOTHING) & ~self.des_fault
+        p_des = np.where(smoothing, np.clip(unit_kw - self.load_ema_kw, -pmax, pmax), p_des)
+        target_soc = self.des_soc_max - C.DES_SOC_STANDBY_TARGET_MARGIN_PCT / 100
+        idle = self.has_des & ~self.des_fault & (self.des_mode != StorageMode.BRIDGING) & ~smoothing
+        charging = idle & (self.des_soc < target_soc - 0.005) & self.supplied
+        p_des = np.where(charging, -C.DES_CHARGE_C_RATE * self.des_cap_kwh * self.des_soh, p_des)
+        self.des_mode[idle & charging] = int(StorageMode.CHARGING)
+        self.des_mode[idle & ~charging] = int(StorageMode.STANDBY)
+        grid_kw = np.where(self.supplied, unit_kw - p_des, 0.0)
+        # currents: unit phase currents (A) on its active feed
+        v_ln = self.v_nom_ln * self.src_v_pu[np.maximum(self.active, 1) - 1]
+        i_ph = grid_kw[:, None] * self.phase_w * 1000.0 / (np.maximum(v_ln, 1.0)[:, None] * C.IT_POWER_FACTOR)
+        r_contact = self._contact_r()[np.arange(n), np.maximum(self.active, 1) - 1] * 1e-6
+        contact_loss_kw = (i_ph ** 2).sum(axis=1) * r_contact / 1000.0
+        unit_in_kw = np.where(self.supplied, grid_kw + contact_loss_kw, 0.0)
+        seg = np.where(self.supplied, self.pdb_of[np.arange(n), np.maximum(self.active, 1) - 1], -1)
+        on = seg >= 0
+        pdb_i = np.zeros((self.np_, 3))
+        for ph in range(3):
+            pdb_i[:, ph] = np.bincount(seg[on], weights=i_ph[on, ph], minlength=self.np_)
+        r_joint = self._joint_r() * 1e-6
+        seg_loss_kw = ((pdb_i ** 2) * (self.seg_r_ohm[:, None] + r_joint.sum(axis=2))).sum(axis=1) / 1000.0
+        pdb_kw = np.bincount(seg[on], weights=unit_in_kw[on], minlength=self.np_) + seg_loss_kw
+        src_kw = np.bincount(self.pdb_feed - 1, weights=pdb_kw, minlength=2)
+        served_it = (np.where(alive, single, 0.0) + dual * np.where(alive | partner_alive, 1.0, 0.0))
+        self._elec = {
+            "demand_kw": demand, "unit_kw": unit_kw, "des_kw": p_des, "grid_kw": grid_kw, "i_ph": i_ph,
+            "contact_loss_kw": contact_loss_kw, "pdb_i": pdb_i, "pdb_kw": pdb_kw, "seg_loss_kw": seg_loss_kw,
+            "src_kw": src_kw, "it_kw": served_it, "r_joint": r_joint, "unserved_kw":
+                demand * (1.0 - self.dual_frac) * ~(self.single_up & alive)
+                + demand * self.dual_frac * ~(self.dual_up & (alive | partner_alive)),
+        }
+        self.des_p_kw = p_des
+        self._snapshot_cache = None
+
+    def _contact_r(self) -> np.ndarray:
+        r = self.contact_r0.copy()
+        for d in self._degradations["contact"]:
+            r[d.index, d.sub] *= 1.0 + d.gain * d.progress(self.t_s)
+        return r
+
+    def _joint_r(self) -> np.ndarray:
+        r = self.joint_r0.copy()
+        for d in self._degradations["joint"]:
+            r[d.index, d.sub, d.joint] *= 1.0 + d.gain * d.progress(self.t_s)
+        return r
+
+    def _ambient(self, t: float) -> np.ndarray:
+        tod = (self.scenario.start_time_of_day_s + t) % 86400.0
+        amb = (C.AMBIENT_MEAN_DEGC + C.AMBIENT_DIURNAL_DEGC * math.cos(2 * math.pi * (tod - 16 * 3600.0) / 86400.0)
+               + self.aisle_ambient_offset + self.aisle_ambient_walk)
+        for a, start, end, rise in self._excursions:
+            if start <= t <= end:
+                ramp = min(1.0, (t - start) / 600.0, (end - t) / 600.0)
+                amb[a] += rise * ramp
+        return amb
+
+    def _integrate_to(self, t_target: float) -> None:
+        # tick events split the time into steps; between them the continuous state evolves exactly
+        if t_target > self.t_s:
+            self._integrate(t_target - self.t_s)
+            self.t_s = t_target
+            self._snapshot_cache = None
+
+    def _integrate(self, dt: float) -> None:
+        e = self._elec
+        n = self.n
+        amb = self._ambient(self.t_s)
+        # joints: I^2 R heating with a first-order thermal lag (exact exponential update)
+        p_joint = (e["pdb_i"][:, :, None] ** 2) * e["r_joint"]
+        t_ss = amb[self.pdb_aisle][:, None, None] + C.JOINT_RTH_K_PER_W * p_joint
+        self.joint_T = t_ss + (self.joint_T - t_ss) * math.exp(-dt / C.JOINT_TAU_S)
+        # contacts: the closed set heats, the open one cools
+        i2 = (e["i_ph"] ** 2).sum(axis=1)
+        r_c = self._contact_r() * 1e-6
+        closed = np.zeros((n, 2), dtype=bool)
+        closed[np.arange(n), np.maximum(self.active, 1) - 1] = self.supplied
+        p_c = np.where(closed, i2[:, None] * r_c, 0.0)
+        t_ss_c = amb[self.unit_aisle][:, None] + C.CONTACT_RTH_K_PER_W * p_c
+        self.contact_T = t_ss_c + (self.contact_T - t_ss_c) * math.exp(-dt / C.CONTACT_TAU_S)
+        # storage: coulomb counting with converter and coulombic efficiency
+        p = e["des_kw"]
+        cap = np.maximum(self.des_cap_kwh * self.des_soh, 1e-9)
+        dc_kw = np.where(p >= 0, p / C.DES_CONVERTER_EFFICIENCY,
+                         p * C.DES_CONVERTER_EFFICIENCY * C.LI_ION_COULOMBIC_EFFICIENCY)
+        self.des_soc = np.where(self.has_des, np.clip(self.des_soc - dc_kw * dt / 3600.0 / cap, 0.0, 1.0), 0.0)
+        r_b = self._battery_r()
+        heat = (p / np.maximum(self.des_pmax_kw, 1e-9)) ** 2 * 6.0 * (r_b / self.des_r0)
+        t_ss_b = amb[self.unit_aisle] + 2.0 + heat
+        self.des_temp = t_ss_b + (self.des_temp - t_ss_b) * math.exp(-dt / 1200.0)
+        ema_a = math.exp(-dt / 900.0)
+        self.load_ema_kw = ema_a * self.load_ema_kw + (1 - ema_a) * e["unit_kw"]
+        self.ledger.unserved_kwh += float(e["unserved_kw"].sum()) * dt / 3600.0
+        self._energy_losses_kwh = getattr(self, "_energy_losses_kwh", 0.0) + float(
+            e["seg_loss_kw"].sum() + e["contact_loss_kw"].sum()) * dt / 3600.0
+        self._energy_it_kwh = getattr(self, "_energy_it_kwh", 0.0) + float(e["it_kw"].sum()) * dt / 3600.0
+        self._des_throughput_kwh = getattr(self, "_des_throughput_kwh", 0.0) + float(np.abs(p).sum()) * dt / 3600.0
+
+    # ------------------------------------------------------------------------------------------
+    # measurement
+    def _measure(self) -> dict[str, dict[str, np.ndarray]]:
+        e = self._elec
+        t = self.t_s
+        n = self.n
+        nz = self._noise if self.measurement_noise else {}
+
+        def noisy(values: np.ndarray, key: str, col: int, rel: float = 0.0, abs_: float = 0.0) -> np.ndarray:
+            if not nz:
+                return values
+            z = nz[key][:, col] if values.ndim == 1 else nz[key][:, col][:, None]
+            return values * (1.0 + rel * z) + abs_ * z
+
+        # sources
+        src_ok = self._src_ok()
+        v_src = np.where(self.src_breaker, self.v_nom_ll * self.src_v_pu, 0.0)
+        backup_d = np.zeros(2)
+        for d in self._degradations["backup"]:
+            backup_d[d.index] = max(backup_d[d.index], d.gain * d.progress(t))
+        has_backup = self.backup_v0 > 0
+        src = {
+            "Voltage": noisy(v_src, "s", 0, rel=0.002),
+            "Frequency": np.where(v_src > 0, noisy(np.full(2, self.freq_nom), "s", 1, abs_=0.01), 0.0),
+            "ActivePower": noisy(e["src_kw"], "s", 2, rel=0.003),
+            "RatedPower": self.src_rated_kw,
+            "Loading": noisy(100.0 * e["src_kw"] / self.src_rated_kw, "s", 2, rel=0.003),
+            "Available": src_ok,
+            "BackupBatteryVoltage": noisy(self.backup_v0 * (1.0 - 0.03 * backup_d), "s", 3, rel=0.002),
+            "BackupBatteryResistance": noisy(self.backup_r0 * (1.0 + backup_d), "s", 4, rel=0.03),
+            "BackupBatteryTemperature": noisy(np.where(has_backup, 24.0 + 3.0 * backup_d, 0.0), "s", 5, abs_=0.3),
+            "BackupReady": has_backup & (backup_d < 1.5),
+        }
+        # PDB segments
+        seg_ok = self._seg_ok()
+        pdb_i = e["pdb_i"]
+        v_seg = np.where(seg_ok, self.v_nom_ll * self.src_v_pu[self.pdb_feed - 1], 0.0)
+        v_seg = v_seg * (1.0 - pdb_i.max(axis=1) * self.seg_r_ohm / self.v_nom_ln)
+        i_meas = noisy(pdb_i, "p", 0, rel=0.005)
+        i_max = i_meas.max(axis=1)
+        i_mean = i_meas.mean(axis=1)
+        imbalance = np.where(i_mean > 0.5, 100.0 * np.abs(i_meas - i_mean[:, None]).max(axis=1)
+                             / np.maximum(i_mean, 1e-9), 0.0)
+        joint_phase_T = self.joint_T.max(axis=2)
+        loading = 100.0 * pdb_i.max(axis=1) / self.pdb_rated_a
+        thd = C.FEED_THD_BASE_PCT + C.FEED_THD_PER_LOADING_PCT * loading / 100.0
+        for d in self._degradations["joint"]:  # an arcing joint adds harmonics late in its decline
+            thd[d.index] += 1.5 * max(0.0, d.progress(t) - 0.5)
+        amb = self._ambient(t)
+        pdb = {
+            "Feed": self.pdb_feed,
+            "Voltage": noisy(v_seg, "p", 1, rel=0.002),
+            "Current": i_max,
+            "CurrentL1": i_meas[:, 0], "CurrentL2": i_meas[:, 1], "CurrentL3": i_meas[:, 2],
+            "ActivePower": noisy(e["pdb_kw"], "p", 2, rel=0.004),
+            "RatedCurrent": self.pdb_rated_a,
+            "Loading": 100.0 * i_max / self.pdb_rated_a,
+            "VoltageThd": np.where(seg_ok, noisy(thd, "p", 3, abs_=0.05), 0.0),
+            "JointTemperature": noisy(joint_phase_T.max(axis=1), "p", 4, abs_=0.3),
+            "JointTemperatureL1": noisy(joint_phase_T[:, 0], "p", 5, abs_=0.3),
+            "JointTemperatureL2": noisy(joint_phase_T[:, 1], "p", 6, abs_=0.3),
+            "JointTemperatureL3": noisy(joint_phase_T[:, 2], "p", 7, abs_=0.3),
+            "PhaseImbalance": imbalance,
+            "AmbientTemperature": noisy(amb[self.pdb_aisle], "p", 7, abs_=0.2),
+            "Energized": seg_ok,
+        }
+        # micro-ATS
+        state = np.full(n, int(AtsState.NORMAL))
+        state[(self.des_mode == StorageMode.BRIDGING) & self.has_des] = int(AtsState.BRIDGING)
+        state[~self.supplied & ~self.des_auto] = int(AtsState.OFFLINE)
+        state[self.unit_fault] = int(AtsState.FAULT)
+        v_units = np.where(seg_ok[self.pdb_of], v_seg[self.pdb_of], 0.0)
+        active_idx = np.maximum(self.active, 1) - 1
+        load_kw = e["unit_kw"]
+        v_act = np.maximum(v_units[np.arange(n), active_idx], 1.0)
+        load_a = load_kw * 1000.0 / (C.SQRT3 * np.where(load_kw > 0, v_act, self.v_nom_ll) * C.IT_POWER_FACTOR)
+        r_c = self._contact_r()[np.arange(n), active_idx]
+        ats = {
+            "ActiveSource": np.where(self.supplied, self.active, NO_SOURCE),
+            "PreferredSource": self.preferred,
+            "State": state,
+            "SourceAVoltage": noisy(v_units[:, 0], "u", 0, rel=0.002),
+            "SourceBVoltage": noisy(v_units[:, 1], "u", 1, rel=0.002),
+            "LoadPower": noisy(load_kw, "u", 2, rel=0.005),
+            "LoadCurrent": noisy(load_a, "u", 2, rel=0.005),
+            "ContactTemperature": noisy(self.contact_T[np.arange(n), active_idx], "u", 3, abs_=0.3),
+            "ContactResistance": noisy(np.where(self.supplied, r_c, 0.0), "u", 4, rel=0.03),
+            "TransferCount": self.transfer_count,
+            "LastTransferTime": self.last_transfer_ms,
+            "ActuatorResponseTime": self.actuator_measured_ms,
+            "Position": self.position_ft,
+            "RatedCurrent": self.unit_rated_a,
+        }
+        # DES
+        fade = np.zeros(n)
+        for d in self._degradations["battery"]:
+            fade[d.index] = (0.12 + 0.1 * d.fault.severity) * d.progress(t)
+        soh = np.clip(self.des_soh - fade, 0.0, 1.0)
+        r_b = self._battery_r()
+        remaining = np.where((self.des_mode == StorageMode.BRIDGING) & ~self.des_auto,
+                             np.maximum(self.des_bridge_until - t, 0.0), 0.0)
+        des = {
+            "StateOfCharge": noisy(100.0 * self.des_soc, "u", 5, abs_=0.2),
+            "EnergyCapacity": self.des_cap_kwh * soh,
+            "ActivePower": self.des_p_kw,
+            "MaxDischargePower": self._des_pmax_now(),
+            "Mode": self.des_mode,
+            "CellTemperature": noisy(self.des_temp, "u", 6, abs_=0.3),
+            "StateOfHealth": 100.0 * soh,
+            "InternalResistance": noisy(r_b, "u", 7, rel=0.02),
+            "BridgeTimeRemaining": remaining,
+        }
+        return {"source": src, "pdb": pdb, "ats": ats, "des": des}
+
+    def _device_index(self) -> dict[str, tuple[str, int]]:
+        idx = getattr(self, "_devidx", None)
+        if idx is None:
+            idx = {name: ("source", i) for i, name in enumerate(self.source_names)}
+            idx.update({name: ("pdb", i) for i, name in enumerate(self.pdb_names)})
+            idx.update({name: ("ats", i) for i, name in enumerate(self.unit_names)})
+            idx.update({name: ("des", i) for i, name in enumerate(self.des_names) if name})
+            self._devidx = idx
+        return idx
+
+    # ------------------------------------------------------------------------------------------
+    def totals(self) -> dict:
+        """Energy and ledger totals since start (for benchmarks)."""
+        return {
+            **self.ledger.summary(),
+            "losses_kwh": round(getattr(self, "_energy_losses_kwh", 0.0), 6),
+            "it_energy_kwh": round(getattr(self, "_energy_it_kwh", 0.0), 6),
+            "des_throughput_kwh": round(getattr(self, "_des_throughput_kwh", 0.0), 6),
+            "transfers": int(self.transfer_count.sum()),
+        }
+
+
+def _selection(value) -> int:
+    try:
+        v = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"not a SourceSelection: {value!r}") from None
+    if v not in (1, 2):
+        raise ValueError(f"SourceSelection must be 1 (SourceA) or 2 (SourceB), got {v}")
+    return v
+
+
+def _py(v):
+    if isinstance(v, np.bool_):
+        return bool(v)
+    if isinstance(v, np.integer):
+        return int(v)
+    if isinstance(v, np.floating):
+        return float(v)
+    return v
+
+
+__all__ = ["Plant", "InterlockRefused", "within_itic"]
