@@ -10,6 +10,7 @@ ATS_TOLERANCE_HIGH_PU = 1.10  # ... and above this (ITIC steady-state upper limi
 ATS_RETRANSFER_DELAY_S = 300.0  # return to the preferred source after it is stable this long (typical ATS setting)
 ATS_ACTUATOR_RECOVERY_S = 2.0  # the actuator refuses a new commanded transfer this soon after the last one
 ATS_SELFTEST_PERIOD_S = 600.0  # periodic actuator self-test that measures its response time
+ITIC_ZERO_VOLT_RIDE_THROUGH_S = 0.020  # ITIC: 0 % voltage for 20 ms
 DES_AUTO_BRIDGE_RESPONSE_MS = 8.0  # DES inverter picks up a unit left with no source (< ITIC 20 ms)
 ARC_DETECT_DELAY_MS = (15.0, 80.0)  # arcing joints/contacts chatter the voltage: detection is slow
 ARC_RESIDUAL_PU = (0.3, 0.6)  # residual voltage while an arcing fault chatters

@@ -143,6 +143,8 @@ class Plant:
         self.unit_fault = np.zeros(n, dtype=bool)
         self.pole_failed = np.zeros((n, 2), dtype=bool)
         self.supplied = np.ones(n, dtype=bool)  # fed from a source (not dark, not on DES alone)
+        self.dark_since = np.full(n, np.inf)
+        self.dark_cause = [""] * n
         self.transfer_count = rng.integers(0, 40, size=n).astype(np.int64)
         self.last_transfer_ms = self.transfer_ms_nominal.copy()
         self.last_transfer_t = np.full(n, -1e9)
@@ -497,12 +499,29 @@ class Plant:
             self._schedule(at, "restart", (u, "dual", at))
 
     def _go_dark(self, t: float, u: int, cause: str) -> None:
+        """Unit u has no supply at all. Its loads ride through up to ITIC's 20 ms at 0 V; whether they
+        drop is decided when that time has passed or when power returns, whichever comes first."""
         self.supplied[u] = False
         self.des_auto[u] = False
         if self.des_mode[u] == StorageMode.BRIDGING:
             self.des_mode[u] = int(StorageMode.STANDBY)
-        self._disturb(t, u, 0.0, math.inf, cause, False, partner_dark_ms=0.0)
+        self.dark_since[u] = t
+        self.dark_cause[u] = cause
+        self._schedule(t + C.ITIC_ZERO_VOLT_RIDE_THROUGH_S + 1e-6, "dark_check", (u, t))
         self._snapshot_cache = None
+
+    def _ev_dark_check(self, t: float, u: int, since: float) -> None:
+        if self.dark_since[u] == since and not self.supplied[u]:
+            partner_ms = math.inf if not self.supplied[self.partner[u]] else 0.0
+            self._disturb(since, u, 0.0, math.inf, self.dark_cause[u], False, partner_ms)
+
+    def _end_dark(self, t: float, u: int) -> None:
+        if math.isfinite(self.dark_since[u]):
+            ms = (t - self.dark_since[u]) * 1000.0
+            if ms <= C.ITIC_ZERO_VOLT_RIDE_THROUGH_S * 1000.0:
+                self.ledger.record(self.dark_since[u], f"{self.unit_names[u]}/single", 0.0, ms,
+                                   self.dark_cause[u])
+            self.dark_since[u] = math.inf
 
     def _resolve_supply(self, t: float, cause: str, arcing: dict[int, tuple[float, float]] | None = None) -> None:
         """After a change upstream: transfer, bridge or go dark, unit by unit, as the local logic would."""
@@ -546,9 +565,7 @@ class Plant:
                 self.des_mode[u] = int(StorageMode.BRIDGING)
                 self._disturb(t, u, 0.0, ms, cause, protected, partner_ms)
             else:
-                self.supplied[u] = False
-                self.des_auto[u] = False
-                self._disturb(t, u, 0.0, ms, cause, protected, partner_ms)
+                self._go_dark(t, u, cause)
         # units without a source get one back as soon as either feed returns
         for u in np.flatnonzero(~self.supplied):
             ok = feed_ok[u]
@@ -560,6 +577,7 @@ class Plant:
                 self.last_transfer_t[u] = t
             self.active[u] = target
             self.supplied[u] = True
+            self._end_dark(t, u)
             if self.des_auto[u]:  # the DES hands the load back without a break
                 self.des_auto[u] = False
                 self.des_mode[u] = int(StorageMode.STANDBY)
