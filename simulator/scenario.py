@@ -161,3 +161,113 @@ def random_scenario(site, seed: int, duration_s: float = 6 * 3600.0, faults_per_
                          batch_probability=float(np.round(rng.uniform(0.3, 0.8), 2))),
         faults=tuple(faults),
     )
+
+
+# ---- scenario files ---------------------------------------------------------------------------
+
+_SCENARIO_KEYS = {"name", "description", "duration_s", "step_s", "seed", "start_time_of_day_s", "site", "load",
+                  "faults"}
+_LOAD_KEYS = {"scale", "diurnal_amplitude", "noise_pct", "drift_pct", "batch_probability", "batch_magnitude"}
+_FAULT_KEYS = {"kind", "target", "onset_s", "precursor_s", "severity", "duration_s", "depth_pu", "pole"}
+
+
+def load_scenario(path, site=None) -> Scenario:
+    """Read and validate a scenario file; raises siteconfig.yamlpos.ConfigErrors naming file, line, key.
+
+    When `site` is given, fault targets are checked against its devices."""
+    from siteconfig.yamlpos import read_file_text
+
+    text = read_file_text(path)
+    return parse_scenario(text, str(path), site)
+
+
+def parse_scenario(text: str, filename: str, site=None) -> Scenario:
+    from siteconfig.yamlpos import ErrorCollector, read_document
+
+    errors = ErrorCollector(filename)
+    top = read_document(text, errors, "a scenario mapping")
+    if top is None:
+        errors.raise_if_any()
+    top.reject_unknown(_SCENARIO_KEYS)
+    name = top.string("name", default=Path(filename).stem)
+    duration = top.number("duration_s", gt=0)
+    step = top.number("step_s", default=1.0, gt=0, le=60)
+    seed = top.integer("seed", default=0, ge=0)
+    tod = top.number("start_time_of_day_s", default=36000.0, ge=0, lt=86400)
+    site_ref = top.string("site", default="demo")
+    load = LoadProfile()
+    lm = top.mapping("load")
+    if lm is not None:
+        lm.reject_unknown(_LOAD_KEYS)
+        load = LoadProfile(
+            scale=lm.number("scale", default=1.0, gt=0, le=3),
+            diurnal_amplitude=lm.number("diurnal_amplitude", default=0.15, ge=0, lt=1),
+            noise_pct=lm.number("noise_pct", default=1.0, ge=0, le=20),
+            drift_pct=lm.number("drift_pct", default=1.5, ge=0, le=20),
+            batch_probability=lm.number("batch_probability", default=0.6, ge=0, le=1),
+            batch_magnitude=lm.number("batch_magnitude", default=0.2, ge=0, le=2),
+        )
+    targets = None
+    if site is not None:
+        targets = {"source": {s.name for s in site.sources}, "pdb": {p.name for p in site.pdbs},
+                   "ats": {u.name for u in site.units}, "des": {d.name for d in site.storages},
+                   "aisle": {a.name for a in site.aisles}}
+    faults: list[Fault] = []
+    for fm in top.mappings("faults"):
+        fm.reject_unknown(_FAULT_KEYS)
+        kind = fm.choice("kind", list(FAULT_KINDS))
+        target = fm.string("target")
+        onset = fm.number("onset_s", ge=0)
+        precursor = fm.number("precursor_s", default=0.0, ge=0)
+        severity = fm.number("severity", default=0.5, ge=0, le=1)
+        dur = fm.number("duration_s", default=0.0, ge=0)
+        depth = fm.number("depth_pu", default=0.0, ge=0, le=2)
+        pole = fm.choice("pole", {"A": 1, "B": 2, "SourceA": 1, "SourceB": 2, 1: 1, 2: 2}, default=None)
+        if kind is None or target is None or onset is None:
+            continue
+        if targets is not None and target not in targets[FAULT_KINDS[kind]]:
+            fm.error(f"no {FAULT_KINDS[kind]} named {target!r} in site {site.name!r}", "target")
+        if kind in ("source_outage", "voltage_sag", "voltage_swell", "ambient_excursion") and dur <= 0:
+            fm.error(f"{kind} needs a positive duration_s", "duration_s")
+        if precursor is not None and onset is not None and precursor > onset:
+            fm.error(f"precursor_s ({precursor:g}) is longer than onset_s ({onset:g}): precursors would start "
+                     "before the scenario", "precursor_s")
+        if duration is not None and onset >= duration:
+            fm.error(f"onset_s ({onset:g}) is not inside the scenario (duration_s {duration:g})", "onset_s")
+        faults.append(Fault(kind, target, onset, precursor or 0.0, severity, dur or 0.0, depth or 0.0, pole))
+    errors.raise_if_any()
+    return Scenario(name=name, duration_s=duration, step_s=step, seed=seed, start_time_of_day_s=tod,
+                    site=site_ref, load=load, faults=tuple(sorted(faults, key=lambda f: f.onset_s)),
+                    path=str(filename))
+
+
+def scenario_to_yaml(sc: Scenario) -> str:
+    """The file form of a scenario (parse_scenario reads it back to an equal Scenario)."""
+    import yaml
+
+    doc = {
+        "name": sc.name, "duration_s": sc.duration_s, "step_s": sc.step_s, "seed": sc.seed,
+        "start_time_of_day_s": sc.start_time_of_day_s, "site": sc.site,
+        "load": {k: getattr(sc.load, k) for k in sorted(_LOAD_KEYS)},
+        "faults": [],
+    }
+    for f in sc.faults:
+        d = {"kind": f.kind, "target": f.target, "onset_s": f.onset_s, "precursor_s": f.precursor_s,
+             "severity": f.severity}
+        if f.duration_s:
+            d["duration_s"] = f.duration_s
+        if f.depth_pu:
+            d["depth_pu"] = f.depth_pu
+        if f.pole:
+            d["pole"] = "A" if f.pole == 1 else "B"
+        doc["faults"].append(d)
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def scenario_files(folder) -> list[Path]:
+    """The scenario files of a folder, sorted."""
+    folder = Path(folder)
+    return sorted(p for p in folder.iterdir() if p.suffix in (".yaml", ".yml"))
+
+
+SCENARIO_LIBRARY = Path(__file__).parent / "scenarios"

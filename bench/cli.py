@@ -1,0 +1,23 @@
+"""`cmcs bench ...` dispatch."""
+
+from __future__ import annotations
+
+from gateway.cli import CliError
+
+AVAILABLE = ("sim",)
+
+
+def cli_bench(args) -> int:
+    which = [args.which] if args.which != "all" else list(AVAILABLE)
+    missing = [w for w in which if w not in AVAILABLE]
+    if missing:
+        raise CliError(f"bench {missing[0]}: not built yet; available: {', '.join(AVAILABLE)}")
+    for w in which:
+        print(f"cmcs bench {w} -> {args.out}/")
+        if w == "sim":
+            from bench import sim
+
+            json_path = args.json if len(which) == 1 else (args.json.with_name(f"{args.json.stem}-sim.json")
+                                                           if args.json else None)
+            sim.run(args.out, json_path, quick=args.quick)
+    return 0

@@ -1,0 +1,343 @@
+"""Read and validate a site file (INTERFACE.md section 5) into the typed `Site`.
+
+Validation is strict because a wrong rating or a swapped feed in this file becomes a wrong
+interlock in the command service: every problem is reported, each as one line naming the
+file, the line and the key, and nothing is returned unless the whole file is sound.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from siteconfig.model import (
+    SOURCE_NAMES,
+    AisleConfig,
+    DeviceEndpoint,
+    GatewayConfig,
+    MicroAtsConfig,
+    OpcUaConfig,
+    PdbConfig,
+    Site,
+    SourceConfig,
+    SourceSelection,
+    StorageConfig,
+)
+from siteconfig.yamlpos import (
+    REQUIRED,
+    ConfigError,
+    ConfigErrors,
+    ErrorCollector,
+    MapReader,
+    did_you_mean,
+    read_document,
+    read_file_text,
+)
+
+__all__ = ["DEFAULT_PROFILES_DIR", "DRIVERS", "NAME_PATTERN", "load_site", "parse_site"]
+
+DEFAULT_PROFILES_DIR = Path(__file__).resolve().parent.parent / "drivers" / "profiles"
+
+# The name also becomes part of the OPC UA namespace URI and of BrowseNames: keep it URI-safe.
+NAME_PATTERN = r"[A-Za-z0-9_.-]+"
+DRIVERS = ("modbus", "modbus-tls", "tsn", "sim")
+BACKUPS = ("ups", "generator", "none")
+FEEDS = {name: SourceSelection(i + 1) for i, name in enumerate(SOURCE_NAMES)}
+NOMINAL_FREQUENCIES_HZ = (50, 60)
+MODBUS_UNIT_IDS = (0, 247)  # MODBUS over Serial Line V1.02, 2.2: 0 broadcast, 248..255 reserved
+
+_TOP_KEYS = ("site", "gateway", "defaults", "sources", "aisles")
+_SITE_KEYS = ("name", "nominal_voltage_v", "frequency_hz")
+_GATEWAY_KEYS = ("opcua", "scan_groups_s", "stale_time_s", "dwell_time_s", "derating")
+_OPCUA_KEYS = ("host", "port", "path", "allow_security_none", "allow_anonymous")
+_DEVICE_KEYS = ("driver", "profile", "host", "port", "unit_id", "scan_group", "tls_cert", "tls_key", "tls_ca")
+_SOURCE_KEYS = ("name", "rated_power_kw", "backup", "device")
+_AISLE_KEYS = ("name", "pdbs", "units")
+_PDB_KEYS = ("name", "feed", "rated_current_a", "joints_per_phase", "device")
+_UNIT_KEYS = ("name", "position_ft", "rated_current_a", "preferred_source", "it_load_kw",
+              "dual_corded_fraction", "transfer_time_ms", "device", "storage")
+_STORAGE_KEYS = ("name", "capacity_kwh", "max_power_kw", "soc_min_pct", "soc_max_pct", "device")
+
+
+def load_site(path: str | Path, *, profiles_dir: Path | None = DEFAULT_PROFILES_DIR) -> Site:
+    """Read and validate a site file; raises ConfigErrors listing every problem."""
+    try:
+        text = read_file_text(path)
+    except ConfigError as exc:
+        raise ConfigErrors([exc]) from None
+    return dataclasses.replace(parse_site(text, str(path), profiles_dir=profiles_dir), path=str(path))
+
+
+def parse_site(text: str, filename: str = "<site>", *, profiles_dir: Path | None = DEFAULT_PROFILES_DIR) -> Site:
+    """Validate site-file text (errors name `filename`); raises ConfigErrors listing every problem.
+
+    Profiles are checked against `profiles_dir/<profile>.yaml` when that folder holds any
+    profile; pass None to skip the check.
+    """
+    errors = ErrorCollector(filename)
+    top = read_document(text, errors, "a mapping with keys site, sources, aisles")
+    site = _SiteReader(_known_profiles(profiles_dir)).read(top) if top is not None else None
+    errors.raise_if_any()
+    assert site is not None  # no errors means the whole file was read
+    return site
+
+
+def _known_profiles(profiles_dir: Path | None) -> set[str] | None:
+    if profiles_dir is None or not profiles_dir.is_dir():
+        return None
+    names = {p.stem for p in profiles_dir.glob("*.yaml")}
+    return names or None  # an empty folder: the profiles are not written yet, nothing to check
+
+
+class _SiteReader:
+    """One pass over a site file, holding what cross-checks need (names, addresses, scan groups)."""
+
+    def __init__(self, profiles: set[str] | None):
+        self.profiles = profiles
+        self.scan_groups: set[str] = set()
+        self.device_defaults: dict[str, Any] = {}
+        self.names: dict[str, tuple[int, str]] = {}  # name -> (line, key path) of its first use
+        self.addresses: dict[tuple[str, int, int], tuple[str, int]] = {}  # -> (device name, line)
+
+    def read(self, top: MapReader) -> Site:
+        top.reject_unknown(_TOP_KEYS)
+        site = top.mapping("site", required=True)
+        if site is not None:
+            site.reject_unknown(_SITE_KEYS)
+            name = self._name(site)
+            voltage_v = site.number("nominal_voltage_v", gt=0)
+            frequency_hz = site.choice("frequency_hz", NOMINAL_FREQUENCIES_HZ)
+        else:
+            name = voltage_v = frequency_hz = None
+        gateway = self._gateway(top.mapping("gateway"))
+        self._defaults(top.mapping("defaults"))
+        sources = self._sources(top, voltage_v, frequency_hz)
+        aisles = _mapping_items(top, "aisles", "aisle")
+        return Site(
+            name=name,
+            nominal_voltage_v=voltage_v,
+            frequency_hz=float(frequency_hz) if frequency_hz is not None else None,
+            sources=sources,
+            aisles=tuple(self._aisle(a) for a in aisles if a is not None),
+            gateway=gateway,
+        )
+
+    def _name(self, r: MapReader) -> str | None:
+        """The `name` key, checked for format and uniqueness across the whole site."""
+        name = r.string("name", pattern=NAME_PATTERN)
+        if name is not None:
+            line, path = r.line_of("name"), r.key_path("name")
+            if name in self.names:
+                first_line, first_path = self.names[name]
+                r.error(f"duplicate name '{name}' (first used at line {first_line}, {first_path})", "name")
+            else:
+                self.names[name] = (line, path)
+        return name
+
+    def _gateway(self, r: MapReader | None) -> GatewayConfig:
+        defaults = GatewayConfig()
+        if r is None:
+            self.scan_groups = set(defaults.scan_groups_s)
+            return defaults
+        r.reject_unknown(_GATEWAY_KEYS)
+        opcua = self._opcua(r.mapping("opcua"))
+        scan_groups_s = dict(defaults.scan_groups_s)
+        groups = r.mapping("scan_groups_s")
+        if groups is not None:  # given: it replaces the default groups, so a removed group is caught
+            scan_groups_s = {}
+            for group in groups.keys():
+                period_s = groups.number(group, gt=0)
+                if period_s is not None:
+                    scan_groups_s[group] = period_s
+            if not groups.keys():
+                r.error("at least one scan group is needed", "scan_groups_s")
+        self.scan_groups = set(scan_groups_s)
+        return GatewayConfig(
+            opcua=opcua,
+            scan_groups_s=scan_groups_s,
+            stale_time_s=r.number("stale_time_s", defaults.stale_time_s, gt=0),
+            dwell_time_s=r.number("dwell_time_s", defaults.dwell_time_s, ge=0),
+            derating=r.number("derating", defaults.derating, gt=0, le=1),
+        )
+
+    @staticmethod
+    def _opcua(r: MapReader | None) -> OpcUaConfig:
+        defaults = OpcUaConfig()
+        if r is None:
+            return defaults
+        r.reject_unknown(_OPCUA_KEYS)
+        return OpcUaConfig(
+            host=r.string("host", defaults.host),
+            port=r.integer("port", defaults.port, ge=1, le=65535),
+            path=r.string("path", defaults.path, pattern=r"/[A-Za-z0-9_./-]*"),
+            allow_security_none=r.boolean("allow_security_none", defaults.allow_security_none),
+            allow_anonymous=r.boolean("allow_anonymous", defaults.allow_anonymous),
+        )
+
+    def _defaults(self, r: MapReader | None) -> None:
+        if r is None:
+            return
+        r.reject_unknown(("device",))
+        device = r.mapping("device")
+        if device is not None:
+            # Validated once here, so a bad default is one error rather than one per device; a bad
+            # one stays in as None, which devices inherit silently instead of "missing" errors.
+            self.device_defaults = self._device_fields(device, inherited={}, only_present=True)
+
+    def _device_fields(self, r: MapReader, inherited: dict[str, Any], only_present: bool = False) -> dict[str, Any]:
+        r.reject_unknown(_DEVICE_KEYS)
+        readers = {
+            "driver": lambda d: r.choice("driver", DRIVERS, d),
+            "profile": lambda d: self._profile(r, d),
+            "host": lambda d: r.string("host", d),
+            "port": lambda d: r.integer("port", d, ge=1, le=65535),
+            "unit_id": lambda d: r.integer("unit_id", d, ge=MODBUS_UNIT_IDS[0], le=MODBUS_UNIT_IDS[1]),
+            "scan_group": lambda d: self._scan_group(r, d),
+            "tls_cert": lambda d: r.string("tls_cert", d),
+            "tls_key": lambda d: r.string("tls_key", d),
+            "tls_ca": lambda d: r.string("tls_ca", d),
+        }
+        builtin = {"driver": REQUIRED, "profile": REQUIRED, "host": "127.0.0.1", "port": REQUIRED,
+                   "unit_id": 1, "scan_group": "normal", "tls_cert": None, "tls_key": None, "tls_ca": None}
+        return {key: read(inherited.get(key, builtin[key]))
+                for key, read in readers.items() if not only_present or key in r}
+
+    def _profile(self, r: MapReader, default: Any) -> str | None:
+        profile = r.string("profile", default, pattern=NAME_PATTERN)
+        if profile is not None and self.profiles is not None and profile not in self.profiles:
+            hint = did_you_mean(profile, sorted(self.profiles)) or f"; known: {', '.join(sorted(self.profiles))}"
+            r.error(f"no register-map profile '{profile}' in drivers/profiles/{hint}", "profile")
+        return profile
+
+    def _scan_group(self, r: MapReader, default: Any) -> str | None:
+        group = r.string("scan_group", default)
+        if group is not None and self.scan_groups and group not in self.scan_groups:
+            r.error(f"scan group '{group}' is not in gateway.scan_groups_s ({', '.join(sorted(self.scan_groups))})",
+                    "scan_group")
+        return group
+
+    def _device(self, owner: MapReader, owner_name: str | None) -> DeviceEndpoint | None:
+        r = owner.mapping("device", required=True)
+        if r is None:
+            return None
+        fields = self._device_fields(r, self.device_defaults)
+        address = (fields["host"], fields["port"], fields["unit_id"])
+        if None not in address:
+            if address in self.addresses:
+                other, other_line = self.addresses[address]
+                r.error(f"device address {address[0]}:{address[1]} unit {address[2]} is already used by "
+                        f"{other} (line {other_line})")
+            else:
+                self.addresses[address] = (owner_name or owner.key_path("device"), r.line)
+        return DeviceEndpoint(**fields)
+
+    def _sources(self, top: MapReader, voltage_v: float | None, frequency_hz: float | None) -> tuple[SourceConfig, ...]:
+        items = top.sequence("sources", required=True)
+        if items is not None and len(items) != len(SOURCE_NAMES):
+            top.error(f"expected exactly {len(SOURCE_NAMES)} sources ({', '.join(SOURCE_NAMES)}), "
+                      f"got {len(items)}", "sources")
+        readers = [item.as_mapping() for item in items or []]
+        sources = []
+        for r, expected_name in zip(readers, SOURCE_NAMES):
+            if r is None:
+                continue
+            r.reject_unknown(_SOURCE_KEYS)
+            name = self._name(r)
+            if name is not None and name != expected_name:
+                # The position decides the SourceSelection value clients see: A first, then B.
+                r.error(f"must be '{expected_name}' (sources are listed as {', '.join(SOURCE_NAMES)}, in order)",
+                        "name")
+            sources.append(SourceConfig(
+                name=name,
+                selection=FEEDS[expected_name],
+                rated_power_kw=r.number("rated_power_kw", gt=0),
+                backup=r.choice("backup", BACKUPS),
+                nominal_voltage_v=voltage_v,
+                frequency_hz=float(frequency_hz) if frequency_hz is not None else None,
+                device=self._device(r, name),
+            ))
+        return tuple(sources)
+
+    def _aisle(self, r: MapReader) -> AisleConfig:
+        r.reject_unknown(_AISLE_KEYS)
+        name = self._name(r)
+        pdb_readers = _mapping_items(r, "pdbs", "PDB segment")
+        pdbs = tuple(self._pdb(p, name) for p in pdb_readers if p is not None)
+        self._check_one_pdb_per_feed(r, pdb_readers, pdbs)
+        units = tuple(self._unit(u, name) for u in _mapping_items(r, "units", "micro-ATS unit") if u is not None)
+        return AisleConfig(name=name, pdbs=pdbs, units=units)
+
+    @staticmethod
+    def _check_one_pdb_per_feed(aisle: MapReader, readers: list[MapReader | None], pdbs: tuple[PdbConfig, ...]) -> None:
+        # Each micro-ATS switches between its aisle's A and B segments: both must exist, once each.
+        first_on_feed: dict[SourceSelection, str] = {}
+        for r, pdb in zip((r for r in readers if r is not None), pdbs):
+            if pdb.feed in first_on_feed:
+                r.error(f"a second PDB segment on feed {SOURCE_NAMES[pdb.feed - 1]} (already fed by "
+                        f"{first_on_feed[pdb.feed]}); each aisle has one per feed", "feed")
+            elif pdb.feed is not None:
+                first_on_feed[pdb.feed] = pdb.name
+        all_feeds_read = bool(readers) and None not in readers and all(p.feed is not None for p in pdbs)
+        if all_feeds_read:  # otherwise a feed may only look missing because its entry is broken
+            for feed_name, feed in FEEDS.items():
+                if feed not in first_on_feed:
+                    aisle.error(f"no PDB segment for feed {feed_name}; each aisle needs one per feed", "pdbs")
+
+    def _pdb(self, r: MapReader, aisle: str | None) -> PdbConfig:
+        r.reject_unknown(_PDB_KEYS)
+        name = self._name(r)
+        return PdbConfig(
+            name=name,
+            aisle=aisle,
+            feed=r.choice("feed", FEEDS),
+            rated_current_a=r.number("rated_current_a", gt=0),
+            joints_per_phase=r.integer("joints_per_phase", 4, ge=1),
+            device=self._device(r, name),
+        )
+
+    def _unit(self, r: MapReader, aisle: str | None) -> MicroAtsConfig:
+        r.reject_unknown(_UNIT_KEYS)
+        name = self._name(r)
+        storage = r.mapping("storage")
+        return MicroAtsConfig(
+            name=name,
+            aisle=aisle,
+            position_ft=r.number("position_ft", ge=0),
+            rated_current_a=r.number("rated_current_a", gt=0),
+            preferred_source=r.choice("preferred_source", FEEDS),
+            it_load_kw=r.number("it_load_kw", ge=0),
+            dual_corded_fraction=r.number("dual_corded_fraction", 0.0, ge=0, le=1),
+            # 4 ms default: about a quarter cycle at 60 Hz, typical of a micro-ATS; past 1 s IT load drops anyway.
+            transfer_time_ms=r.number("transfer_time_ms", 4.0, gt=0, le=1000),
+            device=self._device(r, name),
+            storage=self._storage(storage) if storage is not None else None,
+        )
+
+    def _storage(self, r: MapReader) -> StorageConfig:
+        r.reject_unknown(_STORAGE_KEYS)
+        name = self._name(r)
+        soc_min_pct = r.number("soc_min_pct", 10.0, ge=0, le=100)
+        soc_max_pct = r.number("soc_max_pct", 90.0, ge=0, le=100)
+        if soc_min_pct is not None and soc_max_pct is not None and soc_min_pct >= soc_max_pct:
+            given = "soc_max_pct" if "soc_max_pct" in r else "soc_min_pct"  # point at a key that is written
+            r.error(f"empty state-of-charge window: soc_min_pct {soc_min_pct:g} must be below "
+                    f"soc_max_pct {soc_max_pct:g}", given)
+        return StorageConfig(
+            name=name,
+            capacity_kwh=r.number("capacity_kwh", gt=0),
+            max_power_kw=r.number("max_power_kw", gt=0),
+            soc_min_pct=soc_min_pct,
+            soc_max_pct=soc_max_pct,
+            device=self._device(r, name),
+        )
+
+
+def _mapping_items(r: MapReader, key: str, what: str) -> list[MapReader | None]:
+    """The items of a required, non-empty list of mappings; None stands for a broken item."""
+    items = r.sequence(key, required=True)
+    if items is None:
+        return []
+    if not items:
+        r.error(f"at least one {what} is needed", key)
+    return [item.as_mapping() for item in items]
