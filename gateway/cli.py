@@ -60,6 +60,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", type=Path, default=None, help="file to write (default: standard output)")
     c.set_defaults(handler="siteconfig.cli:cli_generate")
 
+    p = sub.add_parser("train", help="train the risk and load models on simulated scenarios, or evaluate a bundle")
+    _data_dir_arg(p)
+    p.add_argument("--eval-only", action="store_true", help="evaluate an existing bundle, do not train")
+    p.add_argument("--scenarios", type=Path, help="folder of scenario files (default for --eval-only: the shipped held-out set)")
+    p.add_argument("--bundle", type=Path, help="model bundle directory (default: <data-dir>/models/current, else the shipped one)")
+    p.add_argument("--json", type=Path, help="write the metrics as JSON to this file")
+    p.add_argument("--out", type=Path, default=None, help="where to write the bundle (train) or the plots (eval)")
+    p.add_argument("--scenario-count", type=int, default=None, help="number of random training scenarios")
+    p.add_argument("--seed", type=int, default=0, help="first seed of the random training scenarios")
+    p.add_argument("--quick", action="store_true", help="a small, fast run (smoke check)")
+    p.set_defaults(handler="cmcs.train:cli_train")
+
     p = sub.add_parser("bench", help="benchmarks; write a Markdown report, PNG plots and JSON")
     p.add_argument("which", choices=["sim", "mission", "gateway", "tsn", "all"])
     p.add_argument("--json", type=Path, help="write the figures as JSON to this file")
