@@ -1,0 +1,339 @@
+"""Modbus TCP driver: polls devices by their register-map profile into the point table.
+
+Shaped like Home Assistant's DataUpdateCoordinator: one poller per TCP connection (one
+host:port, many unit ids behind it) fetches each device's blocks once per scan period and fans
+the decoded values out through the point table. Connections poll concurrently, so a slow or
+dead device stalls only the devices behind the same connection, and only for its timeout.
+
+Quality per device: Good after a successful read; UncertainLastUsableValue as soon as a read
+fails; BadCommunicationError once the last good read is older than the stale time; Good again
+on recovery. Lost connections come back with bounded exponential backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+
+from pymodbus.client import AsyncModbusTcpClient
+from pymodbus.exceptions import ConnectionException, ModbusException
+
+from drivers.pointtable import PointTable, Quality
+from siteconfig.model import DeviceEndpoint, Site
+from siteconfig.points import POINTS
+from siteconfig.profiles import Profile, ReadBlock, encode_command, load_profile, read_blocks
+
+log = logging.getLogger(__name__)
+# pymodbus logs every failed connect and late answer at ERROR; the driver reports them once, in
+# its health and in the point qualities, instead.
+logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+
+BACKOFF_INITIAL_S = 0.25
+BACKOFF_MAX_S = 5.0
+REQUEST_TIMEOUT_S = 1.0
+
+# Modbus exception codes (Modbus Application Protocol v1.1b3, section 7)
+ILLEGAL_DATA_ADDRESS = 0x02
+ILLEGAL_DATA_VALUE = 0x03
+SERVER_DEVICE_FAILURE = 0x04
+
+
+class DeviceError(Exception):
+    """A device command or read did not succeed."""
+
+
+class DeviceUnreachable(DeviceError):
+    """No answer: not connected, timed out, connection lost."""
+
+
+class DeviceRefused(DeviceError):
+    """The device answered with exception 0x04: it refuses (its own interlock)."""
+
+
+class DeviceRejectedArgument(DeviceError):
+    """The device answered with exception 0x03: an argument out of its range."""
+
+
+class DeviceProtocolError(DeviceError):
+    """Any other exception response (address not mapped, function not supported)."""
+
+
+@dataclass
+class DeviceBinding:
+    name: str
+    kind: str
+    endpoint: DeviceEndpoint
+    profile: Profile
+    period_s: float
+    blocks: list[ReadBlock]
+    next_due: float = 0.0
+    last_good: float = 0.0
+    good: bool = False
+
+
+@dataclass
+class ConnectionHealth:
+    host: str
+    port: int
+    connected: bool = False
+    last_error: str = ""
+    poll_duration_ms: float = 0.0
+    polls: int = 0
+    overruns: int = 0
+    reconnects: int = 0
+    devices: int = 0
+    errors: int = 0
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _Backoff:
+    delay: float = BACKOFF_INITIAL_S
+
+    def next(self) -> float:
+        d = self.delay * random.uniform(0.8, 1.2)
+        self.delay = min(self.delay * 2.0, BACKOFF_MAX_S)
+        return d
+
+    def reset(self) -> None:
+        self.delay = BACKOFF_INITIAL_S
+
+
+class ModbusConnection:
+    """One TCP connection and the devices behind it."""
+
+    def __init__(self, host: str, port: int, devices: list[DeviceBinding], table: PointTable,
+                 stale_time_s: float, timeout_s: float = REQUEST_TIMEOUT_S):
+        self.host, self.port = host, port
+        self.devices = devices
+        self.by_name = {d.name: d for d in devices}
+        self.table = table
+        self.stale_time_s = stale_time_s
+        self.timeout_s = timeout_s
+        self.health = ConnectionHealth(host, port, devices=len(devices))
+        self._client: AsyncModbusTcpClient | None = None
+        self._lock = asyncio.Lock()  # commands and polls share the connection, one request at a time
+        self._task: asyncio.Task | None = None
+        self._backoff = _Backoff()
+        self._stopping = False
+
+    # ---- life cycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"modbus {self.host}:{self.port}")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+        self._close()
+
+    def _close(self) -> None:
+        if self._client is not None:
+            try:
+                self._client.close()
+            except Exception:  # noqa: BLE001 - closing a broken transport must not raise
+                pass
+        self._client = None
+        self.health.connected = False
+
+    async def _connect(self) -> bool:
+        self._close()
+        client = AsyncModbusTcpClient(self.host, port=self.port, timeout=self.timeout_s, retries=0,
+                                      reconnect_delay=0, name=f"{self.host}:{self.port}")
+        try:
+            ok = await asyncio.wait_for(client.connect(), timeout=self.timeout_s + 0.5)
+        except (asyncio.TimeoutError, OSError) as exc:
+            ok = False
+            self.health.last_error = f"connect: {exc or 'timeout'}"
+        if not ok:
+            client.close()
+            self.health.last_error = self.health.last_error or "connect refused"
+            return False
+        self._client = client
+        self.health.connected = True
+        self.health.reconnects += 1
+        self._backoff.reset()
+        return True
+
+    # ---- polling ---------------------------------------------------------------------------------
+    async def _run(self) -> None:
+        while not self._stopping:
+            if self._client is None or not self._client.connected:
+                if not await self._connect():
+                    self._mark_unreachable(time.time())
+                    await self._wait_backoff()
+                    continue
+            now = time.monotonic()
+            due = [d for d in self.devices if d.next_due <= now]
+            started = time.monotonic()
+            broken = False
+            for dev in due:
+                # schedule from the planned time so the period does not drift; skip missed cycles
+                dev.next_due = max(dev.next_due + dev.period_s, started) if dev.next_due else started + dev.period_s
+                try:
+                    values = await self._read_device(dev)
+                except DeviceUnreachable as exc:
+                    self._device_failed(dev, str(exc))
+                    broken = True
+                    break
+                except DeviceError as exc:
+                    self._device_failed(dev, str(exc))
+                    continue
+                wall = time.time()
+                self.table.update_device(dev.name, values, wall)
+                dev.last_good, dev.good = time.monotonic(), True
+            finished = time.monotonic()
+            if due:
+                self.health.polls += 1
+                self.health.poll_duration_ms = (finished - started) * 1000.0
+                shortest = min(d.period_s for d in due)
+                if finished - started > shortest:
+                    self.health.overruns += 1
+            self._check_stale(time.time())
+            if broken:
+                self._close()
+                await self._wait_backoff()
+                continue
+            next_due = min(d.next_due for d in self.devices)
+            await asyncio.sleep(max(0.0, next_due - time.monotonic()))
+
+    async def _wait_backoff(self) -> None:
+        """Sleep the backoff delay, still turning Uncertain values Bad when they grow stale."""
+        until = time.monotonic() + self._backoff.next()
+        while (left := until - time.monotonic()) > 0:
+            await asyncio.sleep(min(left, 0.5))
+            self._check_stale(time.time())
+
+    async def _read_device(self, dev: DeviceBinding) -> dict:
+        values: dict = {}
+        for block in dev.blocks:
+            values.update(await self._read_block(dev, block))
+        return values
+
+    async def _read_block(self, dev: DeviceBinding, block: ReadBlock) -> dict:
+        client = self._client
+        if client is None or not client.connected:
+            raise DeviceUnreachable("not connected")
+        unit = dev.endpoint.unit_id
+        async with self._lock:
+            try:
+                if block.table == "input":
+                    rr = await client.read_input_registers(block.address, count=block.count, device_id=unit)
+                elif block.table == "holding":
+                    rr = await client.read_holding_registers(block.address, count=block.count, device_id=unit)
+                elif block.table == "coil":
+                    rr = await client.read_coils(block.address, count=block.count, device_id=unit)
+                else:
+                    rr = await client.read_discrete_inputs(block.address, count=block.count, device_id=unit)
+            except (ConnectionException, asyncio.TimeoutError, OSError) as exc:
+                raise DeviceUnreachable(f"{dev.name}: {exc or 'timeout'}") from None
+            except ModbusException as exc:
+                raise DeviceUnreachable(f"{dev.name}: {exc}") from None
+        if rr.isError():
+            raise _exception_error(dev.name, getattr(rr, "exception_code", 0))
+        data = rr.registers if block.table in ("input", "holding") else rr.bits
+        return block.decode(data)
+
+    def _device_failed(self, dev: DeviceBinding, error: str) -> None:
+        self.health.last_error = error
+        self.health.errors += 1
+        if dev.good or self.table.device_quality(dev.name) is Quality.GOOD:
+            dev.good = False
+            self.table.set_quality(dev.name, Quality.UNCERTAIN_LAST_USABLE, time.time())
+
+    def _mark_unreachable(self, wall: float) -> None:
+        for dev in self.devices:
+            if dev.good:
+                dev.good = False
+                self.table.set_quality(dev.name, Quality.UNCERTAIN_LAST_USABLE, wall)
+        self._check_stale(wall)
+
+    def _check_stale(self, wall: float) -> None:
+        now = time.monotonic()
+        for dev in self.devices:
+            if not dev.good and dev.last_good and now - dev.last_good > self.stale_time_s:
+                self.table.set_quality(dev.name, Quality.BAD_COMM, wall)
+
+    # ---- on-demand access (the command service) ----------------------------------------------------
+    async def read_now(self, device: str) -> dict:
+        """Read every block of a device now (out of its scan), update the table, return the values."""
+        dev = self.by_name[device]
+        values = await self._read_device(dev)
+        self.table.update_device(dev.name, values, time.time())
+        dev.last_good, dev.good = time.monotonic(), True
+        return values
+
+    async def write_command(self, device: str, command: str, **args) -> None:
+        """Write one command block; raises a DeviceError subclass when it does not go through."""
+        dev = self.by_name[device]
+        cmd = dev.profile.command(command)
+        registers = encode_command(cmd, **args)
+        client = self._client
+        if client is None or not client.connected:
+            raise DeviceUnreachable(f"{device}: not connected")
+        async with self._lock:
+            try:
+                rr = await client.write_registers(cmd.address, registers, device_id=dev.endpoint.unit_id)
+            except (ConnectionException, ModbusException, asyncio.TimeoutError, OSError) as exc:
+                raise DeviceUnreachable(f"{device}: {exc or 'timeout'}") from None
+        if rr.isError():
+            raise _exception_error(device, getattr(rr, "exception_code", 0))
+
+
+def _exception_error(device: str, code: int) -> DeviceError:
+    if code == SERVER_DEVICE_FAILURE:
+        return DeviceRefused(f"{device}: refused (exception 0x04)")
+    if code == ILLEGAL_DATA_VALUE:
+        return DeviceRejectedArgument(f"{device}: illegal data value (exception 0x03)")
+    return DeviceProtocolError(f"{device}: exception 0x{code:02x}")
+
+
+@dataclass
+class ModbusDriver:
+    """Every Modbus device of a site, grouped by connection."""
+
+    site: Site
+    table: PointTable
+    connections: dict[tuple[str, int], ModbusConnection] = field(default_factory=dict)
+    device_connection: dict[str, ModbusConnection] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        groups: dict[tuple[str, int], list[DeviceBinding]] = {}
+        scan = self.site.gateway.scan_groups_s
+        for name, kind, ep in self.site.devices():
+            if ep.driver not in ("modbus",):
+                continue
+            profile = load_profile(ep.profile)
+            blocks = [b for table in profile.tables() if table in ("input", "holding")
+                      for b in read_blocks(profile, table) if any(p.access != "w" for p in b.points)]
+            binding = DeviceBinding(name, kind, ep, profile, scan.get(ep.scan_group, 1.0), blocks)
+            groups.setdefault((ep.host, ep.port), []).append(binding)
+            self.table.define(name, [p.name for p in POINTS[kind]])
+        for (host, port), devices in groups.items():
+            # stagger the devices over the period so one connection's requests spread out evenly
+            conn = ModbusConnection(host, port, devices, self.table, self.site.gateway.stale_time_s)
+            self.connections[(host, port)] = conn
+            for d in devices:
+                self.device_connection[d.name] = conn
+
+    async def start(self) -> None:
+        for conn in self.connections.values():
+            conn.start()
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(c.stop() for c in self.connections.values()))
+
+    def connection(self, device: str) -> ModbusConnection:
+        return self.device_connection[device]
+
+    def health(self) -> list[ConnectionHealth]:
+        return [c.health for c in self.connections.values()]
