@@ -313,7 +313,7 @@ class ModbusDriver:
             if ep.driver not in ("modbus",):
                 continue
             profile = load_profile(ep.profile)
-            blocks = [b for table in profile.tables() if table in ("input", "holding")
+            blocks = [b for table in profile.tables()
                       for b in read_blocks(profile, table) if any(p.access != "w" for p in b.points)]
             binding = DeviceBinding(name, kind, ep, profile, scan.get(ep.scan_group, 1.0), blocks)
             groups.setdefault((ep.host, ep.port), []).append(binding)

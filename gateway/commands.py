@@ -1,0 +1,314 @@
+"""The command service: the only path from a request to a device.
+
+Every interlock of INTERFACE.md's "Method results" table is checked here, from Good values in
+the point table only, before anything is written; a refused command changes nothing. An
+accepted command is written to the device, confirmed by reading the device back, and every
+call, accepted or not, is written to the audit log.
+
+Order of the checks (the first that fails decides the StatusCode):
+  1. the caller's role                                  BadUserAccessDenied
+  2. arguments (enumeration, range)                     BadOutOfRange / BadInvalidArgument
+  3. the device answers and its data is fresh           BadCommunicationError
+  4. the unit's state (Fault, Offline) and the target   BadInvalidState
+     source (unavailable, out of tolerance)
+  5. anti-flapping dwell time since the last transfer   BadTooManyOperations
+  6. derating: the target feed would pass 80 % rating   BadRequestNotAllowed
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from asyncua import ua
+
+from drivers.modbus.driver import (DeviceRefused, DeviceRejectedArgument, DeviceUnreachable,
+                                   DeviceError)
+from drivers.pointtable import Change, PointTable, Quality
+from siteconfig.model import AtsState, Site, SourceSelection, StorageMode
+
+log = logging.getLogger(__name__)
+
+SC = ua.StatusCodes
+# ITIC steady-state band: a source outside it is "out of tolerance" (DOMAIN.md)
+TOLERANCE_LOW_PU, TOLERANCE_HIGH_PU = 0.90, 1.10
+CONFIRM_TIMEOUT_S = 1.0
+MAX_BRIDGE_DURATION_S = 3600.0
+
+# Which role may call what (INTERFACE.md section 4); the security layer supplies the caller's role.
+ROLE_RANK = {"Viewer": 0, "Operator": 1, "Engineer": 2, "Admin": 3}
+REQUIRED_ROLE = {"SwitchSource": "Operator", "SetPreferredSource": "Operator", "StartBridging": "Operator",
+                 "StopBridging": "Operator", "SetMode": "Engineer", "Write": "Engineer"}
+
+
+@dataclass
+class CommandOutcome:
+    status: int  # an OPC UA StatusCode value
+    outputs: list = field(default_factory=list)
+    reason: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == SC.Good
+
+    @property
+    def status_name(self) -> str:
+        return ua.StatusCode(self.status).name
+
+
+class AuditLog:
+    """Append-only audit trail: one JSON line per control action, flushed and fsynced at once."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self._lock = threading.Lock()
+        self.listeners: list[Callable[[dict], None]] = []
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: dict) -> None:
+        record = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z",
+                  **record}
+        if self.path is not None:
+            line = json.dumps(record, sort_keys=False, default=str)
+            with self._lock:
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                try:
+                    os.write(fd, (line + "\n").encode())
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        for listener in self.listeners:
+            listener(record)
+
+
+class CommandService:
+    """Interlocks, device write, confirmation, audit."""
+
+    def __init__(self, site: Site, table: PointTable, driver, audit: AuditLog,
+                 clock: Callable[[], float] = time.monotonic):
+        self.site = site
+        self.table = table
+        self.driver = driver  # has .connection(device) -> object with write_command / read_now
+        self.audit = audit
+        self.clock = clock
+        self.dwell_time_s = site.gateway.dwell_time_s
+        self.derating = site.gateway.derating
+        self.units = {u.name: u for u in site.units}
+        self.storages = {u.storage.name: u for u in site.units if u.storage is not None}
+        self.pdb_of = {(p.aisle, int(p.feed)): p.name for p in site.pdbs}
+        self.source_of = {int(s.selection): s for s in site.sources}
+        self.v_nominal = site.nominal_voltage_v
+        self._last_transfer: dict[str, float] = {}
+        self._transfer_count: dict[str, int] = {}
+        self._unit_locks: dict[str, asyncio.Lock] = {}
+        table.add_sink(self._watch_transfers)
+
+    # ---- automatic transfers count for the dwell time too ----------------------------------------
+    def _watch_transfers(self, changes: list[Change]) -> None:
+        for c in changes:
+            if c.point == "TransferCount" and c.quality is Quality.GOOD and c.device in self.units:
+                previous = self._transfer_count.get(c.device)
+                self._transfer_count[c.device] = c.value
+                if previous is not None and c.value != previous:
+                    self._last_transfer[c.device] = self.clock()
+
+    # ---- public API ---------------------------------------------------------------------------------
+    async def switch_source(self, unit: str, target, user: str = "-", role: str = "Admin") -> CommandOutcome:
+        return await self._run("SwitchSource", unit, {"Target": target}, user, role, self._switch_source)
+
+    async def set_preferred_source(self, unit: str, source, user: str = "-", role: str = "Admin") -> CommandOutcome:
+        return await self._run("SetPreferredSource", unit, {"Source": source}, user, role, self._set_preferred)
+
+    async def start_bridging(self, storage: str, power_kw, duration_s, user: str = "-",
+                             role: str = "Admin") -> CommandOutcome:
+        return await self._run("StartBridging", storage, {"Power": power_kw, "Duration": duration_s}, user, role,
+                               self._start_bridging)
+
+    async def stop_bridging(self, storage: str, user: str = "-", role: str = "Admin") -> CommandOutcome:
+        return await self._run("StopBridging", storage, {}, user, role, self._stop_bridging)
+
+    # ---- the common frame: role, per-unit serialisation, audit ------------------------------------------
+    async def _run(self, method: str, device: str, args: dict, user: str, role: str, body) -> CommandOutcome:
+        started = time.perf_counter()
+        if ROLE_RANK.get(role, -1) < ROLE_RANK[REQUIRED_ROLE[method]]:
+            outcome = CommandOutcome(SC.BadUserAccessDenied, reason=f"role {role} may not call {method}")
+        else:
+            lock = self._unit_locks.setdefault(device, asyncio.Lock())
+            async with lock:  # two calls on one unit never interleave their checks and writes
+                try:
+                    outcome = await body(device, **args)
+                except DeviceUnreachable as exc:
+                    outcome = CommandOutcome(SC.BadCommunicationError, reason=str(exc))
+                except DeviceRefused as exc:
+                    outcome = CommandOutcome(SC.BadInvalidState, reason=f"device refused: {exc}")
+                except DeviceRejectedArgument as exc:
+                    outcome = CommandOutcome(SC.BadOutOfRange, reason=str(exc))
+                except DeviceError as exc:
+                    outcome = CommandOutcome(SC.BadCommunicationError, reason=str(exc))
+        self.audit.write({
+            "user": user, "role": role, "method": method, "object": device, "arguments": args,
+            "status": ua.StatusCode(outcome.status).name, "reason": outcome.reason,
+            "outputs": outcome.outputs, "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+        })
+        if not outcome.ok:
+            log.info("%s %s%s refused: %s (%s)", method, device, args, ua.StatusCode(outcome.status).name,
+                     outcome.reason)
+        return outcome
+
+    # ---- checks from Good values -------------------------------------------------------------------------
+    def _fresh(self, device: str) -> dict | None:
+        """The device's values if every one is Good, else None."""
+        if self.table.device_quality(device) is not Quality.GOOD:
+            return None
+        return {p: self.table.get(device, p).value for p in self.table.points(device)}
+
+    def _source_ok(self, unit_values: dict, target: int) -> tuple[bool, str]:
+        source = self.source_of[target]
+        src = self._fresh(source.name)
+        if src is None:
+            return False, f"{source.name} data not fresh"
+        if not src["Available"]:
+            return False, f"{source.name} unavailable"
+        volts = unit_values["SourceAVoltage" if target == 1 else "SourceBVoltage"]
+        pu = volts / self.v_nominal
+        if not (TOLERANCE_LOW_PU <= pu <= TOLERANCE_HIGH_PU):
+            return False, f"{source.name} at the unit is {volts:.0f} V ({pu:.0%} of nominal), out of tolerance"
+        return True, ""
+
+    def _derating_check(self, unit: str, values: dict, target: int) -> tuple[bool, str]:
+        """Would moving this unit's grid draw push the target source or PDB segment past 80 %?"""
+        cfg = self.units[unit]
+        storage = self._fresh(cfg.storage.name) if cfg.storage else None
+        draw_kw = values["LoadPower"] - (storage["ActivePower"] if storage else 0.0)
+        source = self.source_of[target]
+        src = self._fresh(source.name)
+        limit_kw = self.derating * src["RatedPower"]
+        if src["ActivePower"] + draw_kw > limit_kw:
+            return False, (f"{source.name} would carry {src['ActivePower'] + draw_kw:.1f} kW, over "
+                           f"{self.derating:.0%} of its {src['RatedPower']:.0f} kW rating")
+        pdb_name = self.pdb_of[(cfg.aisle, target)]
+        pdb = self._fresh(pdb_name)
+        if pdb is None:
+            return False, f"{pdb_name} data not fresh"
+        limit_a = self.derating * pdb["RatedCurrent"]
+        if pdb["Current"] + values["LoadCurrent"] > limit_a:
+            return False, (f"{pdb_name} would carry {pdb['Current'] + values['LoadCurrent']:.1f} A, over "
+                           f"{self.derating:.0%} of its {pdb['RatedCurrent']:.0f} A rating")
+        return True, ""
+
+    @staticmethod
+    def _selection(value) -> int | None:
+        try:
+            v = int(value)
+        except (TypeError, ValueError):
+            return None
+        return v if v == value else None
+
+    # ---- bodies -------------------------------------------------------------------------------------------
+    async def _switch_source(self, unit: str, Target) -> CommandOutcome:
+        if unit not in self.units:
+            return CommandOutcome(SC.BadNodeIdUnknown, reason=f"no micro-ATS {unit}")
+        target = self._selection(Target)
+        if target is None:
+            return CommandOutcome(SC.BadInvalidArgument, reason=f"Target {Target!r} is not a SourceSelection")
+        if target not in (SourceSelection.SOURCE_A, SourceSelection.SOURCE_B):
+            return CommandOutcome(SC.BadOutOfRange, reason=f"Target {target} is not SourceA (1) or SourceB (2)")
+        values = self._fresh(unit)
+        if values is None:
+            return CommandOutcome(SC.BadCommunicationError, reason=f"{unit} not reachable (data not Good)")
+        if values["State"] in (AtsState.FAULT, AtsState.OFFLINE):
+            return CommandOutcome(SC.BadInvalidState, reason=f"{unit} is {AtsState(values['State']).name}")
+        ok, why = self._source_ok(values, target)
+        if not ok:
+            return CommandOutcome(SC.BadInvalidState, reason=why)
+        if values["ActiveSource"] == target:
+            return CommandOutcome(SC.Good, [0.0], reason="already on the target source")
+        since = self.clock() - self._last_transfer.get(unit, -1e18)
+        if since < self.dwell_time_s:
+            return CommandOutcome(SC.BadTooManyOperations,
+                                  reason=f"last transfer {since:.1f} s ago, dwell time {self.dwell_time_s:g} s")
+        ok, why = self._derating_check(unit, values, target)
+        if not ok:
+            return CommandOutcome(SC.BadRequestNotAllowed, reason=why)
+        conn = self.driver.connection(unit)
+        await conn.write_command(unit, "SwitchSource", Target=target)
+        self._last_transfer[unit] = self.clock()
+        confirmed = await self._confirm(unit, lambda v: v["ActiveSource"] == target)
+        if confirmed is None:
+            return CommandOutcome(SC.BadTimeout, reason=f"{unit} did not confirm ActiveSource={target}")
+        self._transfer_count[unit] = confirmed.get("TransferCount", self._transfer_count.get(unit))
+        transfer_ms = float(confirmed.get("CommandReturn") or confirmed.get("LastTransferTime") or 0.0)
+        return CommandOutcome(SC.Good, [transfer_ms])
+
+    async def _set_preferred(self, unit: str, Source) -> CommandOutcome:
+        if unit not in self.units:
+            return CommandOutcome(SC.BadNodeIdUnknown, reason=f"no micro-ATS {unit}")
+        source = self._selection(Source)
+        if source is None:
+            return CommandOutcome(SC.BadInvalidArgument, reason=f"Source {Source!r} is not a SourceSelection")
+        if source not in (1, 2):
+            return CommandOutcome(SC.BadOutOfRange, reason=f"Source {source} is not SourceA (1) or SourceB (2)")
+        values = self._fresh(unit)
+        if values is None:
+            return CommandOutcome(SC.BadCommunicationError, reason=f"{unit} not reachable (data not Good)")
+        if values["State"] in (AtsState.FAULT, AtsState.OFFLINE):
+            return CommandOutcome(SC.BadInvalidState, reason=f"{unit} is {AtsState(values['State']).name}")
+        await self.driver.connection(unit).write_command(unit, "SetPreferredSource", Source=source)
+        if await self._confirm(unit, lambda v: v["PreferredSource"] == source) is None:
+            return CommandOutcome(SC.BadTimeout, reason=f"{unit} did not confirm PreferredSource={source}")
+        return CommandOutcome(SC.Good)
+
+    async def _start_bridging(self, storage: str, Power, Duration) -> CommandOutcome:
+        if storage not in self.storages:
+            return CommandOutcome(SC.BadNodeIdUnknown, reason=f"no DES unit {storage}")
+        try:
+            power, duration = float(Power), float(Duration)
+        except (TypeError, ValueError):
+            return CommandOutcome(SC.BadInvalidArgument, reason="Power and Duration must be numbers")
+        values = self._fresh(storage)
+        if values is None:
+            return CommandOutcome(SC.BadCommunicationError, reason=f"{storage} not reachable (data not Good)")
+        if not (0.0 < duration <= MAX_BRIDGE_DURATION_S):
+            return CommandOutcome(SC.BadOutOfRange, reason=f"Duration {duration:g} s outside (0, {MAX_BRIDGE_DURATION_S:g}]")
+        if values["Mode"] == StorageMode.FAULT:
+            return CommandOutcome(SC.BadInvalidState, reason=f"{storage} is in Fault")
+        rated = self.storages[storage].storage.max_power_kw
+        if not (0.0 < power <= rated):
+            return CommandOutcome(SC.BadOutOfRange, reason=f"Power {power:g} kW outside (0, {rated:g}]")
+        if power > values["MaxDischargePower"]:
+            return CommandOutcome(SC.BadInvalidState,
+                                  reason=f"{storage} can give {values['MaxDischargePower']:.1f} kW now, {power:g} asked")
+        await self.driver.connection(storage).write_command(storage, "StartBridging", Power=power, Duration=duration)
+        if await self._confirm(storage, lambda v: v["Mode"] == StorageMode.BRIDGING) is None:
+            return CommandOutcome(SC.BadTimeout, reason=f"{storage} did not confirm Bridging")
+        return CommandOutcome(SC.Good)
+
+    async def _stop_bridging(self, storage: str) -> CommandOutcome:
+        if storage not in self.storages:
+            return CommandOutcome(SC.BadNodeIdUnknown, reason=f"no DES unit {storage}")
+        if self._fresh(storage) is None:
+            return CommandOutcome(SC.BadCommunicationError, reason=f"{storage} not reachable (data not Good)")
+        await self.driver.connection(storage).write_command(storage, "StopBridging")
+        if await self._confirm(storage, lambda v: v["Mode"] != StorageMode.BRIDGING) is None:
+            return CommandOutcome(SC.BadTimeout, reason=f"{storage} still Bridging")
+        return CommandOutcome(SC.Good)
+
+    async def _confirm(self, device: str, done) -> dict | None:
+        """Read the device back until `done(values)` holds, or give up after CONFIRM_TIMEOUT_S."""
+        deadline = time.monotonic() + CONFIRM_TIMEOUT_S
+        conn = self.driver.connection(device)
+        while True:
+            values = await conn.read_now(device)
+            if done(values):
+                return values
+            if time.monotonic() > deadline:
+                return None
+            await asyncio.sleep(0.02)

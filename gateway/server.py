@@ -1,0 +1,242 @@
+"""The OPC UA server: the typed model of the site, bound to the point table and the command service.
+
+Values reach the address space in bulk: the point table tells this module which points
+changed; every FLUSH_INTERVAL_S the accumulated changes are turned into DataValues and stored
+with one `write_values` call (no awaited call per node). Methods go to the command service,
+which returns the exact StatusCode of INTERFACE.md's "Method results" table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import socket
+import time
+from datetime import datetime, timezone
+
+from asyncua import Server, ua
+from asyncua.server.internal_session import InternalSession
+
+from drivers.pointtable import Change, PointTable, Quality
+from gateway.commands import CommandOutcome, CommandService
+from information_model.instantiate import (MethodCall, SiteModel, bind_methods, build_site,
+                                           load_information_model, write_values)
+from siteconfig.model import CmcsMode, Site
+
+log = logging.getLogger(__name__)
+
+FLUSH_INTERVAL_S = 0.1
+QUALITY_STATUS = {
+    Quality.GOOD: ua.StatusCode(ua.StatusCodes.Good),
+    Quality.UNCERTAIN_LAST_USABLE: ua.StatusCode(ua.StatusCodes.UncertainLastUsableValue),
+    Quality.BAD_COMM: ua.StatusCode(ua.StatusCodes.BadCommunicationError),
+    Quality.BAD_WAITING: ua.StatusCode(ua.StatusCodes.BadWaitingForInitialData),
+}
+
+# The session whose request is being served: asyncua's method callbacks are not told who calls,
+# so InternalSession.call records it here (same task, so the callback sees it).
+CURRENT_SESSION: contextvars.ContextVar[InternalSession | None] = contextvars.ContextVar("cmcs_session", default=None)
+
+
+def _install_session_context() -> None:
+    if getattr(InternalSession.call, "_cmcs_wrapped", False):
+        return
+    original = InternalSession.call
+
+    async def call(self, params):
+        token = CURRENT_SESSION.set(self)
+        try:
+            return await original(self, params)
+        finally:
+            CURRENT_SESSION.reset(token)
+
+    call._cmcs_wrapped = True  # type: ignore[attr-defined]
+    InternalSession.call = call  # type: ignore[method-assign]
+
+
+def caller() -> tuple[str, str]:
+    """(user name, role) of the session calling now. Without a user manager every session is
+    an Admin: the plain development endpoint; the secured gateway replaces this resolver."""
+    return ROLE_RESOLVER(CURRENT_SESSION.get())
+
+
+def _default_role(session: InternalSession | None) -> tuple[str, str]:
+    name = getattr(getattr(session, "user", None), "name", None) or "anonymous"
+    return name, "Admin"
+
+
+ROLE_RESOLVER = _default_role
+
+
+class GatewayServer:
+    def __init__(self, site: Site, table: PointTable, commands: CommandService, *, host: str | None = None,
+                 port: int | None = None, model_version: str = ""):
+        self.site = site
+        self.table = table
+        self.commands = commands
+        ocfg = site.gateway.opcua
+        self.host = host or ocfg.host
+        self.port = port if port is not None else ocfg.port
+        self.path = ocfg.path
+        self.model_version = model_version
+        self.server = Server()
+        self.model: SiteModel | None = None
+        self._pending: dict[tuple[str, str], Change] = {}
+        self._flush_task: asyncio.Task | None = None
+        self.flushes = 0
+        self.values_written = 0
+        self.cmcs_mode = CmcsMode.ADVISORY
+
+    @property
+    def endpoint(self) -> str:
+        host = self.host if self.host not in ("0.0.0.0", "") else socket.gethostname()
+        return f"opc.tcp://{host}:{self.port}{self.path}"
+
+    async def start(self) -> None:
+        _install_session_context()
+        server = self.server
+        await server.init()
+        server.set_endpoint(f"opc.tcp://{self.host}:{self.port}{self.path}")
+        server.set_server_name(f"cmcs-gateway ({self.site.name})")
+        await server.set_application_uri(f"urn:cmcs-gateway:{socket.gethostname()}:{self.site.name}")
+        server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+        await load_information_model(server)
+        self.model = await build_site(server, self.site)
+        bind_methods(server, self.model, {
+            "SwitchSource": self._switch_source,
+            "SetPreferredSource": self._set_preferred_source,
+            "StartBridging": self._start_bridging,
+            "StopBridging": self._stop_bridging,
+            "SetMode": self._set_mode,
+        })
+        await self._write_cmcs_defaults()
+        # the values already known, then every change as it comes
+        for device in self.table.devices():
+            for point in self.table.points(device):
+                pv = self.table.get(device, point)
+                self._pending[(device, point)] = Change(device, point, pv.value, pv.quality, pv.source_ts)
+        self.table.add_sink(self._on_changes)
+        await self.flush()
+        await server.start()
+        self._flush_task = asyncio.create_task(self._flush_loop(), name="opcua flush")
+        log.info("OPC UA server at %s: %d variables", self.endpoint, self.model.variable_count)
+
+    async def stop(self) -> None:
+        if self._flush_task:
+            self._flush_task.cancel()
+            try:
+                await self._flush_task
+            except asyncio.CancelledError:
+                pass
+        await self.server.stop()
+
+    # ---- values ------------------------------------------------------------------------------
+    def _on_changes(self, changes: list[Change]) -> None:
+        pending = self._pending
+        for c in changes:
+            pending[(c.device, c.point)] = c
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_INTERVAL_S)
+            try:
+                await self.flush()
+            except Exception:  # noqa: BLE001 - one bad batch must not stop the server's values
+                log.exception("writing values to the address space failed")
+
+    async def flush(self) -> int:
+        if not self._pending or self.model is None:
+            return 0
+        pending, self._pending = self._pending, {}
+        points, types = self.model.points, self.model.point_types
+        server_ts = datetime.now(timezone.utc)
+        updates = []
+        for key, c in pending.items():
+            nodeid = points.get(key)
+            if nodeid is None:
+                continue
+            vtype = types[nodeid]
+            status = QUALITY_STATUS[c.quality]
+            if c.value is None:
+                variant = ua.Variant()
+            else:
+                variant = ua.Variant(_coerce(c.value, vtype), vtype)
+            updates.append((nodeid, ua.DataValue(variant, StatusCode=status,
+                                                 SourceTimestamp=datetime.fromtimestamp(c.source_ts, timezone.utc),
+                                                 ServerTimestamp=server_ts)))
+        written = await write_values(self.server, updates)
+        self.flushes += 1
+        self.values_written += written
+        return written
+
+    async def _write_cmcs_defaults(self) -> None:
+        values = {"Mode": (int(self.cmcs_mode), ua.VariantType.Int32), "RiskThreshold": (0.5, ua.VariantType.Double),
+                  "CycleTime": (0.0, ua.VariantType.Double), "ModelVersion": (self.model_version, ua.VariantType.String),
+                  "ActiveMitigations": (0, ua.VariantType.UInt32)}
+        now = datetime.now(timezone.utc)
+        updates = []
+        for point, (value, _vt) in values.items():
+            nodeid = self.model.points.get(("Cmcs", point))
+            if nodeid is not None:
+                vt = self.model.point_types[nodeid]
+                updates.append((nodeid, ua.DataValue(ua.Variant(_coerce(value, vt), vt), SourceTimestamp=now)))
+        await write_values(self.server, updates, skip_unchanged=False)
+
+    # ---- methods --------------------------------------------------------------------------------
+    @staticmethod
+    def _result(outcome: CommandOutcome):
+        if not outcome.ok:
+            return ua.StatusCode(outcome.status)
+        return list(outcome.outputs)
+
+    async def _switch_source(self, call: MethodCall):
+        user, role = caller()
+        outcome = await self.commands.switch_source(call.device, int(call.args[0]), user=user, role=role)
+        return self._result(outcome) if not outcome.ok else [float(outcome.outputs[0])]
+
+    async def _set_preferred_source(self, call: MethodCall):
+        user, role = caller()
+        return self._result(await self.commands.set_preferred_source(call.device, int(call.args[0]), user=user,
+                                                                     role=role))
+
+    async def _start_bridging(self, call: MethodCall):
+        user, role = caller()
+        return self._result(await self.commands.start_bridging(call.device, call.args[0], call.args[1], user=user,
+                                                               role=role))
+
+    async def _stop_bridging(self, call: MethodCall):
+        user, role = caller()
+        return self._result(await self.commands.stop_bridging(call.device, user=user, role=role))
+
+    async def _set_mode(self, call: MethodCall):
+        user, role = caller()
+        mode = int(call.args[0])
+        from gateway.commands import REQUIRED_ROLE, ROLE_RANK
+
+        if ROLE_RANK.get(role, -1) < ROLE_RANK[REQUIRED_ROLE["SetMode"]]:
+            status = ua.StatusCodes.BadUserAccessDenied
+        else:
+            self.cmcs_mode = CmcsMode(mode)
+            nodeid = self.model.points[("Cmcs", "Mode")]
+            vt = self.model.point_types[nodeid]
+            await write_values(self.server, [(nodeid, ua.DataValue(ua.Variant(mode, vt),
+                                                                   SourceTimestamp=datetime.now(timezone.utc)))])
+            status = ua.StatusCodes.Good
+        self.commands.audit.write({"user": user, "role": role, "method": "SetMode", "object": "Cmcs",
+                                   "arguments": {"Mode": mode}, "status": ua.StatusCode(status).name})
+        return ua.StatusCode(status) if status != ua.StatusCodes.Good else []
+
+
+def _coerce(value, vtype: ua.VariantType):
+    if vtype in (ua.VariantType.Double, ua.VariantType.Float):
+        return float(value)
+    if vtype == ua.VariantType.Boolean:
+        return bool(value)
+    if vtype == ua.VariantType.String:
+        return str(value)
+    return int(value)
+
+
+def now_s() -> float:
+    return time.time()
