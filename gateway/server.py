@@ -184,30 +184,33 @@ class GatewayServer:
         await write_values(self.server, updates, skip_unchanged=False)
 
     # ---- methods --------------------------------------------------------------------------------
-    @staticmethod
-    def _result(outcome: CommandOutcome):
+    async def _result(self, outcome: CommandOutcome):
         if not outcome.ok:
             return ua.StatusCode(outcome.status)
+        # the confirmation read is in the point table: publish it before answering, so a client
+        # reading right after a Good result sees the new state
+        await self.flush()
         return list(outcome.outputs)
 
     async def _switch_source(self, call: MethodCall):
         user, role = caller()
         outcome = await self.commands.switch_source(call.device, int(call.args[0]), user=user, role=role)
-        return self._result(outcome) if not outcome.ok else [float(outcome.outputs[0])]
+        result = await self._result(outcome)
+        return result if not outcome.ok else [float(outcome.outputs[0])]
 
     async def _set_preferred_source(self, call: MethodCall):
         user, role = caller()
-        return self._result(await self.commands.set_preferred_source(call.device, int(call.args[0]), user=user,
+        return await self._result(await self.commands.set_preferred_source(call.device, int(call.args[0]), user=user,
                                                                      role=role))
 
     async def _start_bridging(self, call: MethodCall):
         user, role = caller()
-        return self._result(await self.commands.start_bridging(call.device, call.args[0], call.args[1], user=user,
+        return await self._result(await self.commands.start_bridging(call.device, call.args[0], call.args[1], user=user,
                                                                role=role))
 
     async def _stop_bridging(self, call: MethodCall):
         user, role = caller()
-        return self._result(await self.commands.stop_bridging(call.device, user=user, role=role))
+        return await self._result(await self.commands.stop_bridging(call.device, user=user, role=role))
 
     async def _set_mode(self, call: MethodCall):
         user, role = caller()

@@ -1,0 +1,236 @@
+"""The gateway end to end: plant-backed Modbus devices on real sockets, the real driver, the
+OPC UA server, and an OPC UA client (asyncua's) calling methods and subscribing."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import pytest
+from asyncua import Client, ua
+
+from gateway.app import Gateway
+from simulator.endpoints import SimulatorHost
+from simulator.scenario import Fault, Scenario
+from siteconfig.demo import demo_site
+from siteconfig.model import AtsState
+
+from .conftest import free_port, relocate_site
+
+NS_URI = "urn:cmcs-gateway:site:demo-hall"
+
+
+def fast_site(**gateway_overrides):
+    site = relocate_site(demo_site())
+    gw = dataclasses.replace(site.gateway, stale_time_s=3.0, **gateway_overrides)
+    return dataclasses.replace(site, gateway=gw)
+
+
+class Rig:
+    """Simulators + gateway + one OPC UA client session."""
+
+    def __init__(self, site, scenario=None, tmp_path: Path | None = None):
+        self.site = site
+        self.host = SimulatorHost(site, scenario=scenario)
+        self.port = free_port()
+        self.gateway = Gateway(site, tmp_path, opcua_port=self.port, opcua_host="127.0.0.1")
+        self.client = Client(f"opc.tcp://127.0.0.1:{self.port}/cmcs", timeout=10)
+        self.ns = 0
+
+    async def __aenter__(self):
+        await self.host.start()
+        await self.gateway.start()
+        await self.client.connect()
+        self.ns = await self.client.get_namespace_index(NS_URI)
+        await self.wait_good("SourceA", "Available")
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.client.disconnect()
+        await self.gateway.stop()
+        await self.host.stop()
+
+    def node(self, nid: str):
+        return self.client.get_node(ua.NodeId(nid, self.ns))
+
+    async def read(self, device: str, point: str) -> ua.DataValue:
+        return await self.node(f"{device}.{point}").read_data_value(raise_on_bad_status=False)
+
+    async def wait_good(self, device, point, timeout=10.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            dv = await self.read(device, point)
+            if dv.StatusCode.is_good():
+                return dv
+            await asyncio.sleep(0.2)
+        raise AssertionError(f"{device}.{point} never Good")
+
+    async def call(self, device: str, method: str, *args: ua.Variant):
+        obj = self.node(device)
+        return await obj.call_method(self.node(f"{device}.{method}"), *args)
+
+    async def status_of(self, device: str, method: str, *args: ua.Variant) -> str:
+        try:
+            await self.call(device, method, *args)
+        except ua.UaStatusCodeError as exc:
+            return ua.StatusCode(exc.code).name
+        return "Good"
+
+
+def sel(v: int) -> ua.Variant:
+    return ua.Variant(v, ua.VariantType.Int32)
+
+
+def dbl(v: float) -> ua.Variant:
+    return ua.Variant(v, ua.VariantType.Double)
+
+
+async def unit_on(rig: Rig, source: int, exclude=()) -> str:
+    for u in rig.site.units:
+        if u.name in exclude:
+            continue
+        if (await rig.read(u.name, "ActiveSource")).Value.Value == source:
+            return u.name
+    raise AssertionError(f"no unit on source {source}")
+
+
+async def test_switch_source_transfers_and_dwell_time_refuses(tmp_path):
+    async with Rig(fast_site(), tmp_path=tmp_path) as rig:
+        unit = await unit_on(rig, 1)
+        result = await rig.call(unit, "SwitchSource", sel(2))
+        assert 0.0 < result < 5.0  # the device-measured transfer time, ms
+        assert (await rig.read(unit, "ActiveSource")).Value.Value == 2
+        count = (await rig.read(unit, "TransferCount")).Value.Value
+        # a second call inside the dwell time is refused and changes nothing
+        assert await rig.status_of(unit, "SwitchSource", sel(1)) == "BadTooManyOperations"
+        await asyncio.sleep(1.5)
+        assert (await rig.read(unit, "ActiveSource")).Value.Value == 2
+        assert (await rig.read(unit, "TransferCount")).Value.Value == count
+        # calling for the source it is already on is accepted and does nothing
+        assert await rig.call(unit, "SwitchSource", sel(2)) == 0.0
+        # every call is in the audit log
+        lines = [json.loads(line) for line in (tmp_path / "audit.log").read_text().splitlines()]
+        assert [(r["method"], r["object"], r["status"]) for r in lines][:2] == [
+            ("SwitchSource", unit, "Good"), ("SwitchSource", unit, "BadTooManyOperations")]
+
+
+async def test_bad_arguments(tmp_path):
+    async with Rig(fast_site(), tmp_path=tmp_path) as rig:
+        unit = rig.site.units[0].name
+        des = rig.site.units[0].storage.name
+        before = (await rig.read(unit, "ActiveSource")).Value.Value
+        assert await rig.status_of(unit, "SwitchSource", sel(7)) in ("BadOutOfRange", "BadInvalidArgument")
+        assert await rig.status_of(unit, "SwitchSource", sel(0)) in ("BadOutOfRange", "BadInvalidArgument")
+        assert await rig.status_of(unit, "SetPreferredSource", sel(3)) in ("BadOutOfRange", "BadInvalidArgument")
+        assert await rig.status_of(des, "StartBridging", dbl(1000.0), dbl(60.0)) == "BadOutOfRange"
+        assert await rig.status_of(des, "StartBridging", dbl(2.0), dbl(-5.0)) == "BadOutOfRange"
+        assert await rig.status_of(des, "StartBridging", dbl(2.0), dbl(1e9)) == "BadOutOfRange"
+        assert (await rig.read(unit, "ActiveSource")).Value.Value == before
+        assert (await rig.read(des, "Mode")).Value.Value != 2
+
+
+async def test_bridging_start_and_stop(tmp_path):
+    async with Rig(fast_site(), tmp_path=tmp_path) as rig:
+        des = rig.site.units[1].storage.name
+        await rig.call(des, "StartBridging", dbl(3.0), dbl(120.0))
+        assert (await rig.read(des, "Mode")).Value.Value == 2  # Bridging
+        await asyncio.sleep(1.5)
+        assert (await rig.read(des, "ActivePower")).Value.Value == pytest.approx(3.0, abs=0.05)
+        await rig.call(des, "StopBridging")
+        assert (await rig.read(des, "Mode")).Value.Value != 2
+
+
+async def test_invalid_state_target_dead_and_unit_in_fault(tmp_path):
+    scenario = Scenario(duration_s=86400, seed=1, faults=(
+        Fault("source_outage", "SourceB", 1.0, 0.0, 0.5, duration_s=80000.0),
+        Fault("contact_wear", "MATS-02-03", 1.0, 0.0, 0.5, pole=2),
+    ))
+    async with Rig(fast_site(), scenario=scenario, tmp_path=tmp_path) as rig:
+        deadline = time.monotonic() + 10
+        while (await rig.read("SourceB", "Available")).Value.Value and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        unit = await unit_on(rig, 1, exclude=("MATS-02-03",))
+        assert await rig.status_of(unit, "SwitchSource", sel(2)) == "BadInvalidState"
+        assert (await rig.read(unit, "ActiveSource")).Value.Value == 1
+        while (await rig.read("MATS-02-03", "State")).Value.Value != AtsState.FAULT and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        assert await rig.status_of("MATS-02-03", "SwitchSource", sel(2)) == "BadInvalidState"
+        assert await rig.status_of("MATS-02-03", "SetPreferredSource", sel(2)) == "BadInvalidState"
+
+
+async def test_derating_refuses_a_transfer_past_80_percent(tmp_path):
+    async with Rig(fast_site(), tmp_path=tmp_path) as rig:
+        unit = await unit_on(rig, 1)
+        load = (await rig.read(unit, "LoadPower")).Value.Value
+        b_power = (await rig.read("SourceB", "ActivePower")).Value.Value
+        # the B source's nameplate is set so that taking this unit would pass 80 % of it
+        rig.host.plant.src_rated_kw[1] = (b_power + 0.5 * load) / 0.8
+        deadline = time.monotonic() + 5
+        while abs((await rig.read("SourceB", "RatedPower")).Value.Value - rig.host.plant.src_rated_kw[1]) > 0.5:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.2)
+        assert await rig.status_of(unit, "SwitchSource", sel(2)) == "BadRequestNotAllowed"
+        assert (await rig.read(unit, "ActiveSource")).Value.Value == 1
+
+
+async def test_device_killed_and_restarted(tmp_path):
+    async with Rig(fast_site(), tmp_path=tmp_path) as rig:
+        unit = rig.site.units[0]
+        address = (unit.device.host, unit.device.port)
+        other = rig.site.sources[0].name  # on another endpoint: must stay Good throughout
+        await rig.host.stop_endpoint(address)
+        seen = []
+        deadline = time.monotonic() + 12
+        while time.monotonic() < deadline:
+            dv = await rig.read(unit.name, "LoadPower")
+            name = dv.StatusCode.name
+            if not seen or seen[-1] != name:
+                seen.append(name)
+            assert (await rig.read(other, "Voltage")).StatusCode.is_good()
+            if name == "BadCommunicationError":
+                break
+            await asyncio.sleep(0.2)
+        assert seen[-2:] == ["UncertainLastUsableValue", "BadCommunicationError"], seen
+        assert await rig.status_of(unit.name, "SwitchSource", sel(2)) == "BadCommunicationError"
+        await rig.host.start_endpoint(address)
+        dv = await rig.wait_good(unit.name, "LoadPower", timeout=15)
+        assert dv.Value.Value > 0
+
+
+async def test_role_below_operator_is_refused(tmp_path):
+    async with Rig(fast_site(), tmp_path=tmp_path) as rig:
+        unit = await unit_on(rig, 1)
+        outcome = await rig.gateway.commands.switch_source(unit, 2, user="viewer1", role="Viewer")
+        assert outcome.status_name == "BadUserAccessDenied"
+        assert (await rig.read(unit, "ActiveSource")).Value.Value == 1
+
+
+class _Collector:
+    def __init__(self):
+        self.values: list[tuple[str, object]] = []
+
+    def datachange_notification(self, node, val, data):
+        self.values.append((node.nodeid.Identifier, val))
+
+
+async def test_source_outage_reaches_a_subscriber(tmp_path):
+    scenario = Scenario(duration_s=86400, seed=1,
+                        faults=(Fault("source_outage", "SourceA", 8.0, 0.0, 0.5, duration_s=600.0),))
+    async with Rig(fast_site(), scenario=scenario, tmp_path=tmp_path) as rig:
+        unit = await unit_on(rig, 1)
+        handler = _Collector()
+        sub = await rig.client.create_subscription(100, handler)
+        await sub.subscribe_data_change([rig.node("SourceA.Available"), rig.node(f"{unit}.ActiveSource")])
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            got = dict(handler.values)
+            if got.get("SourceA.Available") is False and got.get(f"{unit}.ActiveSource") == 2:
+                break
+            await asyncio.sleep(0.2)
+        got = dict(handler.values)
+        assert got.get("SourceA.Available") is False, handler.values
+        assert got.get(f"{unit}.ActiveSource") == 2, handler.values
+        assert (await rig.read(unit, "LastTransferTime")).Value.Value < 5.0
