@@ -45,7 +45,8 @@ class Gateway:
         self.driver = ModbusDriver(self.site, self.table)
         self.audit = AuditLog(Path(self.data_dir) / "audit.log")
         self.commands = CommandService(self.site, self.table, self.driver, self.audit)
-        self.server = GatewayServer(self.site, self.table, self.commands, host=self.opcua_host, port=self.opcua_port)
+        self.server = GatewayServer(self.site, self.table, self.commands, host=self.opcua_host, port=self.opcua_port,
+                                    health=self.driver.health)
 
     async def start(self) -> None:
         await self.driver.start()

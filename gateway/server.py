@@ -55,6 +55,24 @@ def _install_session_context() -> None:
     InternalSession.call = call  # type: ignore[method-assign]
 
 
+def _install_cheap_datachange() -> None:
+    """asyncua deep-copies every DataValue on its way to a monitored item, "to prevent referencing
+    the inner value". Values written by this gateway are never mutated after they are stored
+    (each update is a new DataValue), so the copy only costs: at 1,000 units it was three
+    quarters of the time spent notifying a client subscribed to every variable."""
+    from asyncua.server.monitored_item_service import MonitoredItemValues
+
+    if getattr(MonitoredItemValues.set_current_datavalue, "_cmcs_cheap", False):
+        return
+
+    def set_current_datavalue(self, cur_val):
+        self.old_dvalue = self.current_dvalue
+        self.current_dvalue = cur_val
+
+    set_current_datavalue._cmcs_cheap = True  # type: ignore[attr-defined]
+    MonitoredItemValues.set_current_datavalue = set_current_datavalue  # type: ignore[method-assign]
+
+
 def caller() -> tuple[str, str]:
     """(user name, role) of the session calling now. Without a user manager every session is
     an Admin: the plain development endpoint; the secured gateway replaces this resolver."""
@@ -71,7 +89,7 @@ ROLE_RESOLVER = _default_role
 
 class GatewayServer:
     def __init__(self, site: Site, table: PointTable, commands: CommandService, *, host: str | None = None,
-                 port: int | None = None, model_version: str = ""):
+                 port: int | None = None, model_version: str = "", health=None):
         self.site = site
         self.table = table
         self.commands = commands
@@ -87,6 +105,9 @@ class GatewayServer:
         self.flushes = 0
         self.values_written = 0
         self.cmcs_mode = CmcsMode.ADVISORY
+        self.health = health  # callable -> list of driver ConnectionHealth
+        self._health_nodes: dict[tuple[str, str], tuple[ua.NodeId, ua.VariantType]] = {}
+        self._health_task: asyncio.Task | None = None
 
     @property
     def endpoint(self) -> str:
@@ -95,6 +116,7 @@ class GatewayServer:
 
     async def start(self) -> None:
         _install_session_context()
+        _install_cheap_datachange()
         server = self.server
         await server.init()
         server.set_endpoint(f"opc.tcp://{self.host}:{self.port}{self.path}")
@@ -120,16 +142,56 @@ class GatewayServer:
         await self.flush()
         await server.start()
         self._flush_task = asyncio.create_task(self._flush_loop(), name="opcua flush")
+        if self.health is not None:
+            await self._build_health_nodes()
+            self._health_task = asyncio.create_task(self._health_loop(), name="driver health")
         log.info("OPC UA server at %s: %d variables", self.endpoint, self.model.variable_count)
 
     async def stop(self) -> None:
-        if self._flush_task:
-            self._flush_task.cancel()
-            try:
-                await self._flush_task
-            except asyncio.CancelledError:
-                pass
+        for task in (self._flush_task, self._health_task):
+            if task:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
         await self.server.stop()
+
+    # ---- driver health: Objects/<Site>/Diagnostics/<connection> ----------------------------------
+    HEALTH_VARS = (("Connected", ua.VariantType.Boolean, "connection to the device(s) is up"),
+                   ("LastError", ua.VariantType.String, "last error seen on this connection"),
+                   ("PollDuration", ua.VariantType.Double, "duration of the last poll cycle, ms"),
+                   ("Overruns", ua.VariantType.UInt32, "poll cycles that took longer than the scan period"),
+                   ("Reconnects", ua.VariantType.UInt32, "connections made since start"),
+                   ("Devices", ua.VariantType.UInt32, "devices polled over this connection"))
+
+    async def _build_health_nodes(self) -> None:
+        ns = self.model.ns_index
+        site_node = self.server.get_node(self.model.site_node)
+        folder = await site_node.add_folder(ua.NodeId("Diagnostics", ns), ua.QualifiedName("Diagnostics", ns))
+        for h in self.health():
+            key = f"Modbus {h.host}:{h.port}"
+            obj = await folder.add_object(ua.NodeId(f"Diagnostics.{key}", ns), ua.QualifiedName(key, ns))
+            for name, vt, description in self.HEALTH_VARS:
+                var = await obj.add_variable(ua.NodeId(f"Diagnostics.{key}.{name}", ns), ua.QualifiedName(name, ns),
+                                             ua.Variant(_coerce(0, vt) if vt != ua.VariantType.String else "", vt))
+                await var.write_attribute(ua.AttributeIds.Description,
+                                          ua.DataValue(ua.Variant(ua.LocalizedText(description))))
+                self._health_nodes[(key, name)] = (var.nodeid, vt)
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            updates = []
+            now = datetime.now(timezone.utc)
+            for h in self.health():
+                key = f"Modbus {h.host}:{h.port}"
+                values = {"Connected": h.connected, "LastError": h.last_error, "PollDuration": h.poll_duration_ms,
+                          "Overruns": h.overruns, "Reconnects": h.reconnects, "Devices": h.devices}
+                for name, value in values.items():
+                    nodeid, vt = self._health_nodes[(key, name)]
+                    updates.append((nodeid, ua.DataValue(ua.Variant(_coerce(value, vt), vt), SourceTimestamp=now)))
+            await write_values(self.server, updates)
 
     # ---- values ------------------------------------------------------------------------------
     def _on_changes(self, changes: list[Change]) -> None:

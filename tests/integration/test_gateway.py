@@ -195,9 +195,15 @@ async def test_device_killed_and_restarted(tmp_path):
             await asyncio.sleep(0.2)
         assert seen[-2:] == ["UncertainLastUsableValue", "BadCommunicationError"], seen
         assert await rig.status_of(unit.name, "SwitchSource", sel(2)) == "BadCommunicationError"
+        health = f"Diagnostics.Modbus {address[0]}:{address[1]}"
+        assert (await rig.node(f"{health}.Connected").read_value()) is False
+        assert "connect" in (await rig.node(f"{health}.LastError").read_value())
         await rig.host.start_endpoint(address)
         dv = await rig.wait_good(unit.name, "LoadPower", timeout=15)
         assert dv.Value.Value > 0
+        await asyncio.sleep(1.2)
+        assert (await rig.node(f"{health}.Connected").read_value()) is True
+        assert (await rig.node(f"{health}.Reconnects").read_value()) >= 2
 
 
 async def test_role_below_operator_is_refused(tmp_path):
