@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from gateway.cli import CliError
 
-AVAILABLE = ("sim",)
+AVAILABLE = ("sim", "gateway")
 
 
 def cli_bench(args) -> int:
@@ -20,4 +20,10 @@ def cli_bench(args) -> int:
             json_path = args.json if len(which) == 1 else (args.json.with_name(f"{args.json.stem}-sim.json")
                                                            if args.json else None)
             sim.run(args.out, json_path, quick=args.quick)
+        elif w == "gateway":
+            from bench import gateway
+
+            json_path = args.json if len(which) == 1 else (args.json.with_name(f"{args.json.stem}-gateway.json")
+                                                           if args.json else None)
+            gateway.run(args.out, json_path, quick=args.quick)
     return 0

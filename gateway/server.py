@@ -170,7 +170,7 @@ class GatewayServer:
         site_node = self.server.get_node(self.model.site_node)
         folder = await site_node.add_folder(ua.NodeId("Diagnostics", ns), ua.QualifiedName("Diagnostics", ns))
         for h in self.health():
-            key = f"Modbus {h.host}:{h.port}"
+            key = f"Modbus {h.label}"
             obj = await folder.add_object(ua.NodeId(f"Diagnostics.{key}", ns), ua.QualifiedName(key, ns))
             for name, vt, description in self.HEALTH_VARS:
                 var = await obj.add_variable(ua.NodeId(f"Diagnostics.{key}.{name}", ns), ua.QualifiedName(name, ns),
@@ -185,7 +185,7 @@ class GatewayServer:
             updates = []
             now = datetime.now(timezone.utc)
             for h in self.health():
-                key = f"Modbus {h.host}:{h.port}"
+                key = f"Modbus {h.label}"
                 values = {"Connected": h.connected, "LastError": h.last_error, "PollDuration": h.poll_duration_ms,
                           "Overruns": h.overruns, "Reconnects": h.reconnects, "Devices": h.devices}
                 for name, value in values.items():

@@ -34,6 +34,11 @@ logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
 BACKOFF_INITIAL_S = 0.25
 BACKOFF_MAX_S = 5.0
 REQUEST_TIMEOUT_S = 1.0
+# One TCP connection carries one request at a time. Behind a busy endpoint (a Modbus gateway
+# with many unit ids) the driver opens up to this many connections and splits the devices
+# between them, so round trips overlap; most Modbus TCP servers accept 4 or more clients.
+DEVICES_PER_CONNECTION = 32
+MAX_CONNECTIONS_PER_ENDPOINT = 4
 
 # Modbus exception codes (Modbus Application Protocol v1.1b3, section 7)
 ILLEGAL_DATA_ADDRESS = 0x02
@@ -86,6 +91,7 @@ class ConnectionHealth:
     reconnects: int = 0
     devices: int = 0
     errors: int = 0
+    label: str = ""
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -108,14 +114,15 @@ class ModbusConnection:
     """One TCP connection and the devices behind it."""
 
     def __init__(self, host: str, port: int, devices: list[DeviceBinding], table: PointTable,
-                 stale_time_s: float, timeout_s: float = REQUEST_TIMEOUT_S):
+                 stale_time_s: float, timeout_s: float = REQUEST_TIMEOUT_S, label: str | None = None):
         self.host, self.port = host, port
+        self.label = label or f"{host}:{port}"
         self.devices = devices
         self.by_name = {d.name: d for d in devices}
         self.table = table
         self.stale_time_s = stale_time_s
         self.timeout_s = timeout_s
-        self.health = ConnectionHealth(host, port, devices=len(devices))
+        self.health = ConnectionHealth(host, port, devices=len(devices), label=self.label)
         self._client: AsyncModbusTcpClient | None = None
         self._lock = asyncio.Lock()  # commands and polls share the connection, one request at a time
         self._task: asyncio.Task | None = None
@@ -303,7 +310,7 @@ class ModbusDriver:
 
     site: Site
     table: PointTable
-    connections: dict[tuple[str, int], ModbusConnection] = field(default_factory=dict)
+    connections: dict[tuple[str, int, int], ModbusConnection] = field(default_factory=dict)
     device_connection: dict[str, ModbusConnection] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -319,11 +326,14 @@ class ModbusDriver:
             groups.setdefault((ep.host, ep.port), []).append(binding)
             self.table.define(name, [p.name for p in POINTS[kind]])
         for (host, port), devices in groups.items():
-            # stagger the devices over the period so one connection's requests spread out evenly
-            conn = ModbusConnection(host, port, devices, self.table, self.site.gateway.stale_time_s)
-            self.connections[(host, port)] = conn
-            for d in devices:
-                self.device_connection[d.name] = conn
+            n = min(MAX_CONNECTIONS_PER_ENDPOINT, max(1, -(-len(devices) // DEVICES_PER_CONNECTION)))
+            for k in range(n):
+                share = devices[k::n]
+                label = f"{host}:{port}" + (f" #{k + 1}" if n > 1 else "")
+                conn = ModbusConnection(host, port, share, self.table, self.site.gateway.stale_time_s, label=label)
+                self.connections[(host, port, k)] = conn
+                for d in share:
+                    self.device_connection[d.name] = conn
 
     async def start(self) -> None:
         for conn in self.connections.values():

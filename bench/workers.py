@@ -1,0 +1,101 @@
+"""Processes of `cmcs bench gateway`: the device simulators, and a gateway (ours or the naive one).
+
+    python -m bench.workers sim SITE_FILE
+    python -m bench.workers gateway SITE_FILE --mode ours|naive --port PORT --data-dir DIR
+
+Each prints one JSON line when it is ready, and one when it stops (on SIGTERM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+
+async def _until_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def _sim(site_file: str) -> None:
+    from simulator.endpoints import SimulatorHost
+    from siteconfig.loader import load_site
+
+    host = SimulatorHost(load_site(site_file))
+    await host.start()
+    wall0 = time.time() - host.plant_time_now() / host.speed
+    print(json.dumps({"ready": True, "wall0": wall0, "speed": host.speed}), flush=True)
+    await _until_signal()
+    print(json.dumps({"stopped": True, "clock_overruns": host.overruns}), flush=True)
+    await host.stop()
+
+
+async def _gateway(site_file: str, mode: str, port: int, data_dir: str) -> None:
+    from siteconfig.loader import load_site
+
+    site = load_site(site_file)
+    t0 = time.time()
+    if mode == "ours":
+        from gateway.app import Gateway
+
+        gw = Gateway(site, Path(data_dir), opcua_port=port, opcua_host="127.0.0.1")
+        await gw.start()
+        driver, stop = gw.driver, gw.stop
+    else:
+        from bench.naive_server import NaiveServer
+        from drivers.modbus.driver import ModbusDriver
+        from drivers.pointtable import PointTable
+        from gateway.commands import AuditLog, CommandService
+
+        table = PointTable()
+        driver = ModbusDriver(site, table)
+        commands = CommandService(site, table, driver, AuditLog(Path(data_dir) / "audit.log"))
+        naive = NaiveServer(site, table, commands, "127.0.0.1", port)
+        await driver.start()
+        await naive.start()
+
+        async def stop():
+            await naive.stop()
+            await driver.stop()
+    def report(**extra) -> None:
+        health = driver.health()
+        print(json.dumps({**extra, "poll_overruns": sum(h.overruns for h in health),
+                          "polls": sum(h.polls for h in health), "errors": sum(h.errors for h in health),
+                          "max_poll_ms": max((h.poll_duration_ms for h in health), default=0.0)}), flush=True)
+
+    print(json.dumps({"ready": True, "build_s": time.time() - t0}), flush=True)
+    # SIGUSR1: print the driver health now (the benchmark brackets its window with it)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, lambda: report(snapshot=True))
+    await _until_signal()
+    report(stopped=True)
+    await stop()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.workers")
+    p.add_argument("role", choices=["sim", "gateway"])
+    p.add_argument("site")
+    p.add_argument("--mode", choices=["ours", "naive"], default="ours")
+    p.add_argument("--port", type=int, default=4840)
+    p.add_argument("--data-dir", default="/tmp/cmcs-bench")
+    a = p.parse_args(argv)
+    import logging
+
+    logging.basicConfig(level=logging.ERROR)
+    if a.role == "sim":
+        asyncio.run(_sim(a.site))
+    else:
+        asyncio.run(_gateway(a.site, a.mode, a.port, a.data_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
