@@ -245,7 +245,8 @@ class CommandService:
         if confirmed is None:
             return CommandOutcome(SC.BadTimeout, reason=f"{unit} did not confirm ActiveSource={target}")
         self._transfer_count[unit] = confirmed.get("TransferCount", self._transfer_count.get(unit))
-        transfer_ms = float(confirmed.get("CommandReturn") or confirmed.get("LastTransferTime") or 0.0)
+        # the register is a float32: round away its 1e-7 noise (4.2 ms arrives as 4.19999981)
+        transfer_ms = round(float(confirmed.get("CommandReturn") or confirmed.get("LastTransferTime") or 0.0), 3)
         return CommandOutcome(SC.Good, [transfer_ms])
 
     async def _set_preferred(self, unit: str, Source) -> CommandOutcome:
