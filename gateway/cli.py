@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scenario", type=Path, help="scenario file to replay in real time (default: a quiet day)")
     p.add_argument("--list", action="store_true", help="print one line per device: name, host, port, unit id, profile")
     p.add_argument("--speed", type=float, default=1.0, help="plant time per wall-clock time (default 1.0 = real time)")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the plant")
+    p.add_argument("--seed", type=int, default=None, help="random seed of the plant (default: the scenario's, else 0)")
     p.set_defaults(handler="simulator.serve:cli_simulate")
 
     p = sub.add_parser("config", help="site files: check, generate")

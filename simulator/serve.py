@@ -34,9 +34,9 @@ def cli_simulate(args: argparse.Namespace) -> int:
         if not speed > 0:
             raise _BadInput(f"--speed must be > 0, got {speed:g}")
         scenario = _load_scenario(getattr(args, "scenario", None), site)
-        seed = getattr(args, "seed", 0)
-        if scenario is not None and not seed:
-            seed = None  # the scenario's own seed, unless one is given
+        seed = getattr(args, "seed", None)
+        if seed is None and scenario is None:
+            seed = 0  # a quiet day, seed 0; with a scenario, its own seed unless one is given
         return asyncio.run(_serve(site, scenario, speed, seed))
     except _BadInput as exc:
         print(f"cmcs simulate: error: {exc}", file=sys.stderr)
