@@ -276,11 +276,15 @@ def _on_bench_ports(site):
     import dataclasses
 
     mapping: dict = {}
+    held: list[socket.socket] = []  # keep each probe bound until all are chosen: no port twice
 
     def moved(ep):
         key = (ep.host, ep.port)
         if key not in mapping:
-            mapping[key] = _free_port()
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            held.append(s)
+            mapping[key] = s.getsockname()[1]
         return dataclasses.replace(ep, port=mapping[key])
 
     sources = tuple(dataclasses.replace(s, device=moved(s.device)) for s in site.sources)
@@ -288,6 +292,8 @@ def _on_bench_ports(site):
         a, pdbs=tuple(dataclasses.replace(p, device=moved(p.device)) for p in a.pdbs),
         units=tuple(dataclasses.replace(u, device=moved(u.device), storage=dataclasses.replace(
             u.storage, device=moved(u.storage.device)) if u.storage else None) for u in a.units)) for a in site.aisles)
+    for s in held:
+        s.close()
     return dataclasses.replace(site, sources=sources, aisles=aisles)
 
 
