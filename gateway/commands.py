@@ -32,15 +32,13 @@ from asyncua import ua
 from drivers.modbus.driver import (DeviceRefused, DeviceRejectedArgument, DeviceUnreachable,
                                    DeviceError)
 from drivers.pointtable import Change, PointTable, Quality
-from siteconfig.model import AtsState, Site, SourceSelection, StorageMode
+from siteconfig.interlocks import Verdict, check_preferred, check_start_bridging, check_switch, selection
+from siteconfig.model import AtsState, Site, StorageMode
 
 log = logging.getLogger(__name__)
 
 SC = ua.StatusCodes
-# ITIC steady-state band: a source outside it is "out of tolerance" (DOMAIN.md)
-TOLERANCE_LOW_PU, TOLERANCE_HIGH_PU = 0.90, 1.10
 CONFIRM_TIMEOUT_S = 1.0
-MAX_BRIDGE_DURATION_S = 3600.0
 
 # Which role may call what (INTERFACE.md section 4); the security layer supplies the caller's role.
 ROLE_RANK = {"Viewer": 0, "Operator": 1, "Engineer": 2, "Admin": 3}
@@ -170,74 +168,35 @@ class CommandService:
             return None
         return {p: self.table.get(device, p).value for p in self.table.points(device)}
 
-    def _source_ok(self, unit_values: dict, target: int) -> tuple[bool, str]:
-        source = self.source_of[target]
-        src = self._fresh(source.name)
-        if src is None:
-            return False, f"{source.name} data not fresh"
-        if not src["Available"]:
-            return False, f"{source.name} unavailable"
-        volts = unit_values["SourceAVoltage" if target == 1 else "SourceBVoltage"]
-        pu = volts / self.v_nominal
-        if not (TOLERANCE_LOW_PU <= pu <= TOLERANCE_HIGH_PU):
-            return False, f"{source.name} at the unit is {volts:.0f} V ({pu:.0%} of nominal), out of tolerance"
-        return True, ""
-
-    def _derating_check(self, unit: str, values: dict, target: int) -> tuple[bool, str]:
-        """Would moving this unit's grid draw push the target source or PDB segment past 80 %?"""
-        cfg = self.units[unit]
-        storage = self._fresh(cfg.storage.name) if cfg.storage else None
-        draw_kw = values["LoadPower"] - (storage["ActivePower"] if storage else 0.0)
-        source = self.source_of[target]
-        src = self._fresh(source.name)
-        limit_kw = self.derating * src["RatedPower"]
-        if src["ActivePower"] + draw_kw > limit_kw:
-            return False, (f"{source.name} would carry {src['ActivePower'] + draw_kw:.1f} kW, over "
-                           f"{self.derating:.0%} of its {src['RatedPower']:.0f} kW rating")
-        pdb_name = self.pdb_of[(cfg.aisle, target)]
-        pdb = self._fresh(pdb_name)
-        if pdb is None:
-            return False, f"{pdb_name} data not fresh"
-        limit_a = self.derating * pdb["RatedCurrent"]
-        if pdb["Current"] + values["LoadCurrent"] > limit_a:
-            return False, (f"{pdb_name} would carry {pdb['Current'] + values['LoadCurrent']:.1f} A, over "
-                           f"{self.derating:.0%} of its {pdb['RatedCurrent']:.0f} A rating")
-        return True, ""
-
     @staticmethod
-    def _selection(value) -> int | None:
-        try:
-            v = int(value)
-        except (TypeError, ValueError):
-            return None
-        return v if v == value else None
+    def _refused(verdict: Verdict) -> CommandOutcome:
+        return CommandOutcome(getattr(SC, verdict.status), reason=verdict.reason)
 
     # ---- bodies -------------------------------------------------------------------------------------------
     async def _switch_source(self, unit: str, Target) -> CommandOutcome:
         if unit not in self.units:
             return CommandOutcome(SC.BadNodeIdUnknown, reason=f"no micro-ATS {unit}")
-        target = self._selection(Target)
-        if target is None:
-            return CommandOutcome(SC.BadInvalidArgument, reason=f"Target {Target!r} is not a SourceSelection")
-        if target not in (SourceSelection.SOURCE_A, SourceSelection.SOURCE_B):
-            return CommandOutcome(SC.BadOutOfRange, reason=f"Target {target} is not SourceA (1) or SourceB (2)")
+        target = selection(Target)
+        if target not in (1, 2):  # argument errors come before anything else
+            return self._refused(check_preferred({"State": AtsState.NORMAL}, Target))
         values = self._fresh(unit)
         if values is None:
             return CommandOutcome(SC.BadCommunicationError, reason=f"{unit} not reachable (data not Good)")
-        if values["State"] in (AtsState.FAULT, AtsState.OFFLINE):
-            return CommandOutcome(SC.BadInvalidState, reason=f"{unit} is {AtsState(values['State']).name}")
-        ok, why = self._source_ok(values, target)
-        if not ok:
-            return CommandOutcome(SC.BadInvalidState, reason=why)
+        cfg = self.units[unit]
+        source_name = self.source_of[target].name
+        pdb_name = self.pdb_of[(cfg.aisle, target)]
+        source, pdb = self._fresh(source_name), self._fresh(pdb_name)
+        if source is None or pdb is None:
+            return CommandOutcome(SC.BadInvalidState, reason=f"{source_name if source is None else pdb_name} data not Good")
+        storage = self._fresh(cfg.storage.name) if cfg.storage else None
+        verdict = check_switch(values, target, source=source, pdb=pdb, storage=storage,
+                               nominal_voltage_v=self.v_nominal, derating=self.derating,
+                               since_last_transfer_s=self.clock() - self._last_transfer.get(unit, -1e18),
+                               dwell_time_s=self.dwell_time_s)
+        if not verdict.ok:
+            return self._refused(verdict)
         if values["ActiveSource"] == target:
             return CommandOutcome(SC.Good, [0.0], reason="already on the target source")
-        since = self.clock() - self._last_transfer.get(unit, -1e18)
-        if since < self.dwell_time_s:
-            return CommandOutcome(SC.BadTooManyOperations,
-                                  reason=f"last transfer {since:.1f} s ago, dwell time {self.dwell_time_s:g} s")
-        ok, why = self._derating_check(unit, values, target)
-        if not ok:
-            return CommandOutcome(SC.BadRequestNotAllowed, reason=why)
         conn = self.driver.connection(unit)
         await conn.write_command(unit, "SwitchSource", Target=target)
         self._last_transfer[unit] = self.clock()
@@ -252,16 +211,15 @@ class CommandService:
     async def _set_preferred(self, unit: str, Source) -> CommandOutcome:
         if unit not in self.units:
             return CommandOutcome(SC.BadNodeIdUnknown, reason=f"no micro-ATS {unit}")
-        source = self._selection(Source)
-        if source is None:
-            return CommandOutcome(SC.BadInvalidArgument, reason=f"Source {Source!r} is not a SourceSelection")
-        if source not in (1, 2):
-            return CommandOutcome(SC.BadOutOfRange, reason=f"Source {source} is not SourceA (1) or SourceB (2)")
+        if selection(Source) not in (1, 2):
+            return self._refused(check_preferred({"State": AtsState.NORMAL}, Source))
         values = self._fresh(unit)
         if values is None:
             return CommandOutcome(SC.BadCommunicationError, reason=f"{unit} not reachable (data not Good)")
-        if values["State"] in (AtsState.FAULT, AtsState.OFFLINE):
-            return CommandOutcome(SC.BadInvalidState, reason=f"{unit} is {AtsState(values['State']).name}")
+        verdict = check_preferred(values, Source)
+        if not verdict.ok:
+            return self._refused(verdict)
+        source = selection(Source)
         await self.driver.connection(unit).write_command(unit, "SetPreferredSource", Source=source)
         if await self._confirm(unit, lambda v: v["PreferredSource"] == source) is None:
             return CommandOutcome(SC.BadTimeout, reason=f"{unit} did not confirm PreferredSource={source}")
@@ -270,24 +228,20 @@ class CommandService:
     async def _start_bridging(self, storage: str, Power, Duration) -> CommandOutcome:
         if storage not in self.storages:
             return CommandOutcome(SC.BadNodeIdUnknown, reason=f"no DES unit {storage}")
-        try:
-            power, duration = float(Power), float(Duration)
-        except (TypeError, ValueError):
-            return CommandOutcome(SC.BadInvalidArgument, reason="Power and Duration must be numbers")
+        rated = self.storages[storage].storage.max_power_kw
+        # argument errors first: checked against a healthy, full storage
+        verdict = check_start_bridging({"Mode": StorageMode.STANDBY, "MaxDischargePower": rated}, Power, Duration,
+                                       rated_power_kw=rated)
+        if not verdict.ok:
+            return self._refused(verdict)
         values = self._fresh(storage)
         if values is None:
             return CommandOutcome(SC.BadCommunicationError, reason=f"{storage} not reachable (data not Good)")
-        if not (0.0 < duration <= MAX_BRIDGE_DURATION_S):
-            return CommandOutcome(SC.BadOutOfRange, reason=f"Duration {duration:g} s outside (0, {MAX_BRIDGE_DURATION_S:g}]")
-        if values["Mode"] == StorageMode.FAULT:
-            return CommandOutcome(SC.BadInvalidState, reason=f"{storage} is in Fault")
-        rated = self.storages[storage].storage.max_power_kw
-        if not (0.0 < power <= rated):
-            return CommandOutcome(SC.BadOutOfRange, reason=f"Power {power:g} kW outside (0, {rated:g}]")
-        if power > values["MaxDischargePower"]:
-            return CommandOutcome(SC.BadInvalidState,
-                                  reason=f"{storage} can give {values['MaxDischargePower']:.1f} kW now, {power:g} asked")
-        await self.driver.connection(storage).write_command(storage, "StartBridging", Power=power, Duration=duration)
+        verdict = check_start_bridging(values, Power, Duration, rated_power_kw=rated)
+        if not verdict.ok:
+            return self._refused(verdict)
+        await self.driver.connection(storage).write_command(storage, "StartBridging", Power=float(Power),
+                                                            Duration=float(Duration))
         if await self._confirm(storage, lambda v: v["Mode"] == StorageMode.BRIDGING) is None:
             return CommandOutcome(SC.BadTimeout, reason=f"{storage} did not confirm Bridging")
         return CommandOutcome(SC.Good)

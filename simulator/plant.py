@@ -235,7 +235,7 @@ class Plant:
             raise ValueError(f"{command} needs {', '.join(sorted(missing))}")
         handler = getattr(self, f"_cmd_{command}")
         result = handler(self.t_s, i, **args)
-        self._snapshot_cache = None
+        self._compute()  # what the command changed (a transfer, a DES set-point) shows at once
         return result
 
     @property

@@ -13,6 +13,7 @@ import pytest
 from asyncua import Client, ua
 
 from gateway.app import Gateway
+from gateway.users import set_user
 from simulator.endpoints import SimulatorHost
 from simulator.scenario import Fault, Scenario
 from siteconfig.demo import demo_site
@@ -21,11 +22,14 @@ from siteconfig.model import AtsState
 from .conftest import free_port, relocate_site
 
 NS_URI = "urn:cmcs-gateway:site:demo-hall"
+RIG_PASSWORD = "rig-password"
 
 
 def fast_site(**gateway_overrides):
     site = relocate_site(demo_site())
-    gw = dataclasses.replace(site.gateway, stale_time_s=3.0, **gateway_overrides)
+    # these tests are about the plant and the interlocks: the plain None endpoint (security: test_security.py)
+    opcua = dataclasses.replace(site.gateway.opcua, allow_security_none=True)
+    gw = dataclasses.replace(site.gateway, stale_time_s=3.0, opcua=opcua, **gateway_overrides)
     return dataclasses.replace(site, gateway=gw)
 
 
@@ -38,6 +42,9 @@ class Rig:
         self.port = free_port()
         self.gateway = Gateway(site, tmp_path, opcua_port=self.port, opcua_host="127.0.0.1")
         self.client = Client(f"opc.tcp://127.0.0.1:{self.port}/cmcs", timeout=10)
+        set_user(tmp_path, "rig", "Admin", password=RIG_PASSWORD)  # anonymous is only a Viewer
+        self.client.set_user("rig")
+        self.client.set_password(RIG_PASSWORD)
         self.ns = 0
 
     async def __aenter__(self):
@@ -137,7 +144,9 @@ async def test_bridging_start_and_stop(tmp_path):
         des = rig.site.units[1].storage.name
         await rig.call(des, "StartBridging", dbl(3.0), dbl(120.0))
         assert (await rig.read(des, "Mode")).Value.Value == 2  # Bridging
-        await asyncio.sleep(1.5)
+        deadline = time.monotonic() + 10
+        while abs((await rig.read(des, "ActivePower")).Value.Value - 3.0) > 0.05 and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
         assert (await rig.read(des, "ActivePower")).Value.Value == pytest.approx(3.0, abs=0.05)
         await rig.call(des, "StopBridging")
         assert (await rig.read(des, "Mode")).Value.Value != 2
