@@ -7,6 +7,11 @@ the devices at that address, with the register map of each device's profile
 with wall-clock time * speed every `tick_s` (100 ms), so a value is never older than a tick.
 A write covering a command block calls `plant.command(...)`.
 
+An endpoint whose devices use driver "modbus-tls" is served over Modbus/TCP Security instead
+(pymodbus ModbusTlsServer): TLS 1.2 or later with the device's own certificate
+(device.tls.server_cert/server_key in the site file) and client certificates REQUIRED, checked
+against device.tls.client_ca (default: device.tls.ca); a client without one is refused.
+
 pymodbus 3.16 hooks used: `SimDevice(action=...)`, called on every access to a device's
 registers before pymodbus answers; the action refreshes the registers in place (reads) or
 executes a command and may return a Modbus exception code (writes).
@@ -26,12 +31,13 @@ import logging
 import math
 import os
 import socket
+import ssl
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from pymodbus.constants import ExcCodes
-from pymodbus.server import ModbusTcpServer
+from pymodbus.server import ModbusTcpServer, ModbusTlsServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from siteconfig.model import DeviceEndpoint, Site
@@ -269,11 +275,13 @@ class _UnknownUnit:
 
 
 class Endpoint:
-    """One Modbus TCP server at (host, port), answering for its devices' unit ids."""
+    """One Modbus TCP server at (host, port), answering for its devices' unit ids; TLS with `sslctx`."""
 
-    def __init__(self, address: tuple[str, int], devices: Iterable[SimulatedDevice]):
+    def __init__(self, address: tuple[str, int], devices: Iterable[SimulatedDevice],
+                 sslctx: ssl.SSLContext | None = None):
         self.address = address
         self.devices: dict[int, SimulatedDevice] = {d.unit_id: d for d in devices}
+        self.sslctx = sslctx
         self._server: ModbusTcpServer | None = None
 
     @property
@@ -297,7 +305,10 @@ class Endpoint:
             return
         for device in self.devices.values():
             device.power_up()
-        server = ModbusTcpServer(self._sim_devices(), address=self.address)
+        if self.sslctx is not None:
+            server = ModbusTlsServer(self._sim_devices(), address=self.address, sslctx=self.sslctx)
+        else:
+            server = ModbusTcpServer(self._sim_devices(), address=self.address)
         try:
             await server.serve_forever(background=True)
         except RuntimeError:
@@ -311,6 +322,35 @@ class Endpoint:
         server, self._server = self._server, None
         if server is not None:
             await server.shutdown()
+
+
+def _server_ssl_context(address: tuple[str, int], devices: list[SimulatedDevice]) -> ssl.SSLContext | None:
+    """The TLS context of an endpoint whose devices use modbus-tls, else None; ValueError if unusable."""
+    secure = [d for d in devices if d.endpoint.driver == "modbus-tls"]
+    if not secure:
+        return None
+    where = f"{address[0]}:{address[1]}"
+    if len(secure) != len(devices):
+        raise ValueError(f"{where}: mixes modbus-tls and plain devices; one endpoint is one TLS server or none")
+    # One listener presents one certificate: the devices behind it (unit ids of one Modbus
+    # gateway or one device) name the same files.
+    files = {(d.endpoint.tls_server_cert, d.endpoint.tls_server_key, d.endpoint.tls_client_ca or d.endpoint.tls_ca)
+             for d in devices}
+    if len(files) > 1:
+        raise ValueError(f"{where}: its devices name different tls.server_cert, server_key or client_ca")
+    cert, key, client_ca = files.pop()
+    if None in (cert, key, client_ca):
+        raise ValueError(f"{secure[0].name}: driver modbus-tls: simulating it needs tls.server_cert, "
+                         f"tls.server_key and tls.client_ca (or tls.ca)")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2  # MB-TCP-Security-v21 R-01: TLS 1.2 or later
+    ctx.verify_mode = ssl.CERT_REQUIRED  # mutual authentication: no trusted client certificate, no session
+    try:
+        ctx.load_cert_chain(cert, key)
+        ctx.load_verify_locations(cafile=client_ca)
+    except OSError as exc:  # ssl.SSLError, FileNotFoundError
+        raise ValueError(f"{where}: cannot load its TLS certificate, key or client CA: {exc}") from None
+    return ctx
 
 
 def _bind_problem(address: tuple[str, int]) -> str:
@@ -359,7 +399,8 @@ class SimulatorHost:
             if any(d.unit_id == endpoint.unit_id for d in by_address.get(address, ())):
                 raise ValueError(f"{name}: unit id {endpoint.unit_id} at {address[0]}:{address[1]} is taken")
             by_address.setdefault(address, []).append(device)
-        self.endpoints: dict[tuple[str, int], Endpoint] = {a: Endpoint(a, ds) for a, ds in by_address.items()}
+        self.endpoints: dict[tuple[str, int], Endpoint] = {
+            a: Endpoint(a, ds, _server_ssl_context(a, ds)) for a, ds in by_address.items()}
 
     def _layouts_of(self, profile: Profile) -> dict[str, _TableLayout]:
         if profile.name not in self._profile_layouts:
@@ -447,5 +488,7 @@ class SimulatorHost:
         ports = sorted({p for _, p in self.endpoints})
         hosts = sorted({h for h, _ in self.endpoints})
         port_text = f"{ports[0]}-{ports[-1]}" if len(ports) > 1 else str(ports[0]) if ports else "-"
+        secure = sum(e.sslctx is not None for e in self.endpoints.values())
+        tls_text = f", {secure} of them Modbus/TCP Security (TLS)" if secure else ""
         return (f"site '{self.site.name}': {len(self.devices)} devices on {len(self.endpoints)} Modbus TCP "
-                f"endpoints ({', '.join(hosts)} ports {port_text}), plant speed x{self.speed:g}")
+                f"endpoints ({', '.join(hosts)} ports {port_text}{tls_text}), plant speed x{self.speed:g}")

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from siteconfig.loader import NAME_PATTERN
+from siteconfig.loader import NAME_PATTERN, TLS_FIELDS
 from siteconfig.model import (
     SOURCE_NAMES,
     AisleConfig,
@@ -233,10 +233,10 @@ def _unit_dict(unit: MicroAtsConfig, shared: dict[str, Any]) -> dict[str, Any]:
 
 
 def _device_dict(device: DeviceEndpoint, shared: dict[str, Any]) -> dict[str, Any]:
+    tls = {key: getattr(device, field) for key, field in TLS_FIELDS.items() if getattr(device, field) is not None}
     entry = {
         "driver": device.driver, "host": device.host, "port": device.port, "unit_id": device.unit_id,
-        "profile": device.profile, "scan_group": device.scan_group,
-        "tls_cert": device.tls_cert, "tls_key": device.tls_key, "tls_ca": device.tls_ca,
+        "profile": device.profile, "scan_group": device.scan_group, "tls": tls or None,
     }
     # Leave out what `defaults.device` already says and what the loader fills in anyway.
     return {key: value for key, value in entry.items()

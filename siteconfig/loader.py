@@ -8,6 +8,8 @@ file, the line and the key, and nothing is returned unless the whole file is sou
 from __future__ import annotations
 
 import dataclasses
+import os
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,7 @@ from siteconfig.yamlpos import (
     read_file_text,
 )
 
-__all__ = ["DEFAULT_PROFILES_DIR", "DRIVERS", "NAME_PATTERN", "load_site", "parse_site"]
+__all__ = ["DEFAULT_PROFILES_DIR", "DRIVERS", "NAME_PATTERN", "TLS_FIELDS", "load_site", "parse_site"]
 
 DEFAULT_PROFILES_DIR = Path(__file__).resolve().parent.parent / "drivers" / "profiles"
 
@@ -51,7 +53,13 @@ _TOP_KEYS = ("site", "gateway", "defaults", "sources", "aisles")
 _SITE_KEYS = ("name", "nominal_voltage_v", "frequency_hz")
 _GATEWAY_KEYS = ("opcua", "scan_groups_s", "stale_time_s", "dwell_time_s", "derating")
 _OPCUA_KEYS = ("host", "port", "path", "allow_security_none", "allow_anonymous")
-_DEVICE_KEYS = ("driver", "profile", "host", "port", "unit_id", "scan_group", "tls_cert", "tls_key", "tls_ca")
+_DEVICE_KEYS = ("driver", "profile", "host", "port", "unit_id", "scan_group", "tls")
+# device.tls key -> DeviceEndpoint field. cert, key, ca: the gateway's client certificate and key and
+# the CA that signs device certificates (needed by driver modbus-tls); server_cert, server_key,
+# client_ca: the device's own, read only by the simulator.
+TLS_FIELDS = {"cert": "tls_cert", "key": "tls_key", "ca": "tls_ca", "server_cert": "tls_server_cert",
+               "server_key": "tls_server_key", "client_ca": "tls_client_ca"}
+_TLS_GATEWAY_KEYS = ("cert", "key", "ca")
 _SOURCE_KEYS = ("name", "rated_power_kw", "backup", "device")
 _AISLE_KEYS = ("name", "pdbs", "units")
 _PDB_KEYS = ("name", "feed", "rated_current_a", "joints_per_phase", "device")
@@ -61,23 +69,29 @@ _STORAGE_KEYS = ("name", "capacity_kwh", "max_power_kw", "soc_min_pct", "soc_max
 
 
 def load_site(path: str | Path, *, profiles_dir: Path | None = DEFAULT_PROFILES_DIR) -> Site:
-    """Read and validate a site file; raises ConfigErrors listing every problem."""
+    """Read and validate a site file; raises ConfigErrors listing every problem.
+
+    TLS file paths are relative to the site file's folder; they come back absolute.
+    """
     try:
         text = read_file_text(path)
     except ConfigError as exc:
         raise ConfigErrors([exc]) from None
-    return dataclasses.replace(parse_site(text, str(path), profiles_dir=profiles_dir), path=str(path))
+    site = parse_site(text, str(path), profiles_dir=profiles_dir, base_dir=Path(path).parent.absolute())
+    return dataclasses.replace(site, path=str(path))
 
 
-def parse_site(text: str, filename: str = "<site>", *, profiles_dir: Path | None = DEFAULT_PROFILES_DIR) -> Site:
+def parse_site(text: str, filename: str = "<site>", *, profiles_dir: Path | None = DEFAULT_PROFILES_DIR,
+               base_dir: Path | None = None) -> Site:
     """Validate site-file text (errors name `filename`); raises ConfigErrors listing every problem.
 
     Profiles are checked against `profiles_dir/<profile>.yaml` when that folder holds any
-    profile; pass None to skip the check.
+    profile; pass None to skip the check. TLS files are resolved against `base_dir` and checked
+    (present, PEM, key matching its certificate); with no base_dir they are kept as written.
     """
     errors = ErrorCollector(filename)
     top = read_document(text, errors, "a mapping with keys site, sources, aisles")
-    site = _SiteReader(_known_profiles(profiles_dir)).read(top) if top is not None else None
+    site = _SiteReader(_known_profiles(profiles_dir), base_dir).read(top) if top is not None else None
     errors.raise_if_any()
     assert site is not None  # no errors means the whole file was read
     return site
@@ -93,8 +107,11 @@ def _known_profiles(profiles_dir: Path | None) -> set[str] | None:
 class _SiteReader:
     """One pass over a site file, holding what cross-checks need (names, addresses, scan groups)."""
 
-    def __init__(self, profiles: set[str] | None):
+    def __init__(self, profiles: set[str] | None, base_dir: Path | None = None):
         self.profiles = profiles
+        self.base_dir = base_dir
+        self.pem_checked: set[tuple[str, ...]] = set()  # TLS file sets already checked (and reported)
+        self.endpoint_security: dict[tuple[str, int], tuple[tuple, str, int]] = {}  # -> (settings, device, line)
         self.scan_groups: set[str] = set()
         self.device_defaults: dict[str, Any] = {}
         self.names: dict[str, tuple[int, str]] = {}  # name -> (line, key path) of its first use
@@ -194,14 +211,92 @@ class _SiteReader:
             "port": lambda d: r.integer("port", d, ge=1, le=65535),
             "unit_id": lambda d: r.integer("unit_id", d, ge=MODBUS_UNIT_IDS[0], le=MODBUS_UNIT_IDS[1]),
             "scan_group": lambda d: self._scan_group(r, d),
-            "tls_cert": lambda d: r.string("tls_cert", d),
-            "tls_key": lambda d: r.string("tls_key", d),
-            "tls_ca": lambda d: r.string("tls_ca", d),
         }
         builtin = {"driver": REQUIRED, "profile": REQUIRED, "host": "127.0.0.1", "port": REQUIRED,
-                   "unit_id": 1, "scan_group": "normal", "tls_cert": None, "tls_key": None, "tls_ca": None}
-        return {key: read(inherited.get(key, builtin[key]))
-                for key, read in readers.items() if not only_present or key in r}
+                   "unit_id": 1, "scan_group": "normal"}
+        fields = {key: read(inherited.get(key, builtin[key]))
+                  for key, read in readers.items() if not only_present or key in r}
+        tls, broken = self._tls_fields(r, inherited, only_present, fields)
+        if not only_present:
+            self._check_tls_for_driver(r, tls, broken, fields)
+        return fields
+
+    def _tls_fields(self, r: MapReader, inherited: dict[str, Any], only_present: bool,
+                    fields: dict[str, Any]) -> tuple[MapReader | None, set[str]]:
+        """Add the device.tls paths (own, else inherited from defaults) to `fields`.
+
+        Returns the tls reader and the keys given but unusable (reported already, so not as missing).
+        """
+        tls = r.mapping("tls")
+        broken: set[str] = set()
+        if tls is not None:
+            tls.reject_unknown(TLS_FIELDS)
+        for key, field in TLS_FIELDS.items():
+            if tls is not None and key in tls:
+                fields[field] = self._tls_file(tls, key)
+                if fields[field] is None:
+                    broken.add(key)
+            elif not only_present:
+                fields[field] = inherited.get(field)
+        if tls is not None:
+            self._check_pem(tls, fields)
+        return tls, broken
+
+    @staticmethod
+    def _check_tls_for_driver(r: MapReader, tls: MapReader | None, broken: set[str], fields: dict[str, Any]) -> None:
+        """modbus-tls needs the gateway's cert, key and CA; other drivers take no tls (defaults do not apply)."""
+        driver = fields["driver"]
+        if driver == "modbus-tls":
+            missing = [k for k in _TLS_GATEWAY_KEYS if fields[TLS_FIELDS[k]] is None and k not in broken]
+            if missing:
+                what = ", ".join(f"tls.{k}" for k in missing)
+                message = (f"driver modbus-tls needs {what} (the gateway's client certificate, its private key "
+                           f"and the CA that signs device certificates)")
+                r.error(message, "tls" if tls is not None else "driver")
+        elif driver is not None:
+            if tls is not None:
+                r.error(f"only used with driver modbus-tls (this device's driver is '{driver}')", "tls")
+            for field in TLS_FIELDS.values():
+                fields[field] = None
+
+    def _tls_file(self, tls: MapReader, key: str) -> str | None:
+        """A PEM file path, absolute and checked to exist when the site file's folder is known."""
+        path = tls.string(key)
+        if path is None or self.base_dir is None:
+            return path
+        resolved = os.path.normpath(self.base_dir / Path(path).expanduser())
+        if not os.path.isfile(resolved):
+            tls.error(f"file not found: {resolved}" if not os.path.exists(resolved)
+                      else f"not a file: {resolved}", key)
+            return None
+        if not os.access(resolved, os.R_OK):
+            tls.error(f"cannot read {resolved} (permissions)", key)
+            return None
+        return resolved
+
+    def _check_pem(self, tls: MapReader, fields: dict[str, Any]) -> None:
+        """Certificates, keys and CAs load (stdlib ssl), each key matching its certificate; once per file set."""
+        if self.base_dir is None:
+            return
+        pairs = (("cert", "key"), ("server_cert", "server_key"))
+        for cert_key, key_key in pairs:
+            cert, key = fields.get(TLS_FIELDS[cert_key]), fields.get(TLS_FIELDS[key_key])
+            if cert and key and (cert, key) not in self.pem_checked:
+                self.pem_checked.add((cert, key))
+                try:
+                    ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(cert, key)
+                except (ssl.SSLError, OSError) as exc:
+                    where = key_key if key_key in tls else cert_key if cert_key in tls else None
+                    tls.error(f"{cert_key} and {key_key} are not a matching PEM certificate and private key "
+                              f"({_ssl_reason(exc)})", where)
+        for ca_key in ("ca", "client_ca"):
+            ca = fields.get(TLS_FIELDS[ca_key])
+            if ca and (ca,) not in self.pem_checked:
+                self.pem_checked.add((ca,))
+                try:
+                    ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=ca)
+                except (ssl.SSLError, OSError) as exc:
+                    tls.error(f"not a PEM CA certificate ({_ssl_reason(exc)})", ca_key if ca_key in tls else None)
 
     def _profile(self, r: MapReader, default: Any) -> str | None:
         profile = r.string("profile", default, pattern=NAME_PATTERN)
@@ -222,6 +317,7 @@ class _SiteReader:
         if r is None:
             return None
         fields = self._device_fields(r, self.device_defaults)
+        self._check_endpoint_security(r, owner_name or owner.key_path("device"), fields)
         address = (fields["host"], fields["port"], fields["unit_id"])
         if None not in address:
             if address in self.addresses:
@@ -231,6 +327,20 @@ class _SiteReader:
             else:
                 self.addresses[address] = (owner_name or owner.key_path("device"), r.line)
         return DeviceEndpoint(**fields)
+
+    def _check_endpoint_security(self, r: MapReader, name: str, fields: dict[str, Any]) -> None:
+        """Devices at one host:port are one TLS peer (one certificate) or one plain one: they must agree."""
+        if fields["driver"] not in ("modbus", "modbus-tls") or None in (fields["host"], fields["port"]):
+            return
+        endpoint = (fields["host"], fields["port"])
+        settings = (fields["driver"], *(fields[f] for f in TLS_FIELDS.values()))
+        if endpoint not in self.endpoint_security:
+            self.endpoint_security[endpoint] = (settings, name, r.line)
+            return
+        first, other, other_line = self.endpoint_security[endpoint]
+        if settings != first:
+            r.error(f"{endpoint[0]}:{endpoint[1]} is also the endpoint of {other} (line {other_line}) with another "
+                    f"driver or other tls files; devices sharing an address share one (TLS) connection")
 
     def _sources(self, top: MapReader, voltage_v: float | None, frequency_hz: float | None) -> tuple[SourceConfig, ...]:
         items = top.sequence("sources", required=True)
@@ -331,6 +441,12 @@ class _SiteReader:
             soc_max_pct=soc_max_pct,
             device=self._device(r, name),
         )
+
+
+def _ssl_reason(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLError):
+        return (exc.reason or str(exc)).lower().replace("_", " ")
+    return getattr(exc, "strerror", None) or str(exc)
 
 
 def _mapping_items(r: MapReader, key: str, what: str) -> list[MapReader | None]:

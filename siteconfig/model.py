@@ -54,10 +54,16 @@ class DeviceEndpoint:
     port: int = 1502
     unit_id: int = 1
     scan_group: str = "normal"
-    # Modbus/TCP Security (driver "modbus-tls"): paths to PEM files, filled in by issue 4.
+    # Modbus/TCP Security (driver "modbus-tls"): paths to PEM files. The gateway's side: its client
+    # certificate and key, and the CA that signs device certificates.
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_ca: str | None = None
+    # The device's side, used only to simulate it: its server certificate and key, and the CA it
+    # checks the gateway's certificate against (None: the same as tls_ca).
+    tls_server_cert: str | None = None
+    tls_server_key: str | None = None
+    tls_client_ca: str | None = None
 
 
 @dataclass(frozen=True)

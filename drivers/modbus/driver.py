@@ -8,6 +8,11 @@ dead device stalls only the devices behind the same connection, and only for its
 Quality per device: Good after a successful read; UncertainLastUsableValue as soon as a read
 fails; BadCommunicationError once the last good read is older than the stale time; Good again
 on recovery. Lost connections come back with bounded exponential backoff.
+
+Devices with driver "modbus-tls" are polled over Modbus/TCP Security (drivers/modbus/tls.py):
+TLS with mutual certificates, never falling back to plain TCP; a failed handshake is reported in
+the connection's health (LastError 'TLS: ...') and the devices go Uncertain then Bad like any
+unreachable device. Plain "modbus" devices still work and are warned about once at start-up.
 """
 
 from __future__ import annotations
@@ -15,12 +20,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import ssl
 import time
 from dataclasses import dataclass, field
 
-from pymodbus.client import AsyncModbusTcpClient
+from pymodbus.client import AsyncModbusTcpClient, AsyncModbusTlsClient
 from pymodbus.exceptions import ConnectionException, ModbusException
 
+from drivers.modbus import tls
 from drivers.pointtable import PointTable, Quality
 from siteconfig.model import DeviceEndpoint, Site
 from siteconfig.points import POINTS
@@ -44,6 +51,8 @@ MAX_CONNECTIONS_PER_ENDPOINT = 4
 ILLEGAL_DATA_ADDRESS = 0x02
 ILLEGAL_DATA_VALUE = 0x03
 SERVER_DEVICE_FAILURE = 0x04
+
+PLAIN_DEVICES_NAMED = 5  # the start-up warning names this many plain Modbus TCP devices
 
 
 class DeviceError(Exception):
@@ -92,6 +101,7 @@ class ConnectionHealth:
     devices: int = 0
     errors: int = 0
     label: str = ""
+    tls: str = ""  # the TLS session when connected over Modbus/TCP Security, e.g. 'TLSv1.3 TLS_AES_256_GCM_SHA384'
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -111,11 +121,13 @@ class _Backoff:
 
 
 class ModbusConnection:
-    """One TCP connection and the devices behind it."""
+    """One TCP connection (TLS when `sslctx` is given) and the devices behind it."""
 
     def __init__(self, host: str, port: int, devices: list[DeviceBinding], table: PointTable,
-                 stale_time_s: float, timeout_s: float = REQUEST_TIMEOUT_S, label: str | None = None):
+                 stale_time_s: float, timeout_s: float = REQUEST_TIMEOUT_S, label: str | None = None,
+                 sslctx: ssl.SSLContext | None = None):
         self.host, self.port = host, port
+        self.sslctx = sslctx
         self.label = label or f"{host}:{port}"
         self.devices = devices
         self.by_name = {d.name: d for d in devices}
@@ -128,6 +140,7 @@ class ModbusConnection:
         self._task: asyncio.Task | None = None
         self._backoff = _Backoff()
         self._stopping = False
+        self._tls_unproven = False  # a TLS session that has not carried an answer yet
 
     # ---- life cycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -151,11 +164,18 @@ class ModbusConnection:
                 pass
         self._client = None
         self.health.connected = False
+        self.health.tls = ""
 
     async def _connect(self) -> bool:
         self._close()
-        client = AsyncModbusTcpClient(self.host, port=self.port, timeout=self.timeout_s, retries=0,
-                                      reconnect_delay=0, name=f"{self.host}:{self.port}")
+        name = f"{self.host}:{self.port}"
+        if self.sslctx is not None:
+            client = AsyncModbusTlsClient(self.host, port=self.port, sslctx=self.sslctx, timeout=self.timeout_s,
+                                          retries=0, reconnect_delay=0, name=name)
+        else:
+            client = AsyncModbusTcpClient(self.host, port=self.port, timeout=self.timeout_s, retries=0,
+                                          reconnect_delay=0, name=name)
+        handshake_error = _capture_connect_error(client) if self.sslctx is not None else None
         try:
             ok = await asyncio.wait_for(client.connect(), timeout=self.timeout_s + 0.5)
         except (asyncio.TimeoutError, OSError) as exc:
@@ -163,10 +183,20 @@ class ModbusConnection:
             self.health.last_error = f"connect: {exc or 'timeout'}"
         if not ok:
             client.close()
+            if handshake_error:  # pymodbus returns False and keeps the reason: say it
+                exc = handshake_error[0]
+                self.health.last_error = (tls.describe_tls_error(exc) if tls.is_tls_failure(exc)
+                                          else f"connect: {exc.strerror or exc}" if isinstance(exc, OSError)
+                                          else f"connect: {exc}")
+            elif self.sslctx is not None:  # pymodbus timed it out: the TCP connect or the handshake
+                self.health.last_error = (f"connect: no TLS session within {self.timeout_s:g} s (unreachable, or "
+                                          f"not a Modbus/TCP Security endpoint?)")
             self.health.last_error = self.health.last_error or "connect refused"
             return False
         self._client = client
         self.health.connected = True
+        self.health.tls = tls.session_description(client.ctx.transport)
+        self._tls_unproven = self.sslctx is not None
         self.health.reconnects += 1
         self._backoff.reset()
         return True
@@ -189,12 +219,13 @@ class ModbusConnection:
                 try:
                     values = await self._read_device(dev)
                 except DeviceUnreachable as exc:
-                    self._device_failed(dev, str(exc))
+                    self._device_failed(dev, self._unreachable_reason(exc))
                     broken = True
                     break
                 except DeviceError as exc:
                     self._device_failed(dev, str(exc))
                     continue
+                self._tls_unproven = False
                 wall = time.time()
                 self.table.update_device(dev.name, values, wall)
                 dev.last_good, dev.good = time.monotonic(), True
@@ -212,6 +243,14 @@ class ModbusConnection:
                 continue
             next_due = min(d.next_due for d in self.devices)
             await asyncio.sleep(max(0.0, next_due - time.monotonic()))
+
+    def _unreachable_reason(self, exc: DeviceUnreachable) -> str:
+        # Under TLS 1.3 a device checks the gateway's certificate after the gateway's side of the
+        # handshake is done: a refusal shows as the session closing before the first answer.
+        if self._tls_unproven:
+            return (f"TLS: the device closed the session after the handshake (does it trust the gateway's "
+                    f"certificate?): {exc}")
+        return str(exc)
 
     async def _wait_backoff(self) -> None:
         """Sleep the backoff delay, still turning Uncertain values Bad when they grow stale."""
@@ -275,6 +314,7 @@ class ModbusConnection:
         """Read every block of a device now (out of its scan), update the table, return the values."""
         dev = self.by_name[device]
         values = await self._read_device(dev)
+        self._tls_unproven = False
         self.table.update_device(dev.name, values, time.time())
         dev.last_good, dev.good = time.monotonic(), True
         return values
@@ -296,6 +336,41 @@ class ModbusConnection:
             raise _exception_error(device, getattr(rr, "exception_code", 0))
 
 
+def _check_same_security(host: str, port: int, devices: list[DeviceBinding]) -> None:
+    """One endpoint is one TLS peer (or one plain one): its devices must agree (the loader checks files)."""
+    def security(d: DeviceBinding) -> tuple:
+        return d.endpoint.driver, d.endpoint.tls_cert, d.endpoint.tls_key, d.endpoint.tls_ca
+
+    first = devices[0]
+    for other in devices[1:]:
+        if security(other) != security(first):
+            raise ValueError(f"{other.name} and {first.name} share {host}:{port} but not the same driver "
+                             f"and TLS settings")
+
+
+def _capture_connect_error(client: AsyncModbusTcpClient) -> list[BaseException]:
+    """A list that receives the exception of the client's next connect attempt.
+
+    pymodbus logs a failed connect and returns False; the gateway wants the reason (an
+    untrusted certificate, a TLS alert) in the connection's LastError, so the transport's
+    connection factory is wrapped to keep it.
+    """
+    captured: list[BaseException] = []
+    create = getattr(client.ctx, "call_create", None)
+    if create is None:  # another pymodbus layout: the generic message is still reported
+        return captured
+
+    async def create_and_keep_error():
+        try:
+            return await create()
+        except Exception as exc:
+            captured.append(exc)
+            raise
+
+    client.ctx.call_create = create_and_keep_error
+    return captured
+
+
 def _exception_error(device: str, code: int) -> DeviceError:
     if code == SERVER_DEVICE_FAILURE:
         return DeviceRefused(f"{device}: refused (exception 0x04)")
@@ -312,13 +387,17 @@ class ModbusDriver:
     table: PointTable
     connections: dict[tuple[str, int, int], ModbusConnection] = field(default_factory=dict)
     device_connection: dict[str, ModbusConnection] = field(default_factory=dict)
+    _ssl_contexts: dict[tuple[str, str, str], ssl.SSLContext] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         groups: dict[tuple[str, int], list[DeviceBinding]] = {}
         scan = self.site.gateway.scan_groups_s
+        plain: list[str] = []
         for name, kind, ep in self.site.devices():
-            if ep.driver not in ("modbus",):
+            if ep.driver not in ("modbus", "modbus-tls"):
                 continue
+            if ep.driver == "modbus":
+                plain.append(name)
             profile = load_profile(ep.profile)
             blocks = [b for table in profile.tables()
                       for b in read_blocks(profile, table) if any(p.access != "w" for p in b.points)]
@@ -326,14 +405,36 @@ class ModbusDriver:
             groups.setdefault((ep.host, ep.port), []).append(binding)
             self.table.define(name, [p.name for p in POINTS[kind]])
         for (host, port), devices in groups.items():
+            _check_same_security(host, port, devices)
             n = min(MAX_CONNECTIONS_PER_ENDPOINT, max(1, -(-len(devices) // DEVICES_PER_CONNECTION)))
             for k in range(n):
                 share = devices[k::n]
                 label = f"{host}:{port}" + (f" #{k + 1}" if n > 1 else "")
-                conn = ModbusConnection(host, port, share, self.table, self.site.gateway.stale_time_s, label=label)
+                conn = ModbusConnection(host, port, share, self.table, self.site.gateway.stale_time_s, label=label,
+                                        sslctx=self._ssl_context(devices[0]))
                 self.connections[(host, port, k)] = conn
                 for d in share:
                     self.device_connection[d.name] = conn
+        if plain:
+            shown = ", ".join(plain[:PLAIN_DEVICES_NAMED]) + (f" and {len(plain) - PLAIN_DEVICES_NAMED} more"
+                                                              if len(plain) > PLAIN_DEVICES_NAMED else "")
+            log.warning("%d device%s on plain Modbus TCP (no encryption): %s", len(plain),
+                        "s" if len(plain) != 1 else "", shown)
+
+    def _ssl_context(self, device: DeviceBinding) -> ssl.SSLContext | None:
+        """The client context of a Modbus/TCP Security endpoint (one per distinct set of files), else None."""
+        ep = device.endpoint
+        if ep.driver != "modbus-tls":
+            return None
+        files = (ep.tls_cert, ep.tls_key, ep.tls_ca)
+        if None in files:
+            raise ValueError(f"{device.name}: driver modbus-tls needs tls cert, key and ca")
+        if files not in self._ssl_contexts:
+            try:
+                self._ssl_contexts[files] = tls.client_context(*files)
+            except OSError as exc:  # the loader checked them; a file changed since
+                raise OSError(f"{device.name}: cannot load its TLS certificate, key or CA: {exc}") from None
+        return self._ssl_contexts[files]
 
     async def start(self) -> None:
         for conn in self.connections.values():
