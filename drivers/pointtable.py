@@ -72,6 +72,10 @@ class PointTable:
     def add_sink(self, sink: Sink) -> None:
         self._sinks.append(sink)
 
+    def remove_sink(self, sink: Sink) -> None:
+        if sink in self._sinks:
+            self._sinks.remove(sink)
+
     # ---- reads --------------------------------------------------------------------------------
     def devices(self) -> list[str]:
         return list(self._devices)
