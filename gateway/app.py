@@ -46,7 +46,7 @@ class Gateway:
         self.audit = AuditLog(Path(self.data_dir) / "audit.log")
         self.commands = CommandService(self.site, self.table, self.driver, self.audit)
         self.server = GatewayServer(self.site, self.table, self.commands, host=self.opcua_host, port=self.opcua_port,
-                                    health=self.driver.health)
+                                    health=self.driver.health, data_dir=Path(self.data_dir))
 
     async def start(self) -> None:
         await self.driver.start()
@@ -73,6 +73,7 @@ async def run_until_signalled(site: Site, data_dir: Path, simulate: bool) -> Non
         await gateway.start()
         print(f"cmcs-gateway: site '{site.name}', {len(site.units)} micro-ATS; OPC UA at {gateway.server.endpoint}"
               + (" (demo: simulators in-process on loopback)" if simulate else "") + "; Ctrl-C to stop", flush=True)
+        print(f"cmcs-gateway: {gateway.server.security.summary()}", flush=True)
         await stop.wait()
     finally:
         await gateway.stop()

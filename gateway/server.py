@@ -19,6 +19,7 @@ from asyncua import Server, ua
 from asyncua.server.internal_session import InternalSession
 
 from drivers.pointtable import Change, PointTable, Quality
+from gateway import security
 from gateway.commands import CommandOutcome, CommandService
 from information_model.instantiate import (MethodCall, SiteModel, bind_methods, build_site,
                                            load_information_model, write_values)
@@ -74,22 +75,16 @@ def _install_cheap_datachange() -> None:
 
 
 def caller() -> tuple[str, str]:
-    """(user name, role) of the session calling now. Without a user manager every session is
-    an Admin: the plain development endpoint; the secured gateway replaces this resolver."""
+    """(user name, role) of the session calling now: what it logged in as (gateway.security)."""
     return ROLE_RESOLVER(CURRENT_SESSION.get())
 
 
-def _default_role(session: InternalSession | None) -> tuple[str, str]:
-    name = getattr(getattr(session, "user", None), "name", None) or "anonymous"
-    return name, "Admin"
-
-
-ROLE_RESOLVER = _default_role
+ROLE_RESOLVER = security.session_role_of
 
 
 class GatewayServer:
     def __init__(self, site: Site, table: PointTable, commands: CommandService, *, host: str | None = None,
-                 port: int | None = None, model_version: str = "", health=None):
+                 port: int | None = None, model_version: str = "", health=None, data_dir=None):
         self.site = site
         self.table = table
         self.commands = commands
@@ -108,6 +103,8 @@ class GatewayServer:
         self.health = health  # callable -> list of driver ConnectionHealth
         self._health_nodes: dict[tuple[str, str], tuple[ua.NodeId, ua.VariantType]] = {}
         self._health_task: asyncio.Task | None = None
+        self.data_dir = data_dir  # holds pki/ and users.yaml
+        self.security: security.SecurityState | None = None
 
     @property
     def endpoint(self) -> str:
@@ -121,10 +118,13 @@ class GatewayServer:
         await server.init()
         server.set_endpoint(f"opc.tcp://{self.host}:{self.port}{self.path}")
         server.set_server_name(f"cmcs-gateway ({self.site.name})")
-        await server.set_application_uri(f"urn:cmcs-gateway:{socket.gethostname()}:{self.site.name}")
-        server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+        await server.set_application_uri(security.application_uri(self.site.name))
         await load_information_model(server)
         self.model = await build_site(server, self.site)
+        if self.data_dir is None:
+            raise ValueError("GatewayServer needs a data_dir (pki/, users.yaml)")
+        self.security = await security.secure_server(server, self.site.gateway.opcua, self.data_dir, self.model,
+                                                     on_write=self._on_client_write)
         bind_methods(server, self.model, {
             "SwitchSource": self._switch_source,
             "SetPreferredSource": self._set_preferred_source,
@@ -244,6 +244,15 @@ class GatewayServer:
                 vt = self.model.point_types[nodeid]
                 updates.append((nodeid, ua.DataValue(ua.Variant(_coerce(value, vt), vt), SourceTimestamp=now)))
         await write_values(self.server, updates, skip_unchanged=False)
+
+    async def _on_client_write(self, user: str, role: str, point: tuple[str, str], value, status: int,
+                               old_value=None) -> None:
+        """A client wrote (or tried to write) a setpoint: audit it; a new Mode is the CMCS mode."""
+        if status == ua.StatusCodes.Good and point == ("Cmcs", "Mode"):
+            self.cmcs_mode = CmcsMode(int(value))
+        self.commands.audit.write({"user": user, "role": role, "method": "Write", "object": ".".join(point),
+                                   "arguments": {"Value": value}, "old_value": old_value,
+                                   "status": ua.StatusCode(status).name})
 
     # ---- methods --------------------------------------------------------------------------------
     async def _result(self, outcome: CommandOutcome):

@@ -4,13 +4,29 @@
 //   node client.mjs ENDPOINT_URL [--security-mode None|Sign|SignAndEncrypt]
 //        [--security-policy None|Basic256Sha256|Aes128_Sha256_RsaOaep|Aes256_Sha256_RsaPss]
 //        [--user NAME [--password PW]] [--pki-dir DIR] [--subscribe-seconds 5] [--timeout 60]
-//        [--no-switch]
+//        [--no-switch] [--user-certificate FILE --user-key FILE] [--server-certificate FILE]
+//        [--ops JSON]
+//   node client.mjs --make-certificate --pki-dir DIR
 //
 // It uses no knowledge of the gateway's NodeId naming: it resolves the types namespace from the
 // server's NamespaceArray, browses from the Objects folder following hierarchical references,
 // finds the MicroAtsType instances through their HasTypeDefinition reference, reads LoadPower
 // (value, EngineeringUnits, EURange) and ActiveSource (value, DataType), subscribes to LoadPower,
 // then calls SwitchSource twice on one unit on SourceA (the second call falls in the dwell time).
+//
+// Security: --user/--password log in with a UserName token, --user-certificate/--user-key (PEM or
+// DER certificate, PEM key) with an X509 token; otherwise Anonymous. The client's own application
+// certificate lives under --pki-dir (created on first use; --make-certificate only creates it and
+// prints its file and thumbprint, for the server's trust list). --server-certificate trusts exactly
+// that server certificate and refuses any other (without it, node-opcua accepts an unknown one).
+//
+// result.endpoints lists what GetEndpoints returned (security mode, policy, user token types).
+//
+// --ops JSON replaces the browse/subscribe/switch walk by a list of operations, each answered in
+// result.ops: {"op":"read","ns":URI,"id":S,"attribute":"Value|UserAccessLevel|UserExecutable|
+// AccessLevel|Executable"}, {"op":"write","ns":URI,"id":S,"dataType":"Double","value":V},
+// {"op":"call","ns":URI,"object":S,"method":S,"args":[{"dataType":"Int32","value":V}]}
+// (ns/id: namespace URI and string identifier; the URI is resolved through the NamespaceArray).
 //
 // Prints exactly one JSON object on stdout ({"ok": true, ...} or {"ok": false, "error": ...});
 // node-opcua's own log lines go to stderr. Exit code 0 on success, 1 on failure, 2 on timeout.
@@ -24,22 +40,26 @@ for (const k of ["log", "info", "warn", "debug", "trace"]) {
 
 const TYPES_URI = "urn:cmcs-gateway:UA:PowerDistribution";
 const USAGE = "usage: node client.mjs ENDPOINT_URL [--security-mode M] [--security-policy P] " +
-  "[--user NAME] [--password PW] [--pki-dir DIR] [--subscribe-seconds S] [--timeout S] [--no-switch]";
+  "[--user NAME] [--password PW] [--pki-dir DIR] [--subscribe-seconds S] [--timeout S] [--no-switch] " +
+  "[--user-certificate FILE --user-key FILE] [--server-certificate FILE] [--ops JSON] | --make-certificate --pki-dir DIR";
 
 function parseArgs(argv) {
   const opts = {
     endpoint: null, securityMode: "None", securityPolicy: "None", user: null,
     password: process.env.CMCS_INTEROP_PASSWORD ?? null, pkiDir: null,
-    subscribeSeconds: 5, timeout: 60, doSwitch: true,
+    subscribeSeconds: 5, timeout: 60, doSwitch: true, userCertificate: null, userKey: null,
+    serverCertificate: null, ops: null, makeCertificate: false,
   };
   const valued = {
     "--security-mode": "securityMode", "--security-policy": "securityPolicy", "--user": "user",
     "--password": "password", "--pki-dir": "pkiDir", "--subscribe-seconds": "subscribeSeconds",
-    "--timeout": "timeout",
+    "--timeout": "timeout", "--user-certificate": "userCertificate", "--user-key": "userKey",
+    "--server-certificate": "serverCertificate", "--ops": "ops",
   };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
     if (a === "--no-switch") opts.doSwitch = false;
+    else if (a === "--make-certificate") opts.makeCertificate = true;
     else if (a === "-h" || a === "--help") { process.stderr.write(USAGE + "\n"); process.exit(0); }
     else if (a in valued) {
       if (i + 1 >= argv.length) throw new Error(`${a} needs a value`);
@@ -48,7 +68,13 @@ function parseArgs(argv) {
     else if (opts.endpoint === null) opts.endpoint = a;
     else throw new Error(`unexpected argument ${a}`);
   }
-  if (!opts.endpoint) throw new Error("missing ENDPOINT_URL");
+  if (!opts.endpoint && !opts.makeCertificate) throw new Error("missing ENDPOINT_URL");
+  if (opts.makeCertificate && !opts.pkiDir) throw new Error("--make-certificate needs --pki-dir");
+  if (!!opts.userCertificate !== !!opts.userKey) throw new Error("--user-certificate and --user-key go together");
+  if (opts.ops !== null) {
+    opts.ops = JSON.parse(opts.ops);
+    if (!Array.isArray(opts.ops)) throw new Error("--ops must be a JSON list");
+  }
   opts.subscribeSeconds = Number(opts.subscribeSeconds);
   opts.timeout = Number(opts.timeout);
   if (!(opts.subscribeSeconds >= 0) || !(opts.timeout > 0)) throw new Error("bad number");
@@ -84,7 +110,9 @@ const ua = await import("node-opcua-client");
 const {
   OPCUAClient, MessageSecurityMode, SecurityPolicy, AttributeIds, BrowseDirection, NodeClass,
   StatusCodes, DataType, TimestampsToReturn, ClientMonitoredItemGroup, UserTokenType, resolveNodeId,
+  crypto_utils,
 } = ua;
+const fs = await import("node:fs");
 
 const FORWARD = BrowseDirection.Forward;
 const ALL_RESULTS = 0x3f;
@@ -452,6 +480,62 @@ async function main(session) {
   sw.activeSourceAfterSecond = await readActive();
 }
 
+// PEM or DER file -> DER Buffer
+function readDer(file) {
+  const data = fs.readFileSync(file);
+  return data.toString("latin1").includes("-----BEGIN") ? crypto_utils.convertPEMtoDER(data.toString("utf8")) : data;
+}
+
+async function runOps(session, ops) {
+  result.stage = "ops";
+  const nsDv = await session.read({ nodeId: SERVER_NAMESPACE_ARRAY, attributeId: AttributeIds.Value });
+  namespaces = nsDv.value.value;
+  const nodeOf = (nsUriValue, identifier) => {
+    const index = namespaces.indexOf(nsUriValue);
+    if (index < 0) throw new Error(`namespace ${nsUriValue} not in NamespaceArray`);
+    return resolveNodeId(`ns=${index};s=${identifier}`);
+  };
+  result.ops = [];
+  for (const op of ops) {
+    const out = { ...op };
+    try {
+      if (op.op === "read") {
+        const dv = await session.read({ nodeId: nodeOf(op.ns, op.id), attributeId: AttributeIds[op.attribute ?? "Value"] });
+        out.statusCode = sc(dv.statusCode);
+        out.value = jsonable(dv.value?.value);
+        out.dataType = dv.value ? DataType[dv.value.dataType] : null;
+      } else if (op.op === "write") {
+        const status = await session.write({ nodeId: nodeOf(op.ns, op.id), attributeId: AttributeIds.Value,
+          value: { value: { dataType: DataType[op.dataType], value: op.value } } });
+        out.statusCode = sc(status);
+      } else if (op.op === "call") {
+        const r = await session.call({ objectId: nodeOf(op.ns, op.object), methodId: nodeOf(op.ns, op.method),
+          inputArguments: (op.args ?? []).map((a) => ({ dataType: DataType[a.dataType], value: a.value })) });
+        out.statusCode = sc(r.statusCode);
+        out.outputArguments = (r.outputArguments ?? []).map((v) => jsonable(v.value));
+      } else {
+        throw new Error(`unknown op ${op.op}`);
+      }
+    } catch (err) {
+      // a service fault (the whole request refused) surfaces as an exception in node-opcua
+      out.statusCode = err?.response?.responseHeader?.serviceResult?.name ?? null;
+      out.error = String(err?.message ?? err);
+    }
+    result.ops.push(out);
+  }
+}
+
+async function makeCertificate() {
+  result.stage = "certificate";
+  const client = OPCUAClient.create({ applicationName: "cmcs-interop-node-opcua" });
+  await client.clientCertificateManager.initialize();
+  await client.createDefaultCertificate();
+  const certDer = readDer(client.certificateFile);
+  result.certificateFile = client.certificateFile;
+  result.thumbprint = crypto_utils.makeSHA1Thumbprint(certDer).toString("hex");
+  result.ok = true;
+}
+
 async function run() {
   result.stage = "arguments";
   const securityMode = MessageSecurityMode[opts.securityMode];
@@ -469,16 +553,36 @@ async function run() {
     requestedSessionTimeout: 60000,
     keepSessionAlive: true,
   });
+  if (opts.serverCertificate) {
+    // trust this server certificate only: an unknown or altered one fails the connection
+    const cm = client.clientCertificateManager;
+    await cm.initialize();
+    cm.automaticallyAcceptUnknownCertificate = false;
+    await cm.trustCertificate(readDer(opts.serverCertificate));
+    result.serverCertificateTrusted = crypto_utils.makeSHA1Thumbprint(readDer(opts.serverCertificate)).toString("hex");
+  }
   let session = null;
   try {
     result.stage = "connect";
     await client.connect(opts.endpoint);
+    result.stage = "endpoints";
+    result.endpoints = (await client.getEndpoints()).map((e) => ({
+      securityMode: MessageSecurityMode[e.securityMode],
+      securityPolicy: e.securityPolicyUri?.split("#")[1] ?? null,
+      userTokens: (e.userIdentityTokens ?? []).map((t) => UserTokenType[t.tokenType]),
+    }));
     result.stage = "session";
-    const identity = opts.user
-      ? { type: UserTokenType.UserName, userName: opts.user, password: opts.password ?? "" }
-      : { type: UserTokenType.Anonymous };
+    let identity = { type: UserTokenType.Anonymous };
+    if (opts.user) identity = { type: UserTokenType.UserName, userName: opts.user, password: opts.password ?? "" };
+    else if (opts.userCertificate) {
+      identity = { type: UserTokenType.Certificate, certificateData: readDer(opts.userCertificate),
+        privateKey: fs.readFileSync(opts.userKey, "utf8") };
+    }
+    result.identity = UserTokenType[identity.type];
     session = await client.createSession(identity);
-    await main(session);
+    result.stage = "session created";
+    if (opts.ops !== null) await runOps(session, opts.ops);
+    else await main(session);
     result.stage = "done";
     result.ok = true;
   } finally {
@@ -488,7 +592,8 @@ async function run() {
 }
 
 try {
-  await run();
+  if (opts.makeCertificate) await makeCertificate();
+  else await run();
   clearTimeout(timer);
   emit(result, 0);
 } catch (err) {

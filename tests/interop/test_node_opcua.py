@@ -11,6 +11,7 @@ Needs Node >= 18 and `npm ci` in tests/interop (CI's .ci/run does it).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import shutil
 import time
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from gateway.app import Gateway
+from gateway.users import set_user
 from simulator.endpoints import SimulatorHost
 from siteconfig.demo import demo_site
 from tests.integration.conftest import free_port, relocate_site
@@ -32,6 +34,7 @@ SITE_URI = "urn:cmcs-gateway:site:demo-hall"
 KWT = (ord("K") << 16) | (ord("W") << 8) | ord("T")  # UNECE 'KWT' as an OPC UA unitId
 UNITS_URI = "http://www.opcfoundation.org/UA/units/un/cefact"
 CLIENT_TIMEOUT_S = 90
+OPERATOR = ("interop-operator", "interop-password")  # SwitchSource needs Operator; anonymous is a Viewer
 
 
 def _node() -> str:
@@ -75,8 +78,12 @@ async def endpoint(node, tmp_path):
     """The demo site: its simulators and the gateway on free local ports; yields the endpoint URL
     once every micro-ATS has been polled (LoadPower and ActiveSource Good)."""
     site = relocate_site(demo_site())
+    # this walk is about the model over the plain endpoint; security has tests/interop/test_security.py
+    site = dataclasses.replace(site, gateway=dataclasses.replace(
+        site.gateway, opcua=dataclasses.replace(site.gateway.opcua, allow_security_none=True)))
     host = SimulatorHost(site)
     port = free_port()
+    set_user(tmp_path / "data", OPERATOR[0], "Operator", password=OPERATOR[1])
     gateway = Gateway(site, tmp_path / "data", opcua_port=port, opcua_host="127.0.0.1")
     await host.start()
     try:
@@ -96,7 +103,8 @@ async def endpoint(node, tmp_path):
 
 
 async def test_node_opcua_client(endpoint, tmp_path):
-    code, report, stderr = await run_client(endpoint, pki_dir=tmp_path / "pki")
+    code, report, stderr = await run_client(endpoint, "--user", OPERATOR[0], "--password", OPERATOR[1],
+                                            pki_dir=tmp_path / "pki")
     summary = json.dumps({k: v for k, v in report.items() if k != "units"}, indent=1)[:6000]
     assert code == 0 and report.get("ok") is True, f"node client failed (exit {code}): {summary}\n{stderr[-3000:]}"
 

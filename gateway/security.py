@@ -1,0 +1,911 @@
+"""OPC UA security of the gateway: endpoints, certificates, trust list, logins, per-user access.
+
+What asyncua gives and what this module adds (INTERFACE.md section 4; certs/README.md):
+
+- Endpoints: asyncua's `set_security_policy` with Basic256Sha256, Aes128_Sha256_RsaOaep and
+  Aes256_Sha256_RsaPss, Sign and SignAndEncrypt; None only when the site allows it. asyncua
+  still opens a None *channel* (for GetEndpoints) and, when no None endpoint exists, checks
+  nothing on it: `_process_message` below refuses every service but discovery on such a channel.
+- Application-instance certificate: made with asyncua's `cert_gen` into `<data-dir>/pki/own/`.
+- Client certificates: asyncua validates only the certificate a client *puts in* CreateSession,
+  not the one that secured the channel. We check the channel's certificate when the channel is
+  opened (OpenSecureChannel): trusted list `pki/trusted/` through asyncua's `TrustStore`
+  (re-read whenever that folder changes, so `cmcs certs trust` needs no restart), refused with an
+  ERR message and a copy in `pki/rejected/` otherwise. CreateSession then runs asyncua's
+  `CertificateValidator` (time range, ApplicationUri in the SubjectAltName).
+- Users: `gateway.users.GatewayUserManager` (asyncua's `UserManager` hook); failed logins are
+  counted per client address and the next ActivateSession from that address waits
+  (exponential, bounded), one at a time.
+- Per-user access: every session is asyncua role `User`; our role decides. The UserAccessLevel
+  and UserExecutable a client reads are rewritten per session (asyncua's PostRead callback);
+  writes go through `RoleAwareAttributeService` (only the CMCS setpoints, Engineer and up).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import hashlib
+import logging
+import os
+import re
+import socket
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from asyncua import Server, ua
+from asyncua.common.callback import CallbackType
+from asyncua.common.utils import ServiceError
+from asyncua.crypto import cert_gen
+from asyncua.crypto.permission_rules import User, UserRole
+from asyncua.crypto.security_policies import SecurityPolicyNone
+from asyncua.crypto.truststore import TrustStore
+from asyncua.crypto.validator import CertificateValidator, CertificateValidatorOptions
+from asyncua.server.address_space import AttributeService
+from asyncua.server.internal_session import InternalSession
+from asyncua.server.uaprocessor import UaProcessor
+from asyncua.ua.ua_binary import struct_from_binary, uatcp_to_binary
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from gateway.cli import CliError
+from gateway.commands import REQUIRED_ROLE, ROLE_RANK
+from gateway.users import PEER, TOKEN_KIND, GatewayUser, GatewayUserManager, session_role, users_path
+
+log = logging.getLogger(__name__)
+
+SC = ua.StatusCodes
+SECURE_POLICIES = (
+    ua.SecurityPolicyType.Basic256Sha256_Sign,
+    ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt,
+    ua.SecurityPolicyType.Aes128Sha256RsaOaep_Sign,
+    ua.SecurityPolicyType.Aes128Sha256RsaOaep_SignAndEncrypt,
+    ua.SecurityPolicyType.Aes256Sha256RsaPss_Sign,
+    ua.SecurityPolicyType.Aes256Sha256RsaPss_SignAndEncrypt,
+)
+SECURE_POLICY_URIS = frozenset({
+    "http://opcfoundation.org/UA/SecurityPolicy#Basic256Sha256",
+    "http://opcfoundation.org/UA/SecurityPolicy#Aes128_Sha256_RsaOaep",
+    "http://opcfoundation.org/UA/SecurityPolicy#Aes256_Sha256_RsaPss",
+})
+CERT_DAYS = 825  # CA/Browser-forum maximum for a TLS leaf; renew with `cmcs certs create`
+RSA_KEY_BITS = 2048  # Aes256_Sha256_RsaPss allows 2048..4096 (OPC 10000-7)
+
+# Services a None channel may carry when the site does not allow the None endpoint (Part 4 5.4)
+_DISCOVERY = frozenset({ua.NodeId(ua.ObjectIds.GetEndpointsRequest_Encoding_DefaultBinary),
+                        ua.NodeId(ua.ObjectIds.FindServersRequest_Encoding_DefaultBinary),
+                        ua.NodeId(ua.ObjectIds.CloseSecureChannelRequest_Encoding_DefaultBinary)})
+_REGISTER = frozenset({ua.NodeId(ua.ObjectIds.RegisterServerRequest_Encoding_DefaultBinary),
+                       ua.NodeId(ua.ObjectIds.RegisterServer2Request_Encoding_DefaultBinary)})
+_CREATE_SESSION = ua.NodeId(ua.ObjectIds.CreateSessionRequest_Encoding_DefaultBinary)
+_ACTIVATE_SESSION = ua.NodeId(ua.ObjectIds.ActivateSessionRequest_Encoding_DefaultBinary)
+
+# AccessLevel bits that let a client change something (Part 3 5.6.2); CurrentRead, HistoryRead
+# and SemanticChange stay as stored.
+_WRITE_BITS = (ua.AccessLevel.CurrentWrite.mask | ua.AccessLevel.HistoryWrite.mask
+               | ua.AccessLevel.StatusWrite.mask | ua.AccessLevel.TimestampWrite.mask)
+
+# The processor (connection) whose request is being served: asyncua's hooks are not told.
+CURRENT_PROCESSOR: contextvars.ContextVar[UaProcessor | None] = contextvars.ContextVar("cmcs_processor",
+                                                                                       default=None)
+
+
+# ---- the PKI folder --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Pki:
+    """`<data-dir>/pki/`: own/ (cert.der, key.pem 0600), trusted/, rejected/, crl/."""
+
+    root: Path
+
+    @classmethod
+    def of(cls, data_dir: Path) -> Pki:
+        return cls(Path(data_dir) / "pki")
+
+    @property
+    def own(self) -> Path:
+        return self.root / "own"
+
+    @property
+    def cert_file(self) -> Path:
+        return self.own / "cert.der"
+
+    @property
+    def key_file(self) -> Path:
+        return self.own / "key.pem"
+
+    @property
+    def trusted(self) -> Path:
+        return self.root / "trusted"
+
+    @property
+    def rejected(self) -> Path:
+        return self.root / "rejected"
+
+    @property
+    def crl(self) -> Path:
+        return self.root / "crl"
+
+    def ensure(self) -> Pki:
+        data_dir = self.root.parent
+        if not data_dir.exists():
+            data_dir.mkdir(parents=True, mode=0o700)
+        for d in (self.root, self.own, self.trusted, self.rejected, self.crl):
+            d.mkdir(exist_ok=True, mode=0o700)
+        for d in (self.root, self.own):
+            os.chmod(d, 0o700)
+        return self
+
+
+def _write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write a file atomically with `mode` from the first byte (no window where it is readable)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+# ---- certificates ----------------------------------------------------------------------------------
+def load_certificate_bytes(data: bytes) -> x509.Certificate:
+    """A certificate from PEM or DER bytes (ValueError otherwise)."""
+    if b"-----BEGIN CERTIFICATE-----" in data:
+        return x509.load_pem_x509_certificate(data)
+    return x509.load_der_x509_certificate(data)
+
+
+def load_certificate_file(path: Path) -> x509.Certificate:
+    return load_certificate_bytes(Path(path).read_bytes())
+
+
+def der(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def thumbprint_of(cert: x509.Certificate) -> str:
+    """SHA-1 thumbprint, lower-case hex: what OPC UA (and UaExpert) show for a certificate."""
+    return hashlib.sha1(der(cert)).hexdigest()
+
+
+def leaf_of_chain(data: bytes) -> bytes:
+    """The first certificate of a DER chain (SenderCertificate may carry the issuers after it)."""
+    if len(data) < 4 or data[0] != 0x30:
+        raise ValueError("not a DER certificate")
+    first = data[1]
+    if first < 0x80:
+        return data[: 2 + first]
+    n = first & 0x7F
+    length = int.from_bytes(data[2: 2 + n], "big")
+    return data[: 2 + n + length]
+
+
+def common_name(cert: x509.Certificate) -> str:
+    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(cns[0].value) if cns else cert.subject.rfc4514_string()
+
+
+def san_uris(cert: x509.Certificate) -> list[str]:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return list(san.get_values_for_type(x509.UniformResourceIdentifier))
+
+
+def san_dns(cert: x509.Certificate) -> list[str]:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return list(san.get_values_for_type(x509.DNSName))
+
+
+def cert_file_name(cert: x509.Certificate) -> str:
+    """`<CN>_<thumbprint>.der`, the name under trusted/ and rejected/ (UaExpert uses `CN [thumb]`)."""
+    cn = re.sub(r"[^A-Za-z0-9._-]+", "-", common_name(cert)).strip("-.")[:48] or "certificate"
+    return f"{cn}_{thumbprint_of(cert)}.der"
+
+
+def host_names() -> list[str]:
+    """DNS names this host answers to, for the server certificate."""
+    names = [socket.gethostname(), socket.getfqdn(), "localhost"]
+    return list(dict.fromkeys(n for n in names if n))
+
+
+def create_server_certificate(pki: Pki, application_uri: str, hostnames: list[str] | None = None,
+                              days: int = CERT_DAYS, renewal: bool = False) -> x509.Certificate:
+    """A new self-signed application-instance certificate and key in pki/own/ (key 0600)."""
+    pki.ensure()
+    names = list(dict.fromkeys(hostnames or host_names()))
+    key = cert_gen.generate_private_key()  # RSA 2048, e 65537
+    sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(application_uri)]
+    sans += [x509.DNSName(n) for n in names]
+    cert = cert_gen.generate_self_signed_app_certificate(
+        key, f"cmcs-gateway@{names[0]}", {"organizationName": "cmcs-gateway"}, sans,
+        [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH], days=days)
+    _write_private(pki.key_file, cert_gen.dump_private_key_as_pem(key), 0o600)
+    _write_private(pki.cert_file, der(cert), 0o644)
+    (log.warning if renewal else log.info)(
+        "new application-instance certificate %s (%s, SHA-1 %s)%s", pki.cert_file, application_uri,
+        thumbprint_of(cert), ": clients must trust it again" if renewal else "")
+    return cert
+
+
+def ensure_server_certificate(pki: Pki, application_uri: str) -> x509.Certificate:
+    """The server certificate, created on first start, or again when expired or made for another
+    ApplicationUri (clients refuse a certificate whose SubjectAltName URI is not the server's)."""
+    pki.ensure()
+    if pki.cert_file.exists() and pki.key_file.exists():
+        cert = load_certificate_file(pki.cert_file)
+        expired = cert.not_valid_after_utc <= datetime.now(timezone.utc)
+        if application_uri in san_uris(cert) and not expired:
+            os.chmod(pki.key_file, 0o600)
+            return cert
+        why = "it has expired" if expired else f"it was made for {san_uris(cert)}, not {application_uri}"
+        log.warning("renewing the server certificate: %s", why)
+        return create_server_certificate(pki, application_uri, san_dns(cert) or None, renewal=True)
+    return create_server_certificate(pki, application_uri)
+
+
+# ---- client certificate validation ----------------------------------------------------------------
+class ClientCertificates:
+    """Trust decisions on client application certificates: pki/trusted/ (asyncua TrustStore, with
+    CRLs from pki/crl/), re-read whenever those folders change; refused ones copied to rejected/."""
+
+    def __init__(self, pki: Pki):
+        self.pki = pki
+        self.store = TrustStore([pki.trusted], [pki.crl])
+        self._stamp: tuple | None = None
+        self._trusted_der: set[bytes] = set()
+        self._lock = asyncio.Lock()
+
+    def _folder_stamp(self) -> tuple:
+        entries = []
+        for d in (self.pki.trusted, self.pki.crl):
+            try:
+                with os.scandir(d) as it:
+                    for e in it:
+                        st = e.stat()
+                        entries.append((d.name, e.name, st.st_mtime_ns, st.st_size))
+            except FileNotFoundError:
+                pass
+        return tuple(sorted(entries))
+
+    async def reload_if_changed(self) -> None:
+        async with self._lock:
+            stamp = self._folder_stamp()
+            if stamp == self._stamp:
+                return
+            trusted = set()
+            for f in self.pki.trusted.glob("*"):
+                try:
+                    trusted.add(der(load_certificate_file(f)))
+                except (OSError, ValueError):
+                    log.warning("%s: not a certificate, ignored", f)
+            store = TrustStore([self.pki.trusted], [self.pki.crl])
+            try:
+                if trusted:  # asyncua's TrustStore cannot hold an empty list
+                    await store.load_trust()
+                await store.load_crl()
+            except (OSError, ValueError) as exc:
+                log.error("trust list %s or CRLs %s not fully loaded: %s", self.pki.trusted, self.pki.crl, exc)
+            self.store = store
+            self._trusted_der = trusted
+            self._stamp = stamp
+            log.info("trust list loaded: %d certificate(s) in %s", len(trusted), self.pki.trusted)
+
+    async def check(self, cert_der: bytes) -> int:
+        """Good, or the Bad StatusCode that refuses this certificate (and a copy in rejected/)."""
+        try:
+            cert = x509.load_der_x509_certificate(cert_der)
+        except ValueError:
+            return SC.BadCertificateInvalid
+        await self.reload_if_changed()
+        now = datetime.now(timezone.utc)
+        if cert.not_valid_after_utc < now or cert.not_valid_before_utc > now:
+            status = SC.BadCertificateTimeInvalid
+        elif self.store.is_revoked(cert):
+            status = SC.BadCertificateRevoked
+        elif cert_der in self._trusted_der:
+            status = SC.Good
+        elif cert.issuer != cert.subject and self.store.is_trusted(cert):
+            status = SC.Good  # issued by a CA certificate in trusted/
+        else:
+            status = SC.BadCertificateUntrusted
+        if status != SC.Good:
+            self._reject(cert, status)
+        return status
+
+    def _reject(self, cert: x509.Certificate, status: int) -> None:
+        path = self.pki.rejected / cert_file_name(cert)
+        if not path.exists():
+            try:
+                _write_private(path, der(cert), 0o644)
+            except OSError as exc:
+                log.error("cannot store the rejected certificate in %s: %s", path, exc)
+        log.warning("client certificate refused (%s): %s, thumbprint %s, stored as %s; "
+                    "`cmcs certs trust %s` trusts it", ua.StatusCode(status).name, cert.subject.rfc4514_string(),
+                    thumbprint_of(cert), path, path.name)
+
+
+# ---- failed logins -----------------------------------------------------------------------------------
+@dataclass
+class _PeerRecord:
+    failures: int = 0
+    last_failure: float = 0.0
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class LoginThrottle:
+    """Per client address: after n failed logins in a row the next attempt waits
+    min(base * 2^(n-1), max) seconds; attempts from one address run one at a time; a success
+    or `forget_after_s` without failure clears the count."""
+
+    def __init__(self, base_delay_s: float = 0.5, max_delay_s: float = 15.0, forget_after_s: float = 900.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.base_delay_s = base_delay_s
+        self.max_delay_s = max_delay_s
+        self.forget_after_s = forget_after_s
+        self.clock = clock
+        self._peers: dict[str, _PeerRecord] = {}
+
+    def _record(self, peer: str) -> _PeerRecord:
+        rec = self._peers.get(peer)
+        if rec is None:
+            if len(self._peers) > 10_000:  # bounded memory under a scan from many addresses
+                self._expire()
+            rec = self._peers[peer] = _PeerRecord()
+        elif rec.failures and self.clock() - rec.last_failure > self.forget_after_s:
+            rec.failures = 0
+        return rec
+
+    def _expire(self) -> None:
+        now = self.clock()
+        for peer in [p for p, r in self._peers.items()
+                     if now - r.last_failure > self.forget_after_s and not r.lock.locked()]:
+            del self._peers[peer]
+
+    def delay_s(self, peer: str) -> float:
+        rec = self._record(peer)
+        if rec.failures == 0:
+            return 0.0
+        return min(self.base_delay_s * 2 ** (rec.failures - 1), self.max_delay_s)
+
+    def failures(self, peer: str) -> int:
+        return self._record(peer).failures
+
+    def lock(self, peer: str) -> asyncio.Lock:
+        return self._record(peer).lock
+
+    def failed(self, peer: str) -> int:
+        rec = self._record(peer)
+        rec.failures += 1
+        rec.last_failure = self.clock()
+        return rec.failures
+
+    def succeeded(self, peer: str) -> None:
+        self._record(peer).failures = 0
+
+
+# ---- per-user access --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Writable:
+    """A variable a client may write: who, and which values."""
+
+    point: tuple[str, str]  # (device, point) in the site model
+    min_role: str
+    low: float
+    high: float
+    integer: bool = False
+
+
+# Cmcs setpoints: INTERFACE.md section 4 "Engineer (+ SetMode, writable setpoints such as RiskThreshold)"
+WRITABLE_POINTS = (
+    Writable(("Cmcs", "RiskThreshold"), "Engineer", 0.0, 1.0),
+    Writable(("Cmcs", "Mode"), "Engineer", 0, 2, integer=True),  # CmcsMode 0 Manual .. 2 Automatic
+)
+
+_USER_ATTRIBUTES = frozenset({ua.AttributeIds.UserAccessLevel, ua.AttributeIds.UserExecutable,
+                              ua.AttributeIds.UserWriteMask})
+_SERVER_USER = User(role=UserRole.Admin)  # asyncua's default for AttributeService.write
+# on_write(user, role, (device, point), value, status, old_value): every client write of a setpoint
+WriteListener = Callable[[str, str, tuple[str, str], Any, int, Any], Awaitable[None] | None]
+
+
+class AccessPolicy:
+    """What each role may write and call, and the UserAccessLevel/UserExecutable that follow."""
+
+    def __init__(self, writables: dict[ua.NodeId, Writable], method_roles: dict[ua.NodeId, str]):
+        self.writables = writables
+        self.method_roles = method_roles
+
+    def require(self, method_id: ua.NodeId, role: str) -> None:
+        """Make `UserExecutable` of a method node follow `role` (for methods checked elsewhere,
+        e.g. the alarms' Acknowledge)."""
+        self.method_roles[method_id] = role
+
+    @staticmethod
+    def allows(role: str, required: str) -> bool:
+        return ROLE_RANK.get(role, -1) >= ROLE_RANK[required]
+
+    def user_access_level(self, role: str, nodeid: ua.NodeId, stored: int) -> int:
+        rule = self.writables.get(nodeid)
+        if rule is not None and self.allows(role, rule.min_role):
+            return stored
+        return stored & ~_WRITE_BITS & 0xFF
+
+    def user_executable(self, role: str, nodeid: ua.NodeId, stored: bool) -> bool:
+        required = self.method_roles.get(nodeid)
+        if required is None:
+            return stored
+        return bool(stored) and self.allows(role, required)
+
+    def on_post_read(self, event, _dispatcher=None) -> None:
+        """asyncua PostRead callback: the session's own UserAccessLevel / UserExecutable (and a
+        UserWriteMask of 0: no client may write attributes other than Value)."""
+        user = event.user
+        if not event.is_external or event.response_params is None:
+            return
+        role = user.cmcs_role if isinstance(user, GatewayUser) else "Viewer"
+        results = event.response_params
+        for i, rv in enumerate(event.request_params.NodesToRead):
+            attr = rv.AttributeId
+            if attr not in _USER_ATTRIBUTES:
+                continue
+            dv = results[i]
+            if (dv.StatusCode is not None and not dv.StatusCode.is_good()) or dv.Value is None:
+                continue
+            if attr == ua.AttributeIds.UserAccessLevel:
+                value = ua.Variant(self.user_access_level(role, rv.NodeId, int(dv.Value.Value or 0)),
+                                   ua.VariantType.Byte)
+            elif attr == ua.AttributeIds.UserWriteMask:
+                value = ua.Variant(0, ua.VariantType.UInt32)
+            else:
+                value = ua.Variant(self.user_executable(role, rv.NodeId, bool(dv.Value.Value)),
+                                   ua.VariantType.Boolean)
+            # a new DataValue: the stored one is shared by every session
+            results[i] = ua.DataValue(value, StatusCode=dv.StatusCode, SourceTimestamp=dv.SourceTimestamp,
+                                      ServerTimestamp=dv.ServerTimestamp)
+
+
+class RoleAwareAttributeService(AttributeService):
+    """asyncua's AttributeService, with writes by client sessions decided by role: only the
+    `Writable` variables, Engineer and up, values in range; status and timestamps are the server's."""
+
+    def __init__(self, aspace, policy: AccessPolicy, on_write: WriteListener | None = None):
+        super().__init__(aspace)
+        self.policy = policy
+        self.on_write = on_write
+
+    async def write(self, params: ua.WriteParameters, user: User = _SERVER_USER) -> list[ua.StatusCode]:
+        if not isinstance(user, GatewayUser) and user.role is UserRole.Admin:
+            return await super().write(params, user)  # the server's own internal session
+        return [await self._write_one(wv, user) for wv in params.NodesToWrite]
+
+    async def _write_one(self, wv: ua.WriteValue, user) -> ua.StatusCode:
+        name, role = session_role(user)
+        rule = self.policy.writables.get(wv.NodeId)
+        value = wv.Value.Value.Value if wv.Value is not None and wv.Value.Value is not None else None
+        old_value = None
+        if wv.NodeId not in self._aspace:
+            status = SC.BadNodeIdUnknown
+        elif rule is None or wv.AttributeId != ua.AttributeIds.Value:
+            status = SC.BadNotWritable  # no other variable, and no other attribute (WriteMask 0)
+        elif not self.policy.allows(role, rule.min_role):
+            status = SC.BadUserAccessDenied
+        elif wv.IndexRange:
+            status = SC.BadWriteNotSupported
+        else:
+            status = self._check_value(rule, wv.Value.Value if wv.Value is not None else None)
+            if status == SC.Good:
+                variant = wv.Value.Value
+                dv = ua.DataValue(variant, SourceTimestamp=datetime.now(timezone.utc))
+                old_value = self._aspace.read_attribute_value(wv.NodeId, ua.AttributeIds.Value).Value.Value
+                clean = ua.WriteValue(NodeId=wv.NodeId, AttributeId=wv.AttributeId, Value=dv)
+                status = (await super().write(ua.WriteParameters(NodesToWrite=[clean]), user))[0].value
+        if status != SC.Good:
+            log.warning("write refused: %s (%s) on %s: %s", name, role, wv.NodeId.to_string(),
+                        ua.StatusCode(status).name)
+        if rule is not None and self.on_write is not None:
+            r = self.on_write(name, role, rule.point, value, status, old_value)
+            if asyncio.iscoroutine(r):
+                await r
+        return ua.StatusCode(status)
+
+    @staticmethod
+    def _check_value(rule: Writable, variant: ua.Variant | None) -> int:
+        if variant is None or variant.Value is None or isinstance(variant.Value, list | bool):
+            return SC.BadTypeMismatch
+        v = variant.Value
+        if not isinstance(v, int | float):
+            return SC.BadTypeMismatch
+        if rule.integer and (not isinstance(v, int) or v not in range(int(rule.low), int(rule.high) + 1)):
+            return SC.BadOutOfRange
+        if not rule.low <= v <= rule.high:  # False for NaN too
+            return SC.BadOutOfRange
+        return SC.Good
+
+
+# ---- asyncua hooks on the connection ----------------------------------------------------------------
+@dataclass
+class SecurityState:
+    """What the connection hooks need, hung on asyncua's InternalServer as `cmcs_security`."""
+
+    allow_none: bool
+    certificates: ClientCertificates
+    throttle: LoginThrottle
+    users: GatewayUserManager
+    policy_uris: frozenset[str]
+    server_cert: x509.Certificate
+    pki: Pki
+    policy: AccessPolicy | None = None
+    endpoints: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (f"server certificate {self.pki.cert_file} (SHA-1 {thumbprint_of(self.server_cert)}); "
+                f"endpoints: {', '.join(self.endpoints)}")
+
+
+def _peer_host(processor: UaProcessor) -> str:
+    name = processor.name
+    if isinstance(name, tuple) and name:
+        return str(name[0])
+    return str(name)
+
+
+def _install_hooks() -> None:
+    """Patch UaProcessor once per process; a server without `cmcs_security` is served unchanged."""
+    if getattr(UaProcessor.process, "_cmcs_security", False):
+        return
+    original_process = UaProcessor.process
+    original_message = UaProcessor._process_message
+
+    async def process(self, header, body):
+        sec: SecurityState | None = getattr(self.iserver, "cmcs_security", None)
+        if sec is not None and header.MessageType == ua.MessageType.SecureOpen and not self._connection.is_open():
+            refusal = await _check_open(sec, self, header, body)
+            if refusal is not None:
+                status, reason = refusal
+                err = ua.ErrorMessage(ua.StatusCode(status), reason)
+                self._transport.write(uatcp_to_binary(ua.MessageType.Error, err))
+                return False  # asyncua closes the connection
+        return await original_process(self, header, body)
+
+    async def _process_message(self, typeid, requesthdr, seqhdr, body):
+        sec: SecurityState | None = getattr(self.iserver, "cmcs_security", None)
+        if sec is None:
+            return await original_message(self, typeid, requesthdr, seqhdr, body)
+        peer = _peer_host(self)
+        ptoken = CURRENT_PROCESSOR.set(self)
+        peer_token = PEER.set(peer)
+        try:
+            if typeid in _REGISTER:
+                raise ServiceError(SC.BadServiceUnsupported)  # we are not a discovery server
+            if self._connection.security_policy.URI == SecurityPolicyNone.URI and not sec.allow_none \
+                    and typeid not in _DISCOVERY:
+                log.warning("refused a request on an unsecured channel from %s (SecurityPolicy None is off)", peer)
+                raise ServiceError(SC.BadSecurityPolicyRejected)
+            if typeid == _CREATE_SESSION:
+                result = await original_message(self, typeid, requesthdr, seqhdr, body)
+                if self.session is not None:  # the certificate its ActivateSessions must come with
+                    self.session.cmcs_channel_certificate = self._connection.security_policy.peer_certificate
+                return result
+            if typeid != _ACTIVATE_SESSION:
+                return await original_message(self, typeid, requesthdr, seqhdr, body)
+            return await _activate(sec, self, peer, original_message, typeid, requesthdr, seqhdr, body)
+        finally:
+            PEER.reset(peer_token)
+            CURRENT_PROCESSOR.reset(ptoken)
+
+    process._cmcs_security = True  # type: ignore[attr-defined]
+    UaProcessor.process = process  # type: ignore[method-assign]
+    UaProcessor._process_message = _process_message  # type: ignore[method-assign]
+
+
+async def _check_open(sec: SecurityState, processor: UaProcessor, header, body) -> tuple[int, str] | None:
+    """Refuse an OpenSecureChannel for an unknown policy or with an untrusted certificate."""
+    try:
+        data = body.copy(header.body_size)
+        algo = struct_from_binary(ua.AsymmetricAlgorithmHeader, data)
+    except Exception:  # noqa: BLE001 - asyncua reports malformed messages itself
+        return None
+    peer = _peer_host(processor)
+    uri = algo.SecurityPolicyURI
+    if uri == SecurityPolicyNone.URI:
+        return None  # discovery always; sessions only if allowed (see _process_message)
+    if uri not in sec.policy_uris:
+        log.warning("refused a secure channel from %s: policy %s is not offered", peer, uri)
+        return SC.BadSecurityPolicyRejected, f"security policy {uri} is not offered"
+    try:
+        leaf = leaf_of_chain(algo.SenderCertificate or b"")
+    except ValueError:
+        return SC.BadCertificateInvalid, "no client certificate"
+    status = await sec.certificates.check(leaf)
+    if status != SC.Good:
+        log.warning("refused a secure channel from %s: %s", peer, ua.StatusCode(status).name)
+        return status, "the client certificate is not trusted by this server: see pki/rejected/"
+    return None
+
+
+def _token_kind(body) -> str:
+    try:
+        params = struct_from_binary(ua.ActivateSessionParameters, body.copy())
+    except Exception:  # noqa: BLE001 - asyncua will refuse the request itself
+        return "invalid"
+    token = params.UserIdentityToken
+    if isinstance(token, ua.UserNameIdentityToken):
+        return "username"
+    if isinstance(token, ua.X509IdentityToken):
+        return "x509"
+    if isinstance(token, ua.AnonymousIdentityToken) or (isinstance(token, ua.ExtensionObject)
+                                                        and token.TypeId == ua.NodeId(ua.ObjectIds.Null)):
+        return "anonymous"
+    return "unsupported"
+
+
+async def _activate(sec: SecurityState, processor: UaProcessor, peer: str, original, typeid, requesthdr, seqhdr,
+                    body):
+    throttle = sec.throttle
+    kind = _token_kind(body)
+    async with throttle.lock(peer):  # one login at a time per address
+        delay = throttle.delay_s(peer)
+        if delay:
+            await asyncio.sleep(delay)
+        kind_token = TOKEN_KIND.set(kind)
+        try:
+            # a session moved to another channel must come with the certificate it was created with
+            # (Part 4 5.6.3): asyncua looks it up by its token alone
+            session = processor.session or processor.iserver.lookup_external_session(requesthdr.AuthenticationToken)
+            if session is not None and getattr(session, "cmcs_channel_certificate", None) \
+                    != processor._connection.security_policy.peer_certificate:
+                raise ServiceError(SC.BadSecurityChecksFailed)
+            result = await original(processor, typeid, requesthdr, seqhdr, body)
+        except Exception as exc:
+            n = throttle.failed(peer)
+            code = getattr(exc, "code", None)
+            log.warning("login refused from %s (%s token): %s; %d failure(s) in a row, the next attempt waits %.1f s",
+                        peer, kind, ua.StatusCode(code).name if code is not None else type(exc).__name__, n,
+                        throttle.delay_s(peer))
+            raise
+        finally:
+            TOKEN_KIND.reset(kind_token)
+    session = processor.session
+    if session is not None and session.is_activated():
+        throttle.succeeded(peer)
+        name, role = session_role(session.user)
+        log.info("login: %s (%s, %s token) from %s over %s", name, role, kind, peer,
+                 processor._connection.security_policy.URI.rsplit("#", 1)[-1])
+    return result
+
+
+async def _validate_session_certificate(cert: x509.Certificate, description: ua.ApplicationDescription) -> None:
+    """asyncua certificate_validator (CreateSession): same certificate as the channel, valid dates,
+    the client's ApplicationUri in its SubjectAltName. Ignored on a None channel (Part 4 5.6.2)."""
+    processor = CURRENT_PROCESSOR.get()
+    if processor is not None:
+        policy = processor._connection.security_policy
+        if policy.URI == SecurityPolicyNone.URI:
+            return
+        if policy.peer_certificate and der(cert) != policy.peer_certificate:
+            raise ServiceError(SC.BadCertificateInvalid)
+    await CertificateValidator(CertificateValidatorOptions.TIME_RANGE | CertificateValidatorOptions.URI).validate(
+        cert, description)
+
+
+def session_role_of(session: InternalSession | None) -> tuple[str, str]:
+    """ROLE_RESOLVER for gateway.server: (user, role) of the calling session. The server's own
+    internal session is Admin; a client is what it logged in as; anything else is a Viewer."""
+    if session is None:
+        return "-", "Viewer"
+    if not session.external and session is getattr(session.iserver, "isession", None):
+        return "server", "Admin"
+    return session_role(session.user)
+
+
+# ---- the one call from gateway.server ---------------------------------------------------------------
+async def secure_server(server: Server, opcua, data_dir: Path, model=None,
+                        on_write: WriteListener | None = None) -> SecurityState:
+    """Endpoints, certificate, trust list, users and per-user access on an asyncua Server that is
+    initialised (ApplicationUri set) but not started. `opcua` is the site's OpcUaConfig; `model`
+    the SiteModel (for the writable setpoints and the methods' roles)."""
+    _install_hooks()
+    pki = Pki.of(data_dir).ensure()
+    cert = ensure_server_certificate(pki, server.get_application_uri())
+    await server.load_certificate(str(pki.cert_file))
+    await server.load_private_key(str(pki.key_file))
+    policies = list(SECURE_POLICIES)
+    if opcua.allow_security_none:
+        policies.insert(0, ua.SecurityPolicyType.NoSecurity)
+        log.warning("OPC UA SecurityPolicy None is on (site file: gateway.opcua.allow_security_none)")
+    server.set_security_policy(policies)  # asyncua's SimpleRoleRuleset: role User, no node management
+    tokens = [ua.UserNameIdentityToken, ua.X509IdentityToken]
+    if opcua.allow_anonymous:
+        tokens.insert(0, ua.AnonymousIdentityToken)
+    server.set_identity_tokens(tokens)
+    server.allow_remote_admin(False)
+    users = GatewayUserManager(users_path(data_dir), allow_anonymous=opcua.allow_anonymous)
+    server.iserver.set_user_manager(users)
+    server.set_certificate_validator(_validate_session_certificate)
+    certificates = ClientCertificates(pki)
+    await certificates.reload_if_changed()
+    state = SecurityState(allow_none=opcua.allow_security_none, certificates=certificates, throttle=LoginThrottle(),
+                          users=users, policy_uris=SECURE_POLICY_URIS, server_cert=cert, pki=pki)
+    state.endpoints = [p.name for p in policies]
+    # without a model nothing is writable (asyncua alone would let any User write CurrentWrite nodes)
+    state.policy = await _install_access_policy(server, model, on_write)
+    server.iserver.cmcs_security = state  # type: ignore[attr-defined]
+    return state
+
+
+async def _install_access_policy(server: Server, model, on_write: WriteListener | None) -> AccessPolicy:
+    aspace = server.iserver.aspace
+    writables: dict[ua.NodeId, Writable] = {}
+    for rule in WRITABLE_POINTS if model is not None else ():
+        nodeid = model.points.get(rule.point)
+        if nodeid is None:
+            continue
+        writables[nodeid] = rule
+        # asyncua's own check (role User) needs CurrentWrite in AccessLevel and UserAccessLevel
+        for attr in (ua.AttributeIds.AccessLevel, ua.AttributeIds.UserAccessLevel):
+            level = aspace.read_attribute_value(nodeid, attr).Value.Value or 0
+            await server.write_attribute_value(
+                nodeid, ua.DataValue(ua.Variant(level | ua.AccessLevel.CurrentWrite.mask, ua.VariantType.Byte)), attr)
+    methods = model.methods.items() if model is not None else ()
+    method_roles = {info.method_id: REQUIRED_ROLE[method] for (_device, method), info in methods
+                    if method in REQUIRED_ROLE}
+    policy = AccessPolicy(writables, method_roles)
+    server.iserver.callback_service.addListener(CallbackType.PostRead, policy.on_post_read, priority=-7331)
+    server.iserver.attribute_service = RoleAwareAttributeService(aspace, policy, on_write)
+    return policy
+
+
+# ---- cmcs certs ------------------------------------------------------------------------------------
+DEFAULT_SITE_NAME = "demo-hall"
+
+
+def application_uri(site_name: str) -> str:
+    """The server's ApplicationUri (what gateway.server sets)."""
+    return f"urn:cmcs-gateway:{socket.gethostname()}:{site_name}"
+
+
+def _pki_for_cli(args) -> Pki:
+    from gateway.app import prepare_data_dir
+
+    return Pki.of(prepare_data_dir(args.data_dir)).ensure()
+
+
+def _describe(cert: x509.Certificate) -> str:
+    return (f"{cert.subject.rfc4514_string()}  sha1={thumbprint_of(cert)}  "
+            f"not-after={cert.not_valid_after_utc:%Y-%m-%d}")
+
+
+def cli_certs_create(args) -> int:
+    pki = _pki_for_cli(args)
+    uri = None
+    if pki.cert_file.exists():
+        try:
+            uri = next(iter(san_uris(load_certificate_file(pki.cert_file))), None)
+        except (OSError, ValueError):
+            uri = None
+    uri = uri or application_uri(DEFAULT_SITE_NAME)
+    hostnames = args.hostname or host_names()
+    if args.days < 1 or args.days > 3650:
+        raise CliError("--days must be between 1 and 3650")
+    cert = create_server_certificate(pki, uri, hostnames, days=args.days)
+    print(f"created {pki.cert_file} (key {pki.key_file}, 0600)")
+    print(f"  {_describe(cert)}")
+    print(f"  ApplicationUri {uri}; DNS {', '.join(san_dns(cert))}")
+    print("  clients that trusted the previous certificate must trust this one; the gateway loads it at its next start")
+    return 0
+
+
+def _find(folder: Path, name: str) -> list[Path]:
+    """Files in `folder` matching a file name, or a thumbprint (prefix of at least 8 hex digits)."""
+    if not folder.is_dir():
+        return []
+    exact = folder / name
+    if exact.is_file():
+        return [exact]
+    key = name.lower().replace(":", "")
+    if re.fullmatch(r"[0-9a-f]{8,40}", key):
+        hits = []
+        for f in sorted(folder.glob("*")):
+            try:
+                if thumbprint_of(load_certificate_file(f)).startswith(key):
+                    hits.append(f)
+            except (OSError, ValueError):
+                continue
+        return hits
+    return [f for f in sorted(folder.glob("*")) if f.is_file() and name.lower() in f.name.lower()]
+
+
+def _resolve(pki: Pki, spec: str, folder: Path) -> tuple[x509.Certificate, Path | None]:
+    """A certificate named on the command line: a file path, or a name/thumbprint in `folder`."""
+    path = Path(spec)
+    if path.is_file():
+        try:
+            return load_certificate_file(path), path
+        except ValueError as exc:
+            raise CliError(f"{spec}: not a PEM or DER certificate ({exc})") from None
+    hits = _find(folder, spec)
+    if not hits:
+        raise CliError(f"no certificate {spec!r}: not a file, nor a name or thumbprint in {folder}")
+    if len(hits) > 1:
+        raise CliError(f"{spec!r} matches {len(hits)} certificates in {folder}: {', '.join(h.name for h in hits)}")
+    try:
+        return load_certificate_file(hits[0]), hits[0]
+    except ValueError as exc:
+        raise CliError(f"{hits[0]}: not a PEM or DER certificate ({exc})") from None
+
+
+def _remove_same(folder: Path, cert: x509.Certificate) -> None:
+    for f in folder.glob("*"):
+        try:
+            if f.is_file() and der(load_certificate_file(f)) == der(cert):
+                f.unlink()
+        except (OSError, ValueError):
+            continue
+
+
+def cli_certs_trust(args) -> int:
+    pki = _pki_for_cli(args)
+    cert, source = _resolve(pki, args.file, pki.rejected)
+    target = pki.trusted / cert_file_name(cert)
+    _write_private(target, der(cert), 0o644)
+    _remove_same(pki.rejected, cert)
+    print(f"trusted: {_describe(cert)} -> {target}")
+    if cert.not_valid_after_utc < datetime.now(timezone.utc):
+        print("  warning: this certificate has expired; connections with it are still refused")
+    return 0
+
+
+def cli_certs_reject(args) -> int:
+    pki = _pki_for_cli(args)
+    cert, _source = _resolve(pki, args.file, pki.trusted)
+    trusted = any(der(c) == der(cert) for c, _ in _certs_in(pki.trusted))
+    _remove_same(pki.trusted, cert)
+    target = pki.rejected / cert_file_name(cert)
+    _write_private(target, der(cert), 0o644)
+    print(f"{'no longer trusted' if trusted else 'rejected (was not trusted)'}: {_describe(cert)} -> {target}")
+    return 0
+
+
+def _certs_in(folder: Path) -> list[tuple[x509.Certificate, Path]]:
+    out = []
+    for f in sorted(folder.glob("*")) if folder.is_dir() else []:
+        if not f.is_file() or f.suffix.lower() in (".pem", ".key") and "PRIVATE KEY" in f.read_text(errors="ignore"):
+            continue
+        try:
+            out.append((load_certificate_file(f), f))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def cli_certs_list(args) -> int:
+    pki = _pki_for_cli(args)
+    rows = []
+    for where, folder in (("own", pki.own), ("trusted", pki.trusted), ("rejected", pki.rejected)):
+        for cert, f in _certs_in(folder):
+            rows.append((where, cert, f))
+    if not rows:
+        print(f"no certificates in {pki.root} (the gateway creates its own at first start, or `cmcs certs create`)")
+        return 0
+    for where, cert, f in rows:
+        print(f"{where:8}  {cert.subject.rfc4514_string()}  {thumbprint_of(cert)}  "
+              f"not-after {cert.not_valid_after_utc:%Y-%m-%d}  {f.name}")
+    return 0
