@@ -48,12 +48,22 @@ class Gateway:
         self.server = GatewayServer(self.site, self.table, self.commands, host=self.opcua_host, port=self.opcua_port,
                                     health=self.driver.health, data_dir=Path(self.data_dir))
 
+    historian: object = None  # gateway.historian.Historian once started
+
     async def start(self) -> None:
+        from gateway.historian import attach as attach_historian
+
         await self.driver.start()
         await self.server.start()
+        self.historian = await attach_historian(self.server, Path(self.data_dir))
+        # alarms and audit events go to the historian too (HistoryRead of events on the Server object)
+        await self.server.server.iserver.history_manager.historize_event(self.server.server.nodes.server,
+                                                                          period=None)
 
     async def stop(self) -> None:
         await self.server.stop()
+        if self.historian is not None:
+            await self.historian.close()
         await self.driver.stop()
 
 

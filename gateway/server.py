@@ -105,6 +105,7 @@ class GatewayServer:
         self._health_task: asyncio.Task | None = None
         self.data_dir = data_dir  # holds pki/ and users.yaml
         self.security: security.SecurityState | None = None
+        self.alarms = None  # gateway.alarms.AlarmEngine once started
 
     @property
     def endpoint(self) -> str:
@@ -141,6 +142,15 @@ class GatewayServer:
         self.table.add_sink(self._on_changes)
         await self.flush()
         await server.start()
+        from gateway.alarms import REQUIRED_ROLE as ALARM_ROLES, attach as attach_alarms
+
+        self.alarms = await attach_alarms(self)
+        # the condition methods' UserExecutable must match who may call them
+        for method, node_id in (("Acknowledge", ua.ObjectIds.AcknowledgeableConditionType_Acknowledge),
+                                ("AddComment", ua.ObjectIds.ConditionType_AddComment),
+                                ("Enable", ua.ObjectIds.ConditionType_Enable),
+                                ("Disable", ua.ObjectIds.ConditionType_Disable)):
+            self.security.policy.require(ua.NodeId(node_id), ALARM_ROLES[method])
         self._flush_task = asyncio.create_task(self._flush_loop(), name="opcua flush")
         if self.health is not None:
             await self._build_health_nodes()
@@ -148,6 +158,8 @@ class GatewayServer:
         log.info("OPC UA server at %s: %d variables", self.endpoint, self.model.variable_count)
 
     async def stop(self) -> None:
+        if self.alarms is not None:
+            await self.alarms.stop()
         for task in (self._flush_task, self._health_task):
             if task:
                 task.cancel()

@@ -22,7 +22,6 @@ from asyncua import Client, ua
 from asyncua.common.events import select_clauses_from_evtype
 
 from gateway import alarms
-from gateway.alarms import attach
 from gateway.app import Gateway
 from gateway.users import set_user
 from information_model import spec
@@ -90,7 +89,7 @@ class AlarmRig:
     async def __aenter__(self):
         await self.host.start()
         await self.gateway.start()
-        self.alarms = await attach(self.gateway.server)  # the lead's wiring, done here until it is in server.py
+        self.alarms = self.gateway.server.alarms  # GatewayServer attaches the engine at start
         self.client = await self.connect(OPERATOR, OPERATOR_PASSWORD)
         self.ns = await self.client.get_namespace_index(SITE_URI)
         self.types_ns = await self.client.get_namespace_index(TYPES_URI)

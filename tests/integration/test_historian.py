@@ -12,7 +12,6 @@ from datetime import datetime, timedelta, timezone
 from asyncua import Client, ua
 
 from gateway.app import Gateway
-from gateway.historian import attach
 from information_model.instantiate import write_values
 from simulator.endpoints import SimulatorHost
 from siteconfig.demo import demo_site
@@ -25,11 +24,11 @@ WATCHED = ("SourceA.Voltage", "MATS-01-01.LoadPower", "MATS-01-01.ContactTempera
 
 @contextlib.asynccontextmanager
 async def gateway_with_history(site, data_dir):
-    """A gateway with the historian wired in (as gateway/app.py will do) and a client session."""
+    """A gateway (which attaches its historian at start) and a client session."""
     port = free_port()
     gateway = Gateway(site, data_dir, opcua_port=port, opcua_host="127.0.0.1")
     await gateway.start()
-    historian = await attach(gateway.server, data_dir, flush_interval_s=0.2)
+    historian = gateway.historian
     client = Client(f"opc.tcp://127.0.0.1:{port}/cmcs", timeout=10)
     try:
         await client.connect()
@@ -38,8 +37,7 @@ async def gateway_with_history(site, data_dir):
     finally:
         with contextlib.suppress(Exception):
             await client.disconnect()
-        await gateway.stop()  # asyncua stops the history storage: the historian flushes and closes
-        await historian.close()
+        await gateway.stop()  # flushes and closes the historian
 
 
 async def wait_history(node, start, count: int, timeout: float = 30.0) -> list[ua.DataValue]:
