@@ -18,6 +18,7 @@ side by side on this machine: the device simulators, the gateway, and this measu
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 import os
@@ -35,6 +36,7 @@ from asyncua import Client, ua
 from asyncua.common.subscription import Subscription
 
 from bench.report import markdown_table, write_json
+from bench.workers import BENCH_PASSWORD, BENCH_USER
 from siteconfig.points import POINTS
 
 TARGETS_1000 = {"startup_s": 20.0, "latency_p99_s": 1.5, "switch_rtt_ms_median": 50.0, "poll_overruns": 0}
@@ -127,6 +129,8 @@ async def measure(site, site_file: Path, mode: str, window_s: float) -> dict:
                                   "--port", str(port), "--data-dir", data_dir])
             gw_ps = psutil.Process(gw.pid)
             client = Client(f"opc.tcp://127.0.0.1:{port}/cmcs", timeout=60)
+            client.set_user(BENCH_USER)
+            client.set_password(BENCH_PASSWORD)
             await client.connect()
             ns = await client.get_namespace_index(f"urn:cmcs-gateway:site:{site.name}")
             probe = client.get_node(ua.NodeId(f"{site.units[0].name}.LoadPower", ns))
@@ -236,7 +240,12 @@ def run(out: Path, json_path: Path | None, quick: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for name, site in sites.items():
             site_file = Path(tmp) / f"{name}.yaml"
-            site_file.write_text(site_to_yaml(_on_bench_ports(site)))
+            # Security None on the bench's loopback endpoint: the naive baseline has no security, so
+            # both are measured on the same plain data path (encryption is a cost of its own)
+            bench_site = _on_bench_ports(site)
+            opcua = dataclasses.replace(bench_site.gateway.opcua, allow_security_none=True)
+            bench_site = dataclasses.replace(bench_site, gateway=dataclasses.replace(bench_site.gateway, opcua=opcua))
+            site_file.write_text(site_to_yaml(bench_site))
             for mode, key in (("ours", "sites"), ("naive", "baseline_naive_asyncua")):
                 print(f"  {name} / {mode} ...", flush=True)
                 r = asyncio.run(measure(site, site_file, mode, window))

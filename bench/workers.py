@@ -16,6 +16,9 @@ import sys
 import time
 from pathlib import Path
 
+# The benchmark's own throw-away user, in its own temporary data directory.
+BENCH_USER, BENCH_PASSWORD = "bench", "bench-only-password"
+
 
 async def _until_signal() -> None:
     stop = asyncio.Event()
@@ -44,6 +47,9 @@ async def _gateway(site_file: str, mode: str, port: int, data_dir: str) -> None:
     site = load_site(site_file)
     t0 = time.time()
     if mode == "ours":
+        from gateway.users import set_user
+
+        set_user(Path(data_dir), BENCH_USER, "Operator", password=BENCH_PASSWORD)
         from gateway.app import Gateway
 
         gw = Gateway(site, Path(data_dir), opcua_port=port, opcua_host="127.0.0.1")
