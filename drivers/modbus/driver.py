@@ -43,9 +43,9 @@ BACKOFF_MAX_S = 5.0
 REQUEST_TIMEOUT_S = 1.0
 # One TCP connection carries one request at a time. Behind a busy endpoint (a Modbus gateway
 # with many unit ids) the driver opens up to this many connections and splits the devices
-# between them, so round trips overlap; most Modbus TCP servers accept 4 or more clients.
-DEVICES_PER_CONNECTION = 32
-MAX_CONNECTIONS_PER_ENDPOINT = 4
+# between them, so round trips overlap; most Modbus TCP servers accept 8 or more clients.
+DEVICES_PER_CONNECTION = 13
+MAX_CONNECTIONS_PER_ENDPOINT = 8
 
 # Modbus exception codes (Modbus Application Protocol v1.1b3, section 7)
 ILLEGAL_DATA_ADDRESS = 0x02
