@@ -204,7 +204,7 @@ async def test_device_killed_and_restarted(tmp_path):
             await asyncio.sleep(0.2)
         assert seen[-2:] == ["UncertainLastUsableValue", "BadCommunicationError"], seen
         assert await rig.status_of(unit.name, "SwitchSource", sel(2)) == "BadCommunicationError"
-        health = f"Diagnostics.Modbus {address[0]}:{address[1]}"
+        health = f"Diagnostics.Modbus {rig.gateway.driver.connection(unit.name).label}"
         assert (await rig.node(f"{health}.Connected").read_value()) is False
         assert (await rig.node(f"{health}.LastError").read_value())  # refused connect or a timeout, by timing
         await rig.host.start_endpoint(address)
