@@ -230,7 +230,7 @@ async def measure(site, site_file: Path, mode: str, window_s: float) -> dict:
 
 
 def run(out: Path, json_path: Path | None, quick: bool = False) -> dict:
-    from siteconfig.demo import demo_site, generate_site, site_to_yaml
+    from siteconfig.demo import demo_site, generate_site, relocate_site, site_to_yaml
 
     window = 10.0 if quick else 30.0
     sites = {"demo": demo_site(), "1000-units": generate_site(20, 50)}
@@ -242,7 +242,7 @@ def run(out: Path, json_path: Path | None, quick: bool = False) -> dict:
             site_file = Path(tmp) / f"{name}.yaml"
             # Security None on the bench's loopback endpoint: the naive baseline has no security, so
             # both are measured on the same plain data path (encryption is a cost of its own)
-            bench_site = _on_bench_ports(site)
+            bench_site = relocate_site(site)  # a demo may be running on the fixed ports
             opcua = dataclasses.replace(bench_site.gateway.opcua, allow_security_none=True)
             bench_site = dataclasses.replace(bench_site, gateway=dataclasses.replace(bench_site.gateway, opcua=opcua))
             site_file.write_text(site_to_yaml(bench_site))
@@ -278,32 +278,6 @@ def run(out: Path, json_path: Path | None, quick: bool = False) -> dict:
     write_json(json_path, figures)
     print(table)
     return figures
-
-
-def _on_bench_ports(site):
-    """The site with its device endpoints moved to free ports (a demo may be running)."""
-    import dataclasses
-
-    mapping: dict = {}
-    held: list[socket.socket] = []  # keep each probe bound until all are chosen: no port twice
-
-    def moved(ep):
-        key = (ep.host, ep.port)
-        if key not in mapping:
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            held.append(s)
-            mapping[key] = s.getsockname()[1]
-        return dataclasses.replace(ep, port=mapping[key])
-
-    sources = tuple(dataclasses.replace(s, device=moved(s.device)) for s in site.sources)
-    aisles = tuple(dataclasses.replace(
-        a, pdbs=tuple(dataclasses.replace(p, device=moved(p.device)) for p in a.pdbs),
-        units=tuple(dataclasses.replace(u, device=moved(u.device), storage=dataclasses.replace(
-            u.storage, device=moved(u.storage.device)) if u.storage else None) for u in a.units)) for a in site.aisles)
-    for s in held:
-        s.close()
-    return dataclasses.replace(site, sources=sources, aisles=aisles)
 
 
 def _plot(out: Path, figures: dict, names: list[str]) -> None:

@@ -246,3 +246,35 @@ def _device_dict(device: DeviceEndpoint, shared: dict[str, Any]) -> dict[str, An
 def _num(value: float) -> int | float:
     """Whole numbers without a trailing .0, so the file reads like one written by hand."""
     return int(value) if float(value).is_integer() else value
+
+
+def relocate_site(site: Site, host: str = "127.0.0.1") -> Site:
+    """The same site with every distinct device address moved to a free port on `host`.
+
+    For tests and benchmarks that must not collide with a running demo (fixed ports)."""
+    import dataclasses
+    import socket
+
+    new_port: dict[tuple[str, int], int] = {}
+    held: list[socket.socket] = []  # keep each probe bound until all are chosen: no port twice
+
+    def moved(endpoint):
+        key = (endpoint.host, endpoint.port)
+        if key not in new_port:
+            probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            probe.bind((host, 0))
+            held.append(probe)
+            new_port[key] = probe.getsockname()[1]
+        return dataclasses.replace(endpoint, host=host, port=new_port[key])
+
+    try:
+        sources = tuple(dataclasses.replace(s, device=moved(s.device)) for s in site.sources)
+        aisles = tuple(dataclasses.replace(
+            a, pdbs=tuple(dataclasses.replace(p, device=moved(p.device)) for p in a.pdbs),
+            units=tuple(dataclasses.replace(u, device=moved(u.device), storage=dataclasses.replace(
+                u.storage, device=moved(u.storage.device)) if u.storage else None) for u in a.units))
+            for a in site.aisles)
+    finally:
+        for probe in held:
+            probe.close()
+    return dataclasses.replace(site, sources=sources, aisles=aisles)
