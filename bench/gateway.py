@@ -11,7 +11,7 @@ side by side on this machine: the device simulators, the gateway, and this measu
   plant seconds; a value read at SourceTimestamp s was produced by the last step before s,
   at wall0 + floor((s - wall0) * speed) / speed, wall0 being the wall time of plant t = 0;
 - switch_rtt_ms_median: SwitchSource round trip as a client sees it (10 units);
-- poll_overruns: driver poll cycles longer than the scan period; cpu_percent and peak_rss_mb
+- poll_overruns: device reads a whole scan period late (missed scans); cpu_percent and peak_rss_mb
   of the gateway process over the measuring window.
 """
 

@@ -173,7 +173,7 @@ class GatewayServer:
     HEALTH_VARS = (("Connected", ua.VariantType.Boolean, "connection to the device(s) is up"),
                    ("LastError", ua.VariantType.String, "last error seen on this connection"),
                    ("PollDuration", ua.VariantType.Double, "duration of the last poll cycle, ms"),
-                   ("Overruns", ua.VariantType.UInt32, "poll cycles that took longer than the scan period"),
+                   ("Overruns", ua.VariantType.UInt32, "device reads that came a whole scan period late (a missed scan)"),
                    ("Reconnects", ua.VariantType.UInt32, "connections made since start"),
                    ("Devices", ua.VariantType.UInt32, "devices polled over this connection"))
 

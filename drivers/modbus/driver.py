@@ -18,6 +18,7 @@ unreachable device. Plain "modbus" devices still work and are warned about once 
 from __future__ import annotations
 
 import asyncio
+import math
 import logging
 import random
 import ssl
@@ -210,12 +211,17 @@ class ModbusConnection:
                     await self._wait_backoff()
                     continue
             now = time.monotonic()
+            if not any(d.next_due for d in self.devices):
+                self._stagger(now)
             due = [d for d in self.devices if d.next_due <= now]
-            started = time.monotonic()
+            started = now
             broken = False
             for dev in due:
-                # schedule from the planned time so the period does not drift; skip missed cycles
-                dev.next_due = max(dev.next_due + dev.period_s, started) if dev.next_due else started + dev.period_s
+                # A device read a whole period after its slot has missed a scan: that is an overrun.
+                if time.monotonic() - dev.next_due > dev.period_s:
+                    self.health.overruns += 1
+                # keep the slot's phase (no drift); skip the slots already missed
+                dev.next_due += dev.period_s * max(1, math.ceil((time.monotonic() - dev.next_due) / dev.period_s))
                 try:
                     values = await self._read_device(dev)
                 except DeviceUnreachable as exc:
@@ -229,13 +235,9 @@ class ModbusConnection:
                 wall = time.time()
                 self.table.update_device(dev.name, values, wall)
                 dev.last_good, dev.good = time.monotonic(), True
-            finished = time.monotonic()
             if due:
                 self.health.polls += 1
-                self.health.poll_duration_ms = (finished - started) * 1000.0
-                shortest = min(d.period_s for d in due)
-                if finished - started > shortest:
-                    self.health.overruns += 1
+                self.health.poll_duration_ms = (time.monotonic() - started) * 1000.0
             self._check_stale(time.time())
             if broken:
                 self._close()
@@ -243,6 +245,13 @@ class ModbusConnection:
                 continue
             next_due = min(d.next_due for d in self.devices)
             await asyncio.sleep(max(0.0, next_due - time.monotonic()))
+
+    def _stagger(self, now: float) -> None:
+        """Spread the devices' scan slots evenly over their period, so that requests (and the
+        values they bring) flow steadily instead of in one burst per period."""
+        n = len(self.devices)
+        for k, dev in enumerate(self.devices):
+            dev.next_due = now + dev.period_s * k / n
 
     def _unreachable_reason(self, exc: DeviceUnreachable) -> str:
         # Under TLS 1.3 a device checks the gateway's certificate after the gateway's side of the
