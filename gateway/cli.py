@@ -134,7 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        handler = _resolve(args.handler)
+        try:
+            handler = _resolve(args.handler)
+        except ModuleNotFoundError as exc:
+            if not args.handler.startswith(str(exc.name).split(".")[0] + "."):
+                raise
+            raise CliError(f"{args.command}: not available in this build ({exc.name} is not installed yet)") from None
         code = handler(args)
         return int(code or 0)
     except CliError as exc:
