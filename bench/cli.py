@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from gateway.cli import CliError
 
-AVAILABLE = ("sim", "gateway")
+AVAILABLE = ("sim", "mission", "gateway")
 
 
 def cli_bench(args) -> int:
@@ -20,6 +20,12 @@ def cli_bench(args) -> int:
             json_path = args.json if len(which) == 1 else (args.json.with_name(f"{args.json.stem}-sim.json")
                                                            if args.json else None)
             sim.run(args.out, json_path, quick=args.quick)
+        elif w == "mission":
+            from bench import mission
+
+            json_path = args.json if len(which) == 1 else (args.json.with_name(f"{args.json.stem}-mission.json")
+                                                           if args.json else None)
+            mission.run(args.out, json_path, scenarios=getattr(args, "scenarios", None), quick=args.quick)
         elif w == "gateway":
             from bench import gateway
 
