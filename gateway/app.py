@@ -39,6 +39,9 @@ class Gateway:
     data_dir: Path
     opcua_port: int | None = None
     opcua_host: str | None = None
+    cmcs: bool = False  # run the built-in CMCS (an OPC UA client of this gateway); `cmcs run` turns it on
+    cmcs_bundle: Path | None = None  # model bundle (None: <data-dir>/models/current, else the shipped one)
+    cmcs_time_scale: float = 1.0  # plant seconds per wall second (simulators run faster than real time)
 
     def __post_init__(self) -> None:
         self.table = PointTable()
@@ -49,6 +52,9 @@ class Gateway:
                                     health=self.driver.health, data_dir=Path(self.data_dir))
 
     historian: object = None  # gateway.historian.Historian once started
+    live: object = None  # cmcs.live.LiveCmcs once started
+    _cmcs_stop: asyncio.Event | None = None
+    _cmcs_task: asyncio.Task | None = None
 
     async def start(self) -> None:
         from gateway.historian import attach as attach_historian
@@ -59,15 +65,49 @@ class Gateway:
         # alarms and audit events go to the historian too (HistoryRead of events on the Server object)
         await self.server.server.iserver.history_manager.historize_event(self.server.server.nodes.server,
                                                                           period=None)
+        if self.cmcs:
+            await self.start_cmcs()
+
+    def bundle_dir(self) -> Path:
+        from cmcs.models import SHIPPED_BUNDLE
+
+        if self.cmcs_bundle is not None:
+            return Path(self.cmcs_bundle)
+        current = Path(self.data_dir) / "models" / "current"
+        return current if (current / "bundle.json").exists() else SHIPPED_BUNDLE
+
+    async def start_cmcs(self) -> None:
+        """The built-in CMCS: an OPC UA client of this server, with its own certificate and the
+        Engineer role (gateway.security.ensure_cmcs_client), like any other client."""
+        from cmcs.live import LiveCmcs, LiveOptions
+        from gateway.security import ensure_cmcs_client
+
+        cert, key, uri = ensure_cmcs_client(Path(self.data_dir))
+        srv = self.server
+        host = srv.host if srv.host not in ("0.0.0.0", "", "::") else "127.0.0.1"
+        options = LiveOptions(endpoint=f"opc.tcp://{host}:{srv.port}{srv.path}", certificate=cert, private_key=key,
+                              application_uri=uri, bundle=self.bundle_dir(), time_scale=self.cmcs_time_scale)
+        loop = asyncio.get_running_loop()
+        self.live = await loop.run_in_executor(None, LiveCmcs, self.site, options)  # loads xgboost boosters
+        srv.model_version = self.live.predictor.version
+        self._cmcs_stop = asyncio.Event()
+        self._cmcs_task = asyncio.create_task(self.live.run(self._cmcs_stop), name="cmcs")
 
     async def stop(self) -> None:
+        if self._cmcs_task is not None:
+            self._cmcs_stop.set()
+            try:
+                await asyncio.wait_for(self._cmcs_task, 10)
+            except (asyncio.TimeoutError, Exception) as exc:  # noqa: BLE001 - stopping anyway
+                log.warning("CMCS did not stop cleanly: %s", exc)
         await self.server.stop()
         if self.historian is not None:
             await self.historian.close()
         await self.driver.stop()
 
 
-async def run_until_signalled(site: Site, data_dir: Path, simulate: bool) -> None:
+async def run_until_signalled(site: Site, data_dir: Path, simulate: bool, cmcs: bool = True,
+                              bundle: Path | None = None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -78,12 +118,15 @@ async def run_until_signalled(site: Site, data_dir: Path, simulate: bool) -> Non
 
         host = SimulatorHost(site)
         await host.start()
-    gateway = Gateway(site, data_dir)
+    gateway = Gateway(site, data_dir, cmcs=cmcs, cmcs_bundle=bundle)
     try:
         await gateway.start()
         print(f"cmcs-gateway: site '{site.name}', {len(site.units)} micro-ATS; OPC UA at {gateway.server.endpoint}"
               + (" (demo: simulators in-process on loopback)" if simulate else "") + "; Ctrl-C to stop", flush=True)
         print(f"cmcs-gateway: {gateway.server.security.summary()}", flush=True)
+        if gateway.live is not None:
+            print(f"cmcs-gateway: built-in CMCS (user '{'cmcs'}', model {gateway.live.predictor.version}), "
+                  f"mode {gateway.server.cmcs_mode.name.title()}", flush=True)
         await stop.wait()
     finally:
         await gateway.stop()
@@ -109,7 +152,9 @@ def cli_run(args) -> int:
         simulate = False
     data_dir = prepare_data_dir(args.data_dir)
     try:
-        asyncio.run(run_until_signalled(site, data_dir, simulate))
+        if args.bundle is not None and not (Path(args.bundle) / "bundle.json").exists():
+            raise CliError(f"--bundle {args.bundle}: no bundle.json there")
+        asyncio.run(run_until_signalled(site, data_dir, simulate, cmcs=not args.no_cmcs, bundle=args.bundle))
     except OSError as exc:
         raise CliError(f"cannot start: {exc}") from None
     return 0

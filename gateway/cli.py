@@ -37,7 +37,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run the gateway (demo site with in-process simulators when no --config)")
     p.add_argument("--config", type=Path, help="site file (YAML); without it the built-in demo site runs")
     _data_dir_arg(p)
+    p.add_argument("--no-cmcs", action="store_true", help="do not start the built-in CMCS")
+    p.add_argument("--bundle", type=Path, default=None,
+                   help="CMCS model bundle (default: <data-dir>/models/current if present, else the shipped one)")
     p.set_defaults(handler="gateway.app:cli_run")
+
+    p = sub.add_parser("agent", help="run the CMCS alone, as an OPC UA client of a (remote) gateway")
+    p.add_argument("--config", type=Path, required=True, help="the gateway's site file (YAML)")
+    p.add_argument("--endpoint", required=True, help="the gateway's endpoint, e.g. opc.tcp://gw1:4840/cmcs")
+    p.add_argument("--certificate", type=Path, help="this client's application-instance certificate (DER or PEM); "
+                   "also its X509 user token unless --user is given")
+    p.add_argument("--private-key", type=Path, help="its private key (PEM)")
+    p.add_argument("--user", help="log in with this user name (role Engineer), password on standard input")
+    p.add_argument("--security", default="Basic256Sha256:SignAndEncrypt",
+                   help="POLICY:MODE, POLICY one of Basic256Sha256, Aes128_Sha256_RsaOaep, Aes256_Sha256_RsaPss "
+                        "(or None), MODE Sign or SignAndEncrypt (default Basic256Sha256:SignAndEncrypt)")
+    p.add_argument("--application-uri", default=None,
+                   help="this client's ApplicationUri (must be the certificate's SubjectAltName URI)")
+    p.add_argument("--bundle", type=Path, default=None, help="model bundle (default: the shipped one)")
+    p.set_defaults(handler="cmcs.agent:cli_agent")
 
     p = sub.add_parser("simulate", help="serve the device simulators as real Modbus TCP endpoints")
     p.add_argument("--config", type=Path, help="site file (YAML); without it the built-in demo site")

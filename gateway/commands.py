@@ -43,7 +43,8 @@ CONFIRM_TIMEOUT_S = 1.0
 # Which role may call what (INTERFACE.md section 4); the security layer supplies the caller's role.
 ROLE_RANK = {"Viewer": 0, "Operator": 1, "Engineer": 2, "Admin": 3}
 REQUIRED_ROLE = {"SwitchSource": "Operator", "SetPreferredSource": "Operator", "StartBridging": "Operator",
-                 "StopBridging": "Operator", "SetMode": "Engineer", "Write": "Engineer"}
+                 "StopBridging": "Operator", "SetMode": "Engineer", "Write": "Engineer",
+                 "ReportPrediction": "Engineer", "ClearPrediction": "Engineer", "Advise": "Engineer"}
 
 
 @dataclass

@@ -33,7 +33,7 @@ import socket
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -245,6 +245,47 @@ def create_server_certificate(pki: Pki, application_uri: str, hostnames: list[st
     return cert
 
 
+CMCS_USER = "cmcs"  # the built-in CMCS's OPC UA user (role Engineer, X509 token)
+
+
+def cmcs_client_uri() -> str:
+    return f"urn:cmcs-gateway:{socket.gethostname()}:cmcs-client"
+
+
+def ensure_cmcs_client(data_dir: Path, days: int = CERT_DAYS) -> tuple[Path, Path, str]:
+    """The built-in CMCS's own identity, created on first start: `<data-dir>/cmcs/cert.der` and
+    `key.pem` (0600), the certificate trusted in pki/trusted/ and mapped to the user `cmcs` with the
+    Engineer role (X509 user token; no password anywhere). Returns (cert, key, ApplicationUri)."""
+    from gateway.users import load_users, set_user, users_path
+
+    pki = Pki.of(data_dir).ensure()
+    folder = Path(data_dir) / "cmcs"
+    folder.mkdir(exist_ok=True, mode=0o700)
+    os.chmod(folder, 0o700)
+    cert_file, key_file, uri = folder / "cert.der", folder / "key.pem", cmcs_client_uri()
+    cert = None
+    if cert_file.exists() and key_file.exists():
+        cert = load_certificate_file(cert_file)
+        if cert.not_valid_after_utc <= datetime.now(timezone.utc) or uri not in san_uris(cert):
+            cert = None
+    if cert is None:
+        key = cert_gen.generate_private_key()
+        cert = cert_gen.generate_self_signed_app_certificate(
+            key, f"cmcs-client@{socket.gethostname()}", {"organizationName": "cmcs-gateway"},
+            [x509.UniformResourceIdentifier(uri)] + [x509.DNSName(n) for n in host_names()],
+            [ExtendedKeyUsageOID.CLIENT_AUTH], days=days)
+        _write_private(key_file, cert_gen.dump_private_key_as_pem(key), 0o600)
+        _write_private(cert_file, der(cert), 0o644)
+        log.info("new certificate for the built-in CMCS %s (SHA-1 %s)", cert_file, thumbprint_of(cert))
+    trusted = pki.trusted / cert_file_name(cert)
+    if not trusted.exists():
+        _write_private(trusted, der(cert), 0o644)
+    record = load_users(users_path(data_dir)).get(CMCS_USER)
+    if record is None or record.role != "Engineer" or thumbprint_of(cert) not in record.certificates:
+        set_user(data_dir, CMCS_USER, "Engineer", certificate_thumbprint=thumbprint_of(cert))
+    return cert_file, key_file, uri
+
+
 def ensure_server_certificate(pki: Pki, application_uri: str) -> x509.Certificate:
     """The server certificate, created on first start, or again when expired or made for another
     ApplicationUri (clients refuse a certificate whose SubjectAltName URI is not the server's)."""
@@ -406,17 +447,26 @@ class LoginThrottle:
 class Writable:
     """A variable a client may write: who, and which values."""
 
-    point: tuple[str, str]  # (device, point) in the site model
+    point: tuple[str, str]  # (device, point) in the site model; device "*": that point of every device
     min_role: str
     low: float
     high: float
     integer: bool = False
+    text: bool = False  # a String of at most `high` characters
+    audit: bool = True  # audited (a setpoint); False for the CMCS's results, written every cycle
 
 
 # Cmcs setpoints: INTERFACE.md section 4 "Engineer (+ SetMode, writable setpoints such as RiskThreshold)"
 WRITABLE_POINTS = (
     Writable(("Cmcs", "RiskThreshold"), "Engineer", 0.0, 1.0),
     Writable(("Cmcs", "Mode"), "Engineer", 0, 2, integer=True),  # CmcsMode 0 Manual .. 2 Automatic
+    # the CMCS's results, written back by the CMCS client (role Engineer) every cycle: not control
+    # actions, so not audited (its method calls are)
+    Writable(("*", "RiskScore"), "Engineer", 0.0, 1.0, audit=False),
+    Writable(("*", "PredictedLoad"), "Engineer", 0.0, 10000.0, audit=False),
+    Writable(("Cmcs", "CycleTime"), "Engineer", 0.0, 1e7, audit=False),
+    Writable(("Cmcs", "ActiveMitigations"), "Engineer", 0, 2**32 - 1, integer=True, audit=False),
+    Writable(("Cmcs", "ModelVersion"), "Engineer", 0, 128, text=True, audit=False),
 )
 
 _USER_ATTRIBUTES = frozenset({ua.AttributeIds.UserAccessLevel, ua.AttributeIds.UserExecutable,
@@ -520,7 +570,7 @@ class RoleAwareAttributeService(AttributeService):
         if status != SC.Good:
             log.warning("write refused: %s (%s) on %s: %s", name, role, wv.NodeId.to_string(),
                         ua.StatusCode(status).name)
-        if rule is not None and self.on_write is not None:
+        if rule is not None and self.on_write is not None and (rule.audit or status != SC.Good):
             r = self.on_write(name, role, rule.point, value, status, old_value)
             if asyncio.iscoroutine(r):
                 await r
@@ -531,6 +581,10 @@ class RoleAwareAttributeService(AttributeService):
         if variant is None or variant.Value is None or isinstance(variant.Value, list | bool):
             return SC.BadTypeMismatch
         v = variant.Value
+        if rule.text:
+            if not isinstance(v, str):
+                return SC.BadTypeMismatch
+            return SC.Good if len(v) <= rule.high else SC.BadOutOfRange
         if not isinstance(v, int | float):
             return SC.BadTypeMismatch
         if rule.integer and (not isinstance(v, int) or v not in range(int(rule.low), int(rule.high) + 1)):
@@ -754,10 +808,13 @@ async def secure_server(server: Server, opcua, data_dir: Path, model=None,
 async def _install_access_policy(server: Server, model, on_write: WriteListener | None) -> AccessPolicy:
     aspace = server.iserver.aspace
     writables: dict[ua.NodeId, Writable] = {}
+    targets: list[tuple[ua.NodeId, Writable]] = []
     for rule in WRITABLE_POINTS if model is not None else ():
-        nodeid = model.points.get(rule.point)
-        if nodeid is None:
-            continue
+        if rule.point[0] == "*":
+            targets += [(nid, replace(rule, point=key)) for key, nid in model.points.items() if key[1] == rule.point[1]]
+        elif (nodeid := model.points.get(rule.point)) is not None:
+            targets.append((nodeid, rule))
+    for nodeid, rule in targets:
         writables[nodeid] = rule
         # asyncua's own check (role User) needs CurrentWrite in AccessLevel and UserAccessLevel
         for attr in (ua.AttributeIds.AccessLevel, ua.AttributeIds.UserAccessLevel):

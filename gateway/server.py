@@ -13,6 +13,8 @@ import contextvars
 import logging
 import socket
 import time
+import uuid
+from typing import Any
 from datetime import datetime, timezone
 
 from asyncua import Server, ua
@@ -106,6 +108,7 @@ class GatewayServer:
         self.data_dir = data_dir  # holds pki/ and users.yaml
         self.security: security.SecurityState | None = None
         self.alarms = None  # gateway.alarms.AlarmEngine once started
+        self.advisories = 0  # CMCS advisory events notified
 
     @property
     def endpoint(self) -> str:
@@ -132,6 +135,9 @@ class GatewayServer:
             "StartBridging": self._start_bridging,
             "StopBridging": self._stop_bridging,
             "SetMode": self._set_mode,
+            "ReportPrediction": self._report_prediction,
+            "ClearPrediction": self._clear_prediction,
+            "Advise": self._advise,
         })
         await self._write_cmcs_defaults()
         # the values already known, then every change as it comes
@@ -312,6 +318,73 @@ class GatewayServer:
         self.commands.audit.write({"user": user, "role": role, "method": "SetMode", "object": "Cmcs",
                                    "arguments": {"Mode": mode}, "status": ua.StatusCode(status).name})
         return ua.StatusCode(status) if status != ua.StatusCodes.Good else []
+
+    # ---- the CMCS's reports (cmcs/live.py calls these over OPC UA, role Engineer) -----------------
+    async def _cmcs_report(self, call: MethodCall, check, body) -> Any:
+        """Role, then `check()` (a StatusCode value or None), then `body()`; audited either way."""
+        user, role = caller()
+        from gateway.commands import REQUIRED_ROLE, ROLE_RANK
+
+        args = dict(zip([a.name for a in self.model.methods[("Cmcs", call.method)].inputs], call.args, strict=False))
+        if ROLE_RANK.get(role, -1) < ROLE_RANK[REQUIRED_ROLE[call.method]]:
+            status = ua.StatusCodes.BadUserAccessDenied
+        else:
+            status = check() or ua.StatusCodes.Good
+            if status == ua.StatusCodes.Good:
+                await body()
+        self.commands.audit.write({"user": user, "role": role, "method": call.method, "object": "Cmcs",
+                                   "arguments": args, "status": ua.StatusCode(status).name})
+        return ua.StatusCode(status) if status != ua.StatusCodes.Good else []
+
+    def _known_component(self, name: str) -> int | None:
+        return None if name in self.model.device_nodes and name != "Cmcs" else ua.StatusCodes.BadInvalidArgument
+
+    async def _report_prediction(self, call: MethodCall):
+        component, risk, lead, recommendation = call.args
+
+        def check():
+            if (bad := self._known_component(component)) is not None:
+                return bad
+            if not (0.0 <= risk <= 1.0 and 0.0 <= lead <= 7 * 86400.0):  # False for NaN
+                return ua.StatusCodes.BadOutOfRange
+            return None
+
+        async def body():
+            text = (f"{component}: failure predicted in {lead / 60.0:.0f} min (risk {risk:.0%})"
+                    + (f"; {recommendation}" if recommendation else ""))
+            self.alarms.raise_predicted_failure(component, component, lead, risk, message=text)
+
+        return await self._cmcs_report(call, check, body)
+
+    async def _clear_prediction(self, call: MethodCall):
+        (component,) = call.args
+
+        async def body():
+            self.alarms.clear_predicted_failure(component)
+
+        return await self._cmcs_report(call, lambda: self._known_component(component), body)
+
+    async def _advise(self, call: MethodCall):
+        component, action = call.args
+
+        async def body():
+            from asyncua.common import event_objects
+
+            from gateway.audit_events import set_field, trigger
+
+            now = datetime.now(timezone.utc)
+            ev = event_objects.BaseEvent()
+            set_field(ev, "EventId", uuid.uuid4().bytes, ua.VariantType.ByteString)
+            set_field(ev, "SourceNode", self.model.device_nodes[component], ua.VariantType.NodeId)
+            set_field(ev, "SourceName", component, ua.VariantType.String)
+            set_field(ev, "Time", now, ua.VariantType.DateTime)
+            set_field(ev, "ReceiveTime", now, ua.VariantType.DateTime)
+            set_field(ev, "Message", ua.LocalizedText(f"CMCS advises: {action}"), ua.VariantType.LocalizedText)
+            set_field(ev, "Severity", 300, ua.VariantType.UInt16)
+            await trigger(self.server, ev)
+            self.advisories += 1
+
+        return await self._cmcs_report(call, lambda: self._known_component(component), body)
 
 
 def _coerce(value, vtype: ua.VariantType):

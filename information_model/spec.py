@@ -203,6 +203,9 @@ DISTRIBUTION_BUS = ObjectTypeSpec(
         Member("AmbientTemperature", "Double", "Air temperature around the bus.", "degC", (-20.0, 80.0), historized=True),
         Member("Energized", "Boolean", "True while the bus segment is live."),
         _risk(),
+        Member("JointTemperatureL1", "Double", "Temperature of the hottest bolted joint on phase L1.", "degC", (-20.0, 150.0), historized=True),
+        Member("JointTemperatureL2", "Double", "Temperature of the hottest bolted joint on phase L2.", "degC", (-20.0, 150.0), historized=True),
+        Member("JointTemperatureL3", "Double", "Temperature of the hottest bolted joint on phase L3.", "degC", (-20.0, 150.0), historized=True),
     ),
 )
 
@@ -288,6 +291,29 @@ CMCS = ObjectTypeSpec(
             "SetMode",
             "Change the CMCS operating mode.",
             (Argument("Mode", "CmcsMode", "The new operating mode."),),
+        ),
+        Method(
+            "ReportPrediction",
+            "The CMCS predicts that a component fails: raise (or update) its PredictedFailureAlarm.",
+            (
+                Argument("Component", "String", "BrowseName of the at-risk source, PDB segment, micro-ATS or DES unit."),
+                Argument("RiskScore", "Double", "Probability (0..1) that it fails within the CMCS horizon."),
+                Argument("LeadTime", "Double", "Expected time to the failure in s."),
+                Argument("Recommendation", "String", "The mitigation the CMCS takes (Automatic) or recommends (Advisory)."),
+            ),
+        ),
+        Method(
+            "ClearPrediction",
+            "The CMCS no longer predicts a failure of the component: its PredictedFailureAlarm returns to normal.",
+            (Argument("Component", "String", "BrowseName of the component."),),
+        ),
+        Method(
+            "Advise",
+            "Advisory mode: notify an event with an action the CMCS recommends but does not take.",
+            (
+                Argument("Component", "String", "BrowseName of the object the action is about."),
+                Argument("Action", "String", "The recommended action and its reason."),
+            ),
         ),
     ),
 )

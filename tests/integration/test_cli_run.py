@@ -12,6 +12,7 @@ import time
 
 from asyncua import Client, ua
 
+from cmcs.models import SHIPPED_BUNDLE, Predictor
 from siteconfig.demo import demo_site, site_to_yaml
 
 from .conftest import free_port, relocate_site
@@ -48,6 +49,16 @@ async def _first_good_read(url: str, ns_uri: str, node: str, timeout: float) -> 
     raise AssertionError(f"no Good value from {url}: {last_error}")
 
 
+async def _wait_version(url: str, ns_uri: str, timeout: float) -> str:
+    """Cmcs.ModelVersion once a CMCS has written it ("" until then)."""
+    deadline = time.monotonic() + timeout
+    version = ""
+    while not version and time.monotonic() < deadline:
+        version = await _first_good_read(url, ns_uri, "Cmcs.ModelVersion", 10)
+        await asyncio.sleep(0.5)
+    return version
+
+
 async def test_run_against_a_separate_simulator_and_stop_cleanly(tmp_path):
     site, path = _site_file(tmp_path)
     sim, sim_log = _start(["simulate", "--config", str(path)], tmp_path, "simulate")
@@ -58,6 +69,12 @@ async def test_run_against_a_separate_simulator_and_stop_cleanly(tmp_path):
         value = await _first_good_read(url, f"urn:cmcs-gateway:site:{site.name}", "MATS-02-03.LoadPower", 60)
         assert value > 0
         assert (tmp_path / "data").stat().st_mode & 0o777 == 0o700
+        # the built-in CMCS logged in (its own certificate, X509 token, role Engineer) and wrote its model version
+        version = await _wait_version(url, f"urn:cmcs-gateway:site:{site.name}", 60)
+        assert version == Predictor.load(SHIPPED_BUNDLE).version, (tmp_path / "run.log").read_text()[-2000:]
+        assert (tmp_path / "data" / "cmcs" / "key.pem").stat().st_mode & 0o777 == 0o600
+        users = (tmp_path / "data" / "users.yaml").read_text()
+        assert "cmcs" in users and "Engineer" in users and "password" not in users.split("cmcs:")[-1].split("\n\n")[0]
         gw.send_signal(signal.SIGTERM)
         assert gw.wait(timeout=30) == 0
         output = (tmp_path / "run.log").read_text()
@@ -81,3 +98,64 @@ def test_run_with_a_bad_site_file_is_one_line(tmp_path):
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr + proc.stdout
     assert "bad.yaml:1" in proc.stderr
+
+
+def _client_certificate(tmp_path, uri: str):
+    from asyncua.crypto import cert_gen
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    key = cert_gen.generate_private_key()
+    cert = cert_gen.generate_self_signed_app_certificate(
+        key, "remote-cmcs", {}, [x509.UniformResourceIdentifier(uri)], [ExtendedKeyUsageOID.CLIENT_AUTH], days=30)
+    cert_path, key_path = tmp_path / "remote.der", tmp_path / "remote.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.DER))
+    key_path.write_bytes(cert_gen.dump_private_key_as_pem(key))
+    return cert_path, key_path
+
+
+async def test_cmcs_agent_runs_against_a_remote_gateway(tmp_path):
+    """`cmcs run --no-cmcs` + `cmcs agent` in another process, trusted and logged in by certificate."""
+    site, path = _site_file(tmp_path)
+    data = tmp_path / "data"
+    cert, key = _client_certificate(tmp_path, "urn:test:remote-cmcs")
+    for args in (["certs", "trust", str(cert)], ["users", "add", "remote", "--role", "Engineer", "--certificate", str(cert)]):
+        done = subprocess.run([sys.executable, "-m", "gateway", *args, "--data-dir", str(data)],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+    sim, _ = _start(["simulate", "--config", str(path)], tmp_path, "simulate")
+    gw = agent = None
+    try:
+        gw, _ = _start(["run", "--config", str(path), "--data-dir", str(data), "--no-cmcs"], tmp_path, "run")
+        url = f"opc.tcp://127.0.0.1:{site.gateway.opcua.port}/cmcs"
+        ns_uri = f"urn:cmcs-gateway:site:{site.name}"
+        await _first_good_read(url, ns_uri, "MATS-02-03.LoadPower", 60)
+        assert await _first_good_read(url, ns_uri, "Cmcs.ModelVersion", 5) == ""  # no CMCS yet
+        agent, _ = _start(["agent", "--config", str(path), "--endpoint", url, "--certificate", str(cert),
+                           "--private-key", str(key), "--security", "Aes256_Sha256_RsaPss:SignAndEncrypt"],
+                          tmp_path, "agent")
+        version = await _wait_version(url, ns_uri, 60)
+        assert version == Predictor.load(SHIPPED_BUNDLE).version, (tmp_path / "agent.log").read_text()[-2000:]
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(timeout=30) == 0
+        output = (tmp_path / "agent.log").read_text()
+        assert "stopped" in output and "Traceback" not in output
+    finally:
+        for proc in (agent, gw, sim):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+
+def test_cmcs_agent_bad_arguments_are_one_line(tmp_path):
+    site, path = _site_file(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "gateway", "agent", "--config", str(path), "--endpoint",
+                           "opc.tcp://127.0.0.1:1/cmcs", "--certificate", str(tmp_path / "nope.der"),
+                           "--private-key", str(tmp_path / "nope.pem")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert "nope.der: no such file" in proc.stderr
