@@ -143,6 +143,8 @@ class LiveCmcs:
         self.calls: list[tuple[float, object, str]] = []  # (plant t, action, StatusCode name)
         self.advised: list[tuple[float, object]] = []
         self.reported: dict[str, float] = {}  # component -> risk last reported (alarm active)
+        self.connections = 0
+        self.client: Client | None = None
         self.last_risk: dict[str, np.ndarray] | None = None
         self.last_forecast: np.ndarray | None = None
         self._reset_state()
@@ -195,9 +197,10 @@ class LiveCmcs:
         while not stop.is_set():
             client = None
             try:
-                client = await self._client()
+                client = self.client = await self._client()
                 await client.connect()
                 self.connected = True
+                self.connections += 1
                 backoff = 1.0
                 log.info("CMCS connected to %s", self.options.endpoint)
                 await self._serve(client, stop)
@@ -242,6 +245,9 @@ class LiveCmcs:
                 next_t = time.monotonic() + cycle_wall
             if client.uaclient.protocol is None or self._sub is None:
                 raise ConnectionError("session closed")
+            silent = time.monotonic() - (self._sub.last_publish_at or self._subscribed_at)
+            if silent > 3.0 * self._keepalive_s + 10.0:
+                raise ConnectionError(f"no publish response from the gateway for {silent:.0f} s")
             await self.cycle(client)
 
     async def _subscribe(self, client: Client, nodes: _Nodes) -> None:
@@ -273,6 +279,7 @@ class LiveCmcs:
                 log.warning("CMCS: %d monitored items refused (%s)", len(bad), bad[0].name)
         self._sub = sub
         self._sub_alive = True
+        self._subscribed_at = time.monotonic()
 
     def _on_items(self, items) -> None:
         slots = self._slots
