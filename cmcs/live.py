@@ -160,6 +160,7 @@ class LiveCmcs:
         self._cmcs_values: dict[str, float] = {}
         self._slots: list[tuple[str, int, int]] = []
         self._advice_at: dict[tuple, float] = {}
+        self._written: dict[ua.NodeId, object] = {}  # what this session last wrote, per node
         self._t0 = time.monotonic()
         self._sub: _Feed | None = None
         self._sub_alive = False
@@ -456,12 +457,30 @@ class LiveCmcs:
         await self._write(client, writes)
 
     async def _write(self, client: Client, writes) -> None:
+        """Write the values that changed (deadband 0.1 % of the value, at least 0.001): a result
+        that holds still costs the gateway and its historian nothing."""
+        last = self._written
+        todo = []
+        for nid, v, vt in writes:
+            if nid is None:
+                continue
+            old = last.get(nid)
+            if isinstance(v, float) and isinstance(old, float) and abs(v - old) <= max(1e-3, 1e-3 * abs(old)):
+                continue
+            if old is not None and not isinstance(v, float) and v == old:
+                continue
+            last[nid] = v
+            todo.append((nid, v, vt))
         wvs = [ua.WriteValue(NodeId=nid, AttributeId=ua.AttributeIds.Value,
                              Value=ua.DataValue(ua.Variant(v, vt)))
-               for nid, v, vt in writes if nid is not None]
+               for nid, v, vt in todo]
         for i in range(0, len(wvs), 1000):
-            results = await client.uaclient.write(ua.WriteParameters(NodesToWrite=wvs[i:i + 1000]))
+            chunk = wvs[i:i + 1000]
+            results = await client.uaclient.write(ua.WriteParameters(NodesToWrite=chunk))
             bad = [r for r in results if not r.is_good()]
+            for wv, r in zip(chunk, results, strict=False):
+                if not r.is_good():
+                    last.pop(wv.NodeId, None)  # try again next cycle
             if bad:
                 log.warning("CMCS: %d writes refused (%s): does the CMCS user have the Engineer role?",
                             len(bad), bad[0].name)
