@@ -144,6 +144,7 @@ class LiveCmcs:
         self.advised: list[tuple[float, object]] = []
         self.reported: dict[str, float] = {}  # component -> risk last reported (alarm active)
         self.connections = 0
+        self.errors = 0  # cycles that failed on an unexpected error (logged with their traceback)
         self.client: Client | None = None
         self.last_risk: dict[str, np.ndarray] | None = None
         self.last_forecast: np.ndarray | None = None
@@ -211,6 +212,11 @@ class LiveCmcs:
             except (OSError, asyncio.TimeoutError, ua.UaError, ConnectionError) as exc:
                 log.warning("CMCS: connection to %s lost or refused (%s); retrying in %.0f s",
                             self.options.endpoint, exc or type(exc).__name__, backoff)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - a bug in one cycle must not end the CMCS for good
+                self.errors += 1
+                log.exception("CMCS: cycle failed; starting again (safe start) in %.0f s", backoff)
             finally:
                 self.connected = False
                 if client is not None:

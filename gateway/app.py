@@ -157,4 +157,10 @@ def cli_run(args) -> int:
         asyncio.run(run_until_signalled(site, data_dir, simulate, cmcs=not args.no_cmcs, bundle=args.bundle))
     except OSError as exc:
         raise CliError(f"cannot start: {exc}") from None
+    except Exception as exc:
+        from cmcs.models import BundleError
+
+        if isinstance(exc, BundleError):
+            raise CliError(f"CMCS model bundle: {exc} (or start with --no-cmcs)") from None
+        raise
     return 0

@@ -159,3 +159,15 @@ def test_cmcs_agent_bad_arguments_are_one_line(tmp_path):
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr + proc.stdout
     assert "nope.der: no such file" in proc.stderr
+
+
+def test_run_with_an_unusable_model_bundle_is_one_line(tmp_path):
+    site, path = _site_file(tmp_path)
+    bad = tmp_path / "bundle"
+    bad.mkdir()
+    (bad / "bundle.json").write_text("{not json")
+    proc = subprocess.run([sys.executable, "-m", "gateway", "run", "--config", str(path), "--data-dir",
+                           str(tmp_path / "d"), "--bundle", str(bad)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert "model bundle" in proc.stderr and "bundle.json unreadable" in proc.stderr
