@@ -320,6 +320,34 @@ async def test_engineer_setpoints_are_range_checked_and_mode_is_writable(secured
     assert [o["statusCode"] for o in report["ops"]] == ["BadUserAccessDenied", "BadUserAccessDenied"], brief(report)
 
 
+async def test_an_outside_cmcs_reports_through_the_cmcs_methods(secured):
+    """What a CMCS written with another stack (here node-opcua) does: write RiskScore, report a
+    predicted failure with its lead time, clear it; an Operator may do none of it."""
+    report_args = [{"dataType": "String", "value": "PDB-01-B"}, {"dataType": "Double", "value": 0.7},
+                   {"dataType": "Double", "value": 1200.0}, {"dataType": "String", "value": "moving its units"}]
+    ops = [
+        {"op": "write", "ns": SITE_URI, "id": "PDB-01-B.RiskScore", "dataType": "Double", "value": 0.7},
+        {"op": "call", "ns": SITE_URI, "object": "Cmcs", "method": "Cmcs.ReportPrediction", "args": report_args},
+        {"op": "read", "ns": SITE_URI, "id": "PDB-01-B.RiskScore"},
+    ]
+    report = await node_client(*secured.secure(), *secured.login("operator"), "--ops", json.dumps(ops))
+    assert [o["statusCode"] for o in report["ops"][:2]] == ["BadUserAccessDenied"] * 2, brief(report)
+    alarms = secured.gateway.server.alarms
+    assert not alarms.is_raised("PDB-01-B", "PredictedFailureAlarmType")
+    ops[1:1] = [{"op": "call", "ns": SITE_URI, "object": "Cmcs", "method": "Cmcs.ReportPrediction",
+                 "args": [{"dataType": "String", "value": "PDB-01-B"}, {"dataType": "Double", "value": 1.7},
+                          {"dataType": "Double", "value": 1200.0}, {"dataType": "String", "value": ""}]}]
+    report = await node_client(*secured.secure(), *secured.login("engineer"), "--ops", json.dumps(ops))
+    assert [o["statusCode"] for o in report["ops"]] == ["Good", "BadOutOfRange", "Good", "Good"], brief(report)
+    assert report["ops"][3]["value"] == pytest.approx(0.7)
+    assert alarms.is_raised("PDB-01-B", "PredictedFailureAlarmType")
+    ops = [{"op": "call", "ns": SITE_URI, "object": "Cmcs", "method": "Cmcs.ClearPrediction",
+            "args": [{"dataType": "String", "value": "PDB-01-B"}]}]
+    report = await node_client(*secured.secure(), *secured.login("engineer"), "--ops", json.dumps(ops))
+    assert report["ops"][0]["statusCode"] == "Good", brief(report)
+    assert not alarms.is_raised("PDB-01-B", "PredictedFailureAlarmType")
+
+
 async def test_wrong_password_is_refused_logged_and_slowed_down(secured, caplog):
     caplog.set_level(logging.WARNING, logger="gateway")
     throttle = secured.gateway.server.security.throttle
