@@ -5,7 +5,7 @@ a score >= 1 is an alarm at the nominal limit: `score = max over rules of readin
 Scanning a margin m (alarm when score >= m) scales every limit at once; that is how the
 baseline gets its best shot at a false-alarm budget.
 
-Load: persistence (last sample, or the last minute's mean) and seasonal-naive (the same minute
+Load: persistence (the last sample; and, stronger, the last minute's mean) and seasonal-naive (the same minute
 one hour earlier; the hourly batch jobs are the load's strongest recurring pattern).
 """
 
@@ -89,12 +89,15 @@ class DcimBaseline:
 # Series are T x units arrays of samples every dt seconds; the target at row t is the minute mean
 # at t + h (see dataset.load_targets).
 
-def persistence(last_kw: np.ndarray, minute_mean_kw: np.ndarray, truth_kw: np.ndarray) -> tuple[np.ndarray, str]:
-    """Persistence: the last sample or the last minute's mean, whichever has the lower MAPE here
-    (the minute mean is the same quantity as the target, so it is the fairer one and wins)."""
-    e_last = np.mean(np.abs(last_kw - truth_kw) / truth_kw)
-    e_min = np.mean(np.abs(minute_mean_kw - truth_kw) / truth_kw)
-    return (minute_mean_kw, "last-minute mean") if e_min <= e_last else (last_kw, "last sample")
+def persistence(last_kw: np.ndarray) -> np.ndarray:
+    """Persistence in its textbook sense: the last observed sample (10 s before t) for every horizon."""
+    return np.asarray(last_kw)
+
+
+def persistence_minute_mean(minute_mean_kw: np.ndarray) -> np.ndarray:
+    """Persistence of the last minute's mean: the same quantity as the target, a stronger baseline
+    than the last sample (it averages out the per-sample noise)."""
+    return np.asarray(minute_mean_kw)
 
 
 def seasonal_naive(minute_mean_kw: np.ndarray, dt_s: float, horizon_s: float, season_s: float = 3600.0) -> np.ndarray:

@@ -2,8 +2,11 @@
 
 A scenario is replayed by the plant and sampled every `SAMPLE_INTERVAL_S` exactly as an OPC UA
 client would see it (`Plant.snapshot()`, nothing else); features come from the one streaming
-pipeline (`cmcs.features.FeatureState`). Ground truth comes only from the scenario's fault list
-(kind, target, onset, precursor): the plant's internals are never read.
+pipeline (`cmcs.features.FeatureState`). Ground truth comes from the scenario's fault list
+(kind, target, onset, precursor) and, for the failure times, from when the plant's failures
+happened (`Plant.failure_times`): a worn contact set wears only while it carries current, so one
+that sat open fails later than its scheduled onset, or not within the scenario. Features never
+read the plant's internals.
 
 Labels, per component (source, PDB segment, micro-ATS, DES) and sample time t:
 - positive: a failure with precursors of this component has its onset in (t, t + HORIZON_S];
@@ -136,14 +139,24 @@ class Failure:
     precursor_s: float
     predictable: bool  # the scenario gives it precursors (precursor_s > 0, and a backup battery for sources)
     observable: bool = True  # and a client could see them: False for a worn contact set that stayed open
+    realized: bool = True  # it happened within the scenario (False: precursor under way at its end)
 
 
 def _source_backup_kinds(site) -> list[str]:
     return [s.backup for s in sorted(site.sources, key=lambda s: int(s.selection))]
 
 
-def scenario_failures(site, scenario, names: dict[str, list[str]]) -> list[Failure]:
-    """The component failures of a scenario, from its fault list only."""
+NOT_WITHIN_SCENARIO_S = 1e12  # "onset" of a failure still on its way when the scenario ends
+
+
+def scenario_failures(site, scenario, names: dict[str, list[str]],
+                      failure_times: dict | None = None) -> list[Failure]:
+    """The component failures of a scenario, from its fault list, at the times they happened.
+
+    `failure_times` ((kind, target, scheduled onset) -> time, `Plant.failure_times`) moves the onset
+    of a contact-wear failure whose worn set sat open for part of its precursor (it wears only while it
+    carries current); one that had not failed by the end of the scenario keeps its degrading rows
+    (its precursor is under way) but is not counted as a failure (`realized` False)."""
     backups = _source_backup_kinds(site)
     out = []
     for f in scenario.faults:
@@ -155,7 +168,12 @@ def scenario_failures(site, scenario, names: dict[str, list[str]]) -> list[Failu
         except ValueError:
             continue
         predictable = f.precursor_s > 0 and not (comp == "source" and backups[i] == "none")
-        out.append(Failure(comp, i, f.target, f.kind, float(f.onset_s), float(f.precursor_s), predictable))
+        onset, realized = float(f.onset_s), True
+        if failure_times is not None and f.kind == "contact_wear" and f.precursor_s > 0:
+            onset = float(failure_times.get((f.kind, f.target, float(f.onset_s)), NOT_WITHIN_SCENARIO_S))
+            realized = onset < NOT_WITHIN_SCENARIO_S
+        start = float(f.onset_s - f.precursor_s)
+        out.append(Failure(comp, i, f.target, f.kind, onset, onset - start, predictable, realized=realized))
     return out
 
 
@@ -247,11 +265,15 @@ def simulate(site, scenario, sample_interval_s: float = SAMPLE_INTERVAL_S) -> Sc
             plant.advance_to(float(t))
             yield plant.snapshot()
 
-    return from_snapshots(site, scenario, times, snapshots(), sample_interval_s)
+    # the failure times are read after the replay (labels look ahead; features never do)
+    return from_snapshots(site, scenario, times, snapshots(), sample_interval_s,
+                          failure_times=lambda: plant.failure_times)
 
 
-def from_snapshots(site, scenario, times: np.ndarray, snapshots, sample_interval_s: float = SAMPLE_INTERVAL_S) -> ScenarioRun:
-    """A ScenarioRun from a stream of client-side snapshots (one per sample time)."""
+def from_snapshots(site, scenario, times: np.ndarray, snapshots, sample_interval_s: float = SAMPLE_INTERVAL_S,
+                   failure_times=None) -> ScenarioRun:
+    """A ScenarioRun from a stream of client-side snapshots (one per sample time). `failure_times`:
+    a callable giving `Plant.failure_times` once the stream is consumed (None: scheduled onsets)."""
     fs = FeatureState(site, sample_interval_s)
     T = len(times)
     sizes = {"source": fs.ns, "pdb": fs.np_, "ats": fs.n, "des": fs.n, "load": fs.n}
@@ -270,7 +292,7 @@ def from_snapshots(site, scenario, times: np.ndarray, snapshots, sample_interval
         m1[j] = fs.load_level_kw
         active[j] = snap["ats"]["ActiveSource"]
     names = fs.device_names
-    failures = scenario_failures(site, scenario, names)
+    failures = scenario_failures(site, scenario, names, failure_times() if failure_times else None)
     mark_unobservable(failures, site, scenario, times, active)
     labels = {k: label_arrays(times, sizes[k], failures, k, scenario, fs.has_des if k == "des" else None)
               for k in COMPONENT_KINDS}

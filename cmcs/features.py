@@ -22,7 +22,7 @@ import math
 
 import numpy as np
 
-FEATURE_VERSION = 1
+FEATURE_VERSION = 2
 SAMPLE_INTERVAL_S = 10.0  # the gateway's subscription/sampling interval the models are built for
 WARMUP_S = 1800.0  # rows earlier than this are not scored: filters and baselines are still settling
 BASELINE_START_S = 1200.0  # running minima/maxima ("own baseline") start once filters and start-up transients settle
@@ -33,26 +33,29 @@ JOINT_TAU_S = 900.0  # assumed thermal time constant of a busbar joint
 CONTACT_TAU_S = 600.0  # assumed thermal time constant of a contact set
 MIN_CURRENT_FRACTION = 0.2  # rise-per-I^2 ratios need at least this share of rated current
 ITIC_STEADY_LOW_PU = 0.90  # a supply dip: below the ITIC steady-state band (>= 90 %)
+RISE_AGE_CAP_S = 3 * 3600.0  # "how long has this indicator been above its own baseline", capped
 
 KINDS = ("source", "pdb", "ats", "des")
 
 FEATURE_NAMES: dict[str, tuple[str, ...]] = {
     "source": (
         "bbr_base", "bbr_trend", "bbr_trend_slow", "bbt_rise", "bbt_trend", "bbv_drop", "backup_not_ready",
-        "has_backup", "loading", "available",
+        "has_backup", "loading", "available", "bbr_rise_age_h",
     ),
     "pdb": (
         "k_max", "k_asym", "k_base", "k_trend_fast", "k_trend", "k_trend_slow", "k_twin", "k_peer",
         "excess_rise_peer", "excess_rise_base", "thd_peer", "thd_trend",
-        "loading", "loading_peer", "current_trend", "imbalance", "energized",
+        "loading", "loading_peer", "current_trend", "imbalance", "energized", "k_rise_age_h",
+        "t_slope_asym", "t_slope_peer", "t_slope_rel",
     ),
     "ats": (
         "cr_base", "cr_base_max", "cr_trend", "cr_trend_slow", "cr_peer", "ct_k_peer", "ct_k_base", "act_base",
         "act_peer", "act_step", "act_step2", "ltt_peer", "loading", "on_alternate", "bridging", "offline",
+        "cr_rise_age_h", "act_rise_age_h", "act_age_h",
     ),
     "des": (
         "ir_base", "ir_peer", "ir_trend", "ir_trend_slow", "soh_drop", "soh_peer", "soh_trend", "mdp_ratio",
-        "soc", "charging", "bridging", "power_ratio",
+        "soc", "charging", "bridging", "power_ratio", "ir_rise_age_h",
     ),
     "load": (
         "last_rel", "m1_rel_ema5", "m1_rel_ema15", "m1_rel_ema60", "m1_delta_1min", "m1_delta_5min",
@@ -62,7 +65,8 @@ FEATURE_NAMES: dict[str, tuple[str, ...]] = {
         "aisle_seas1h_60", "aisle_seas_max_60", "aisle_seas_min_60",
         "aisle_seas1h_300", "aisle_seas_max_300", "aisle_seas_min_300",
         "aisle_seas1h_900", "aisle_seas_max_900", "aisle_seas_min_900",
-        "seas1h_level", "on_alternate",
+        "seas1h_level", "on_alternate", "share_rel_ema60", "share_rel_ema180", "share_delta_5min",
+        "aisle_next_start_h",
     ),
 }
 
@@ -205,6 +209,20 @@ class _DecayingCount:
         return self.v
 
 
+class _RiseAge:
+    """Time since an indicator (a ratio to the device's own baseline) was last at or below a level:
+    how long a degradation has been under way. A missing reading (NaN) neither resets nor starts it."""
+
+    def __init__(self, shape, level: float):
+        self.last_low = np.full(shape, NAN)
+        self.level = level
+
+    def update(self, x: np.ndarray, t_s: float) -> np.ndarray:
+        x = np.asarray(x, float)
+        self.last_low = np.where(np.isfinite(x) & (x <= self.level), t_s, self.last_low)
+        return np.minimum(t_s - self.last_low, RISE_AGE_CAP_S) / 3600.0
+
+
 class FeatureState:
     """Streaming features of one site; `update(t_s, snapshot)` once per sample, using past data only.
 
@@ -260,6 +278,7 @@ class FeatureState:
         self.s_bbt_min = _RunningExtreme(ns)
         self.s_bbv = _Ema((ns,), (120.0, 900.0))
         self.s_bbv_max = _RunningExtreme(ns, "max")
+        self.s_bbr_age = _RiseAge(ns, 1.05)
         # PDB joints: rise over the lag-filtered ambient against the lag-filtered I^2, per phase
         self.p_amb = _Ema((np_,), (JOINT_TAU_S,))
         self.p_rise = _Ema((np_, 3), (60.0,))
@@ -269,6 +288,8 @@ class FeatureState:
         self.p_k = _Ema((np_,), (300.0, 1800.0, 5400.0))
         self.p_thd = _Ema((np_,), (60.0, 900.0))
         self.p_cur = _Ema((np_,), (60.0, 900.0))
+        self.p_k_age = _RiseAge(np_, 1.15)
+        self.p_rise_slope = _Ema((np_, 3), (60.0, 300.0))  # their difference: the rise's slope over ~4 min
         # micro-ATS: contact sets (per pole), contact heating, actuator, transfers
         self.a_cr = [_Ema((n,), (120.0, 900.0, 3600.0)) for _ in range(2)]
         self.a_cr_min = [_RunningExtreme(n) for _ in range(2)]
@@ -281,7 +302,10 @@ class FeatureState:
         self.a_act_last = np.full(n, NAN)
         self.a_act_prev = np.full(n, NAN)  # the self-test reading before the last one, and the one before that
         self.a_act_prev2 = np.full(n, NAN)
+        self.a_act_t = np.full(n, NAN)
         self.a_tc_last = np.full(n, NAN)
+        self.a_cr_age = _RiseAge(n, 1.1)
+        self.a_act_age = _RiseAge(n, 1.15)
         self.a_transfers = _DecayingCount(n)
         self.a_dips = _DecayingCount(n)
         self.a_site_dips = _DecayingCount(1)
@@ -291,6 +315,7 @@ class FeatureState:
         self.d_soh = _Ema((n,), (120.0, 900.0))
         self.d_soh_max = _RunningExtreme(n, "max")  # of the 2-min filter: SoH is reported without noise
         self.d_mdp_max = _RunningExtreme(n, "max", start_s=0.0)
+        self.d_ir_age = _RiseAge(n, 1.05)
         # load: raw samples of the last minute, EMAs, minute means of the last 2 h (unit and aisle)
         self.l_raw = np.full((int(round(60.0 / self.dt_nominal)), n), NAN)  # the last minute's samples
         self.l_raw_i = 0
@@ -301,6 +326,12 @@ class FeatureState:
         self.l_aisle_ring = _Ring(3 * season + 1, self.n_aisles)  # of each aisle, 3 h back
         self.l_up_t = np.full(self.n_aisles, -np.inf)
         self.l_down_t = np.full(self.n_aisles, -np.inf)
+        self.l_up_first_t = np.full(self.n_aisles, NAN)  # start of the aisle's last step up (batch job start)
+        self.l_up_on = np.zeros(self.n_aisles, dtype=bool)
+        # the unit's share of its aisle's load (removes the aisle's batch jobs and the hall's diurnal
+        # swing) against its long-run level: the unit's own drift, which reverts to its mean
+        self.l_share = _Ema((n,), (3600.0, 3 * 3600.0))
+        self.l_share_ring = _Ring(int(round(300.0 / self.dt_nominal)) + 1, n)
 
     @property
     def ready(self) -> bool:
@@ -354,6 +385,7 @@ class FeatureState:
             bbt[:, 0] - bbt_min, bbt[:, 0] - bbt[:, 1], 1.0 - _ratio(bbv[:, 0], bbv_max),
             (has_backup & ~np.asarray(s["BackupReady"], bool)).astype(float), has_backup.astype(float),
             np.asarray(s["Loading"], float) / 100.0, np.asarray(s["Available"], float),
+            self.s_bbr_age.update(_ratio(bbr[:, 0], bbr_min), self.t_s),
         ]
         return np.column_stack(cols).astype(np.float32)
 
@@ -384,6 +416,13 @@ class FeatureState:
         thd = self.p_thd.update(np.where(live, np.asarray(p["VoltageThd"], float), NAN), dt)
         cur = self.p_cur.update(np.asarray(p["Current"], float), dt)
         loading = np.where(live, np.asarray(p["Loading"], float) / 100.0, NAN)
+        # how fast each phase's joints warm (K/min): a joint whose resistance steps up warms at once at
+        # (new steady rise - rise) / tau, long before the rise itself stands out; on one phase only, where
+        # a load change warms all three phases and the peers alike
+        rs = self.p_rise_slope.update(t_ph - amb_lag[:, None], dt)
+        slope = np.where(live[:, None], (rs[..., 0] - rs[..., 1]) / (300.0 - 60.0) * 60.0, NAN)
+        slope_max = _nanmax1(slope)
+        slope_med = _median3(slope)
         # peers: live segments only (a dead one has no THD, no current and a cooling joint); absolute
         # temperature rises are left out on purpose: they follow the load, k (rise per I^2) does not
         med = self.pdb_median
@@ -393,6 +432,9 @@ class FeatureState:
             _ratio(k_max, med(k_max)), excess_peer, excess_base, thd[:, 0] - med(thd[:, 0]), thd[:, 0] - thd[:, 1],
             loading, loading - med(loading), _logratio(cur[:, 0], cur[:, 1]),
             np.asarray(p["PhaseImbalance"], float) / 100.0, np.asarray(p["Energized"], float),
+            self.p_k_age.update(k_base, self.t_s),
+            slope_max - slope_med, slope_max - med(slope_max),
+            _ratio(slope_max - slope_med, np.maximum(_median3(np.where(live[:, None], rise, NAN)), 0.5)),
         ]
         return np.column_stack(cols).astype(np.float32)
 
@@ -435,6 +477,7 @@ class FeatureState:
         self.a_act_prev2 = np.where(changed & np.isfinite(self.a_act_prev), self.a_act_prev, self.a_act_prev2)
         self.a_act_prev = np.where(changed & np.isfinite(self.a_act_last), self.a_act_last, self.a_act_prev)
         self.a_act_last = np.where(np.isfinite(act), act, self.a_act_last)
+        self.a_act_t = np.where(changed, self.t_s, self.a_act_t)  # when the self-test last reported
         act_min = self.a_act_min.update(act, tr)
         tc = np.asarray(a["TransferCount"], float)
         transfers = np.where(np.isfinite(self.a_tc_last), np.maximum(tc - self.a_tc_last, 0.0), 0.0)
@@ -464,6 +507,8 @@ class FeatureState:
             _ratio(ltt, med(ltt)),
             _ratio(i_load, self.unit_rated_a), ((active > 0) & (active != preferred)).astype(float),
             (state == 2).astype(float), (state == 4).astype(float),
+            self.a_cr_age.update(cr_base, self.t_s), self.a_act_age.update(_ratio(act, act_min), self.t_s),
+            np.minimum(self.t_s - self.a_act_t, RISE_AGE_CAP_S) / 3600.0,
         ]
         return np.column_stack(cols).astype(np.float32)
 
@@ -487,7 +532,7 @@ class FeatureState:
             soh_max - soh[:, 0], soh[:, 0] - med(pl(soh[:, 0])), soh[:, 0] - soh[:, 1],
             _ratio(mdp, mdp_max),
             np.asarray(d["StateOfCharge"], float) / 100.0, (mode == 1).astype(float), (mode == 2).astype(float),
-            _ratio(np.abs(power), mdp_max),
+            _ratio(np.abs(power), mdp_max), self.d_ir_age.update(_ratio(ir[:, 0], ir_min), self.t_s),
         ]
         m = np.column_stack(cols)
         m[~has] = NAN
@@ -520,6 +565,16 @@ class FeatureState:
         jump = rel(aisle_m1, a2min)
         self.l_up_t = np.where(jump > 0.05, t_s, self.l_up_t)
         self.l_down_t = np.where(jump < -0.05, t_s, self.l_down_t)
+        up = np.nan_to_num(jump) > 0.05
+        self.l_up_first_t = np.where(up & ~self.l_up_on, t_s, self.l_up_first_t)  # first sample of the step
+        self.l_up_on = up
+        # the next start if the aisle's job recurs at the same minute past the hour (cron-like)
+        next_start = np.where(np.isfinite(self.l_up_first_t),
+                              (SEASON_S - (t_s - self.l_up_first_t) % SEASON_S) / 3600.0, NAN)
+        n_aisle = np.bincount(self.unit_aisle, weights=valid.astype(float), minlength=self.n_aisles)
+        share = _ratio(m1, _ratio(aisle_m1, n_aisle)[self.unit_aisle])
+        share_ema = self.l_share.update(share, dt)
+        self.l_share_ring.put(k, share)
         hour = ar_.window(k, season)
         ua = self.unit_aisle
         cols = [
@@ -540,6 +595,8 @@ class FeatureState:
         cols.append(rel(m1, u_then))
         active = np.asarray(a["ActiveSource"], int)
         cols.append(((active > 0) & (active != np.asarray(a["PreferredSource"], int))).astype(float))
+        cols += [rel(share, share_ema[:, 0]), rel(share, share_ema[:, 1]),
+                 rel(share, self.l_share_ring.get(k - step(300))), next_start[ua]]
         return np.column_stack(cols).astype(np.float32)
 
 

@@ -166,6 +166,8 @@ def events(run: ScenarioRun, kind: str, score: np.ndarray, threshold: float, fau
     for f, lo, hi in wins:
         if fault is not None and f.fault != fault:
             continue
+        if not f.realized:
+            continue  # still degrading when the scenario ended: its alarms are not false, it is no failure yet
         if f.onset_s > first[f.device]:
             continue  # the component had already failed (its rows are excluded from then on)
         window = (times >= lo) & (times < hi)

@@ -29,6 +29,7 @@ MODEL_VERSION = "1.0"
 RISK_KINDS = ("source", "pdb", "ats", "des")
 RISK_STAGES = ("detect", "ttf")
 SHIPPED_BUNDLE = Path(__file__).parent / "bundles" / "default"
+INFERENCE_THREADS = 1
 
 RISK_PARAMS = {
     "objective": "binary:logistic", "eval_metric": "logloss", "tree_method": "hist", "max_depth": 5,
@@ -173,6 +174,11 @@ class Predictor:
         self.sample_interval_s: float = float(meta["sample_interval_s"])
         self.warmup_s: float = float(meta["warmup_s"])
         self._calib_np = {k: (np.asarray(v["x"]), np.asarray(v["y"])) for k, v in self.calibration.items()}
+        # one thread per inference call: a batch of 1,000 units takes a few ms on one core, while two
+        # OpenMP threads stall at every barrier when another process holds the second core (measured:
+        # 8.6 ms with one thread, 172 ms with two, on this 2-core machine under other jobs' load)
+        for b in (*[b for pair in risk.values() for b in pair], *load.values()):
+            b.set_param({"nthread": INFERENCE_THREADS})
 
     # ---- inference
     def raw_margin(self, kind: str, X: np.ndarray) -> np.ndarray:
@@ -253,8 +259,6 @@ class Predictor:
                 b = xgb.Booster()
                 b.load_model(str(bundle_dir / meta["files"][f"load_{h}s"]))
                 load[h] = b
-            for b in (*[b for pair in risk.values() for b in pair], *load.values()):
-                b.set_param({"nthread": 2})
             return cls(meta, risk, load)
         except (KeyError, OSError, xgb.core.XGBoostError) as exc:
             raise BundleError(f"model bundle {bundle_dir}: cannot load its models ({str(exc).splitlines()[0]})") from None

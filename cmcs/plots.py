@@ -123,7 +123,7 @@ def risk_timeline(path: Path, runs: list[ScenarioRun], predictor) -> Path | None
     """The risk of the first failing component of a run against its healthy peers."""
     plt = _plt()
     for run in runs:
-        fails = [f for f in run.failures if f.predictable and f.component in ("pdb", "ats", "des")]
+        fails = [f for f in run.failures if f.predictable and f.realized and f.component in ("pdb", "ats", "des")]
         if fails:
             break
     else:

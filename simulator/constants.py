@@ -48,6 +48,8 @@ DES_CONVERTER_EFFICIENCY = 0.96  # each way; round trip ~92 % (85-95 % typical)
 DES_CHARGE_C_RATE = 0.3  # gentle recharge
 DES_R_INT_NOMINAL_MOHM = (20.0, 35.0)
 DES_SOC_STANDBY_TARGET_MARGIN_PCT = 5.0  # recharge to soc_max - margin
+DES_INVERTER_OUTPUT_PU = 1.0  # an islanded DES inverter regulates the unit's load bus at nominal voltage
+DES_CELL_TAU_S = 1200.0  # thermal time constant of a DES pack
 BATTERY_R_REPLACE_RATIO = 1.2  # internal resistance > 120 % of baseline: replacement trigger
 BACKUP_BATTERY = {  # (nominal voltage V, internal resistance mOhm)
     "ups": (480.0, 40.0),  # 40 x 12 V VRLA string

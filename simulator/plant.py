@@ -8,6 +8,19 @@ than real time. Deterministic for a given scenario seed and step.
 
 The plant knows nothing of Modbus or OPC UA: device endpoints read it with `read_device` and
 command it with `command`, which refuses what the hardware itself would refuse.
+
+Physics choices worth knowing:
+- A worn contact set (`contact_wear`) wears only while it carries current (I^2 R heating, fretting
+  and film growth are driven by the load current; an open set is cold and idle): its precursor is
+  measured in loaded seconds, so a set that sits open (the unit on its other source) neither wears
+  nor fails, and fails once it has carried the load for its whole precursor. The unit reports the
+  resistance of its closed set, so every contact-wear precursor is visible to a client. When each
+  failure actually happened is recorded in `Plant.failure_times` (ground truth for labels).
+- Joints, contact sets and cells start at their thermal steady state for the initial load and
+  ambient (a hall that has been running), not at an offset that would settle over an hour.
+- Islanded on its DES with both feeds dead, a unit's load is fed by the DES inverter at its output
+  voltage (nominal): LoadCurrent is the load's current at that voltage.
+- Every sensor has its own noise sample (PDB AmbientTemperature no longer shares JointTemperatureL3's).
 """
 
 from __future__ import annotations
@@ -45,12 +58,19 @@ class _Degradation:
     gain: float  # how far the degraded quantity moves at onset (multiplier - 1)
     sub: int = 0  # phase (joints), pole (contacts)
     joint: int = 0
+    # contact wear advances only while the worn set carries current: progress is then measured in
+    # loaded seconds since the precursor started (accumulated by Plant._integrate), not wall time
+    load_gated: bool = False
+    loaded_s: float = 0.0
 
     def progress(self, t_s: float) -> float:
         f = self.fault
         if f.precursor_s <= 0.0:
             return 0.0 if t_s < f.onset_s else 1.0
-        x = (t_s - f.precursor_start_s) / f.precursor_s
+        if self.load_gated:
+            x = self.loaded_s / f.precursor_s
+        else:
+            x = (t_s - f.precursor_start_s) / f.precursor_s
         if x <= 0.0:
             return 0.0
         return min(1.0, x) ** self.gamma
@@ -169,8 +189,8 @@ class Plant:
         n_aisles = len(self.aisle_names)
         self.aisle_ambient_offset = rng.uniform(-1.5, 1.5, size=n_aisles)
         self.aisle_ambient_walk = np.zeros(n_aisles)
-        self.joint_T = np.full((self.np_, 3, jpp), C.AMBIENT_MEAN_DEGC + 5.0)
-        self.contact_T = np.full((n, 2), C.AMBIENT_MEAN_DEGC + 3.0)
+        self.joint_T = np.full((self.np_, 3, jpp), C.AMBIENT_MEAN_DEGC)  # set to steady state below
+        self.contact_T = np.full((n, 2), C.AMBIENT_MEAN_DEGC)
         self.ar_load = np.zeros(n)
         self.white_load = np.zeros(n)
         self._tick_rng = np.random.default_rng(self.seed + 7919)
@@ -179,6 +199,9 @@ class Plant:
         self.backup_kind = [s.backup for s in self.sources]
         self.backup_v0 = np.array([C.BACKUP_BATTERY[b][0] for b in self.backup_kind])
         self.backup_r0 = np.array([C.BACKUP_BATTERY[b][1] for b in self.backup_kind]) * rng.uniform(0.9, 1.1, 2)
+        # failures as they happened: (fault kind, target, scheduled onset) -> time (ground truth for
+        # labels; a worn contact set that sat open fails later than its scheduled onset, or not at all)
+        self.failure_times: dict[tuple[str, str, float], float] = {}
 
         # ---- faults -------------------------------------------------------------------------
         self._degradations: dict[str, list[_Degradation]] = {k: [] for k in
@@ -189,6 +212,9 @@ class Plant:
             self._install_fault(f, frng)
         self._schedule(0.0, "tick", ())
         self._compute()
+        # a hall that has been running: joints, contacts and cells start at their thermal steady
+        # state for the initial load and ambient, not at an arbitrary offset that settles over an hour
+        self.joint_T, self.contact_T, self.des_temp = self._thermal_steady_state(self._ambient(0.0))
 
     # ------------------------------------------------------------------------------------------
     # public API
@@ -321,8 +347,9 @@ class Plant:
         elif f.kind == "contact_wear":
             u = self.unit_names.index(f.target)
             pole = (f.pole or int(self.preferred[u])) - 1
-            self._degradations["contact"].append(_Degradation(f, u, gamma, 3.0 + 7.0 * sev, pole))
-            self._schedule(f.onset_s, "contact_fail", (u, pole))
+            d = _Degradation(f, u, gamma, 3.0 + 7.0 * sev, pole, load_gated=f.precursor_s > 0)
+            self._degradations["contact"].append(d)
+            self._schedule(f.onset_s, "contact_fail", (u, pole, len(self._degradations["contact"]) - 1))
         elif f.kind == "ats_slow_transfer":
             u = self.unit_names.index(f.target)
             self._degradations["actuator"].append(_Degradation(f, u, gamma, 2.0 + 6.0 * sev))
@@ -348,6 +375,8 @@ class Plant:
         self._schedule(t + self.step_s, "tick", ())
 
     def _ev_source_voltage(self, t: float, s: int, v_pu: float, cause: str) -> None:
+        if cause == "source outage":
+            self._record_failure(t, self._fault_of("source_outage", self.source_names[s], t))
         self.src_v_pu[s] = v_pu
         self._resolve_supply(t, cause)
 
@@ -360,23 +389,45 @@ class Plant:
             self.pdb_theta[i] = 0.0
         self._resolve_supply(t, f"{what} breaker reset")
 
+    def _record_failure(self, t: float, f: Fault | None) -> None:
+        if f is not None:
+            self.failure_times.setdefault((f.kind, f.target, float(f.onset_s)), float(t))
+
+    def _fault_of(self, kind: str, target: str, onset_s: float) -> Fault | None:
+        for f in self.scenario.faults:
+            if f.kind == kind and f.target == target and f.onset_s == onset_s:
+                return f
+        return None
+
     def _ev_joint_fail(self, t: float, p: int) -> None:
+        self._record_failure(t, self._fault_of("joint_degradation", self.pdb_names[p], t))
         self.pdb_failed[p] = True
         # an opening joint arcs: the voltage chatters before the unit can tell it is gone
         arcing = {u: self._arc(u) for u in np.flatnonzero(self.pdb_of[np.arange(self.n), self.active - 1] == p)
                   if self.active[u] != NO_SOURCE}
         self._resolve_supply(t, f"joint failure {self.pdb_names[p]}", arcing)
 
-    def _ev_contact_fail(self, t: float, u: int, pole: int) -> None:
+    def _ev_contact_fail(self, t: float, u: int, pole: int, k: int | None = None) -> None:
+        d = self._degradations["contact"][k] if k is not None else None
+        if d is not None and d.load_gated and d.loaded_s < d.fault.precursor_s - 1e-6:
+            # the worn set has not carried current for its whole precursor (it sat open while the unit
+            # was on its other source): it wears on while it carries current again, and fails then
+            remaining = d.fault.precursor_s - d.loaded_s
+            self._schedule(t + max(remaining, self.step_s), "contact_fail", (u, pole, k))
+            return
+        if d is not None:
+            self._record_failure(t, d.fault)
         self.pole_failed[u, pole] = True
         self.unit_fault[u] = True
         arcing = {u: self._arc(u)} if self.active[u] == pole + 1 else {}
         self._resolve_supply(t, f"contact failure {self.unit_names[u]}", arcing)
 
     def _ev_ats_slow(self, t: float, u: int, slow_ms: float) -> None:
+        self._record_failure(t, self._fault_of("ats_slow_transfer", self.unit_names[u], t))
         self.slow_transfer_ms[u] = slow_ms
 
     def _ev_des_fail(self, t: float, u: int) -> None:
+        self._record_failure(t, self._fault_of("battery_fade", self.des_names[u], t))
         self.des_fault[u] = True
         self.des_mode[u] = int(StorageMode.FAULT)
         self.des_bridge_kw[u] = 0.0
@@ -604,7 +655,7 @@ class Plant:
         self.aisle_ambient_walk = 0.999 * self.aisle_ambient_walk + 0.03 * r.standard_normal(len(self.aisle_names))
         if self.measurement_noise:
             self._noise = {
-                "u": r.standard_normal((n, 8)), "p": r.standard_normal((self.np_, 8)),
+                "u": r.standard_normal((n, 8)), "p": r.standard_normal((self.np_, 9)),
                 "s": r.standard_normal((2, 8)),
             }
         # actuator self-test results appear once per period
@@ -775,30 +826,25 @@ class Plant:
 
     def _integrate(self, dt: float) -> None:
         e = self._elec
-        n = self.n
         amb = self._ambient(self.t_s)
-        # joints: I^2 R heating with a first-order thermal lag (exact exponential update)
-        p_joint = (e["pdb_i"][:, :, None] ** 2) * e["r_joint"]
-        t_ss = amb[self.pdb_aisle][:, None, None] + C.JOINT_RTH_K_PER_W * p_joint
+        # the wear of a contact set advances while it carries current (I^2 R heating, fretting)
+        t_end = self.t_s + dt
+        for d in self._degradations["contact"]:
+            if d.load_gated and t_end > d.fault.precursor_start_s and self.supplied[d.index] \
+                    and self.active[d.index] == d.sub + 1 and e["grid_kw"][d.index] > 0.0:
+                d.loaded_s += t_end - max(self.t_s, d.fault.precursor_start_s)
+        # joints and contacts: I^2 R heating with a first-order thermal lag (exact exponential update);
+        # the closed contact set heats, the open one cools
+        t_ss, t_ss_c, t_ss_b = self._thermal_steady_state(amb)
         self.joint_T = t_ss + (self.joint_T - t_ss) * math.exp(-dt / C.JOINT_TAU_S)
-        # contacts: the closed set heats, the open one cools
-        i2 = (e["i_ph"] ** 2).sum(axis=1)
-        r_c = self._contact_r() * 1e-6
-        closed = np.zeros((n, 2), dtype=bool)
-        closed[np.arange(n), np.maximum(self.active, 1) - 1] = self.supplied
-        p_c = np.where(closed, i2[:, None] * r_c, 0.0)
-        t_ss_c = amb[self.unit_aisle][:, None] + C.CONTACT_RTH_K_PER_W * p_c
         self.contact_T = t_ss_c + (self.contact_T - t_ss_c) * math.exp(-dt / C.CONTACT_TAU_S)
+        self.des_temp = t_ss_b + (self.des_temp - t_ss_b) * math.exp(-dt / C.DES_CELL_TAU_S)
         # storage: coulomb counting with converter and coulombic efficiency
         p = e["des_kw"]
         cap = np.maximum(self.des_cap_kwh * self.des_soh, 1e-9)
         dc_kw = np.where(p >= 0, p / C.DES_CONVERTER_EFFICIENCY,
                          p * C.DES_CONVERTER_EFFICIENCY * C.LI_ION_COULOMBIC_EFFICIENCY)
         self.des_soc = np.where(self.has_des, np.clip(self.des_soc - dc_kw * dt / 3600.0 / cap, 0.0, 1.0), 0.0)
-        r_b = self._battery_r()
-        heat = (p / np.maximum(self.des_pmax_kw, 1e-9)) ** 2 * 6.0 * (r_b / self.des_r0)
-        t_ss_b = amb[self.unit_aisle] + 2.0 + heat
-        self.des_temp = t_ss_b + (self.des_temp - t_ss_b) * math.exp(-dt / 1200.0)
         ema_a = math.exp(-dt / 900.0)
         self.load_ema_kw = ema_a * self.load_ema_kw + (1 - ema_a) * e["unit_kw"]
         self.ledger.unserved_kwh += float(e["unserved_kw"].sum()) * dt / 3600.0
@@ -806,6 +852,21 @@ class Plant:
             e["seg_loss_kw"].sum() + e["contact_loss_kw"].sum()) * dt / 3600.0
         self._energy_it_kwh = getattr(self, "_energy_it_kwh", 0.0) + float(e["it_kw"].sum()) * dt / 3600.0
         self._des_throughput_kwh = getattr(self, "_des_throughput_kwh", 0.0) + float(np.abs(p).sum()) * dt / 3600.0
+
+    def _thermal_steady_state(self, amb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Temperatures that joints, contact sets and cells tend to at the present currents and ambient."""
+        e = self._elec
+        n = self.n
+        p_joint = (e["pdb_i"][:, :, None] ** 2) * e["r_joint"]
+        t_joint = amb[self.pdb_aisle][:, None, None] + C.JOINT_RTH_K_PER_W * p_joint
+        i2 = (e["i_ph"] ** 2).sum(axis=1)
+        closed = np.zeros((n, 2), dtype=bool)
+        closed[np.arange(n), np.maximum(self.active, 1) - 1] = self.supplied
+        p_c = np.where(closed, i2[:, None] * self._contact_r() * 1e-6, 0.0)
+        t_contact = amb[self.unit_aisle][:, None] + C.CONTACT_RTH_K_PER_W * p_c
+        heat = (e["des_kw"] / np.maximum(self.des_pmax_kw, 1e-9)) ** 2 * 6.0 * (self._battery_r() / self.des_r0)
+        t_cell = amb[self.unit_aisle] + 2.0 + heat
+        return t_joint, t_contact, t_cell
 
     # ------------------------------------------------------------------------------------------
     # measurement
@@ -870,7 +931,7 @@ class Plant:
             "JointTemperatureL2": noisy(joint_phase_T[:, 1], "p", 6, abs_=0.3),
             "JointTemperatureL3": noisy(joint_phase_T[:, 2], "p", 7, abs_=0.3),
             "PhaseImbalance": imbalance,
-            "AmbientTemperature": noisy(amb[self.pdb_aisle], "p", 7, abs_=0.2),
+            "AmbientTemperature": noisy(amb[self.pdb_aisle], "p", 8, abs_=0.2),  # its own sensor's noise
             "Energized": seg_ok,
         }
         # micro-ATS
@@ -881,8 +942,10 @@ class Plant:
         v_units = np.where(seg_ok[self.pdb_of], v_seg[self.pdb_of], 0.0)
         active_idx = np.maximum(self.active, 1) - 1
         load_kw = e["unit_kw"]
-        v_act = np.maximum(v_units[np.arange(n), active_idx], 1.0)
-        load_a = load_kw * 1000.0 / (C.SQRT3 * np.where(load_kw > 0, v_act, self.v_nom_ll) * C.IT_POWER_FACTOR)
+        # the load bus voltage: the active feed's, or, islanded on the DES (no feed), the inverter's output
+        v_bus = np.where(self.supplied, v_units[np.arange(n), active_idx],
+                         np.where(self.des_auto, self.v_nom_ll * C.DES_INVERTER_OUTPUT_PU, self.v_nom_ll))
+        load_a = load_kw * 1000.0 / (C.SQRT3 * np.maximum(v_bus, 1.0) * C.IT_POWER_FACTOR)
         r_c = self._contact_r()[np.arange(n), active_idx]
         ats = {
             "ActiveSource": np.where(self.supplied, self.active, NO_SOURCE),

@@ -128,3 +128,32 @@ def test_a_run_keeps_rows_per_device_and_marks_warmup():
     assert run.X["ats"].shape == (len(times), 24, len(FEATURE_NAMES["ats"]))
     assert run.labels["ats"]["excluded"][times < 1800].all()
     assert not run.labels["ats"]["excluded"][times >= 1800].any()
+
+
+def test_contact_wear_labels_follow_when_the_worn_set_failed(small_site):
+    """A worn contact set wears only while it carries current (simulator.plant): its failure is
+    labelled at the time it happened, and one still on its way at the end is no failure."""
+    unit = small_site.units[0]
+    other = 3 - int(unit.preferred_source)
+    sc = Scenario(duration_s=7200, seed=1, faults=(
+        Fault("contact_wear", unit.name, 3000, 1800, 0.8, pole=other),))  # the worn set stays open
+    run = from_snapshots(small_site, sc, np.arange(10.0, 7200.0 + 1e-9, 10.0), _snapshots(small_site, sc, 720),
+                         failure_times=lambda: {})
+    (f,) = run.failures
+    assert not f.realized and f.onset_s > 1e9
+    lab = run.labels["ats"]
+    assert not (lab["ttf"] <= HORIZON_S).any()  # never a positive ...
+    assert lab["degrading"][run.times >= 1200 + 1800, 0].all()  # ... but degrading from its precursor on
+    names = {"ats": [u.name for u in small_site.units], "pdb": [], "source": ["SourceA", "SourceB"], "des": []}
+    (g,) = scenario_failures(small_site, sc, names, {("contact_wear", unit.name, 3000.0): 4500.0})
+    assert g.realized and g.onset_s == 4500.0 and g.precursor_s == 4500.0 - 1200.0
+
+
+def test_plant_failure_times_reach_the_labels(small_site):
+    from cmcs.dataset import simulate
+
+    unit = small_site.units[0]
+    other = 3 - int(unit.preferred_source)
+    sc = Scenario(duration_s=3000, seed=1, faults=(Fault("contact_wear", unit.name, 2000, 600, 0.8, pole=other),))
+    (f,) = simulate(small_site, sc).failures
+    assert not f.realized  # the plant never loaded the worn set: it did not fail

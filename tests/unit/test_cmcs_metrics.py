@@ -79,3 +79,11 @@ def test_isotonic_calibration_is_monotone_and_calibrated():
     for lo, hi in ((-3, -1), (-0.2, 0.2), (1, 3)):
         sel = (raw > lo) & (raw < hi)
         assert abs(isotonic_apply(table, raw[sel]).mean() - y[sel].mean()) < 0.03
+
+
+def test_a_failure_still_on_its_way_is_neither_counted_nor_makes_false_alarms():
+    s = np.zeros((2000, 1))
+    s[1500:1600, 0] = 0.9  # alarms while the precursor is under way; the scenario ends before the failure
+    f = Failure("ats", 0, "u0", "contact_wear", 1e12, 1e12 - 10000.0, True, realized=False)
+    r = events(_run(s, [f]), "ats", s, 0.5)
+    assert r.failures == 0 and r.detected == 0 and r.false_alarms == 0
