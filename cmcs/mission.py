@@ -56,6 +56,10 @@ class MissionResult:
     refusals: list = field(default_factory=list)  # (t_s, action, reason)
     cycle_ms: list = field(default_factory=list)
     lead_times_s: list = field(default_factory=list)  # per mitigated failure
+    drops: list = field(default_factory=list)  # one dict per dropped IT load, with the plant's state then
+    unit_unserved_kwh: list = field(default_factory=list)  # per unit
+    latches: dict = field(default_factory=dict)  # (kind, index) -> first time the policy latched it at risk
+    losses: list = field(default_factory=list)  # per-cause attribution (attribute_losses)
 
 
 def policy_config(policy: str, site, predictor=None) -> PolicyConfig | None:
@@ -81,6 +85,12 @@ def run_mission(site, scenario, policy: str, predictor=None, config: PolicyConfi
     from simulator.plant import InterlockRefused, Plant
 
     plant = Plant(site, scenario)
+    drops = _watch_drops(plant)
+    unit_unserved = np.zeros(plant.n)
+    nopath_kwh = np.zeros(plant.n)  # demand while the unit had no live path at all (exogenous faults only)
+    nopath_bound_kwh = np.zeros(plant.n)  # ... less what its DES could have bridged: no policy serves it
+    des_budget_kwh = np.zeros(plant.n)
+    was_nopath = np.zeros(plant.n, dtype=bool)
     cfg = config if config is not None else policy_config(policy, site, predictor)
     topo = cfg.topology if cfg is not None else Topology.from_site(site)
     state = PolicyState()
@@ -104,13 +114,35 @@ def run_mission(site, scenario, policy: str, predictor=None, config: PolicyConfi
         # advance at the plant's own step and account the feeds' true loading second by second
         for j in range(1, sub + 1):
             tj = t_prev + (t - t_prev) * j / sub
+            h = (t - t_prev) / sub
+            # units with no live path over this step (the state at its start holds for the step, as
+            # the plant's own energy integration takes it)
+            nopath = ~_exogenous_feed_ok(plant).any(axis=1)
+            if nopath.any():
+                demand = plant._elec["demand_kw"]
+                start = nopath & ~was_nopath
+                if start.any():
+                    can = (plant.has_des & ~plant.des_fault & (plant._des_pmax_now() >= plant._elec["unit_kw"]))
+                    usable = np.maximum(plant.des_soc - plant.des_soc_min, 0.0) * plant.des_cap_kwh * plant.des_soh \
+                        * C_DES_EFF
+                    des_budget_kwh[start] = np.where(can, usable, 0.0)[start]
+                # single-corded racks lose their load; dual-corded ones only where the partner unit
+                # (their second cord) has no path either
+                dual = plant.dual_frac
+                lost_kw = demand * (1.0 - dual) + demand * dual * nopath[plant.partner]
+                need = np.where(nopath, h * lost_kw / 3600.0, 0.0)
+                credit = np.minimum(des_budget_kwh, need)
+                des_budget_kwh -= credit
+                nopath_kwh += need
+                nopath_bound_kwh += need - credit
+            was_nopath = nopath
             plant.advance_to(tj)
             e = plant._elec  # ground truth for the benchmark's figures (never shown to the policy)
-            h = (t - t_prev) / sub
             ls = e["src_kw"] / src_rated
             lp = e["pdb_i"].max(axis=1) / pdb_rated
             over80 += h * (int((ls > 0.8).sum()) + int((lp > 0.8).sum()))
             over100 += h * (int((ls > 1.0).sum()) + int((lp > 1.0).sum()))
+            unit_unserved += h * e["unserved_kw"]
         t_prev = t
         if cfg is None:
             continue
@@ -131,6 +163,8 @@ def run_mission(site, scenario, policy: str, predictor=None, config: PolicyConfi
         obs = Observation(t_s=t, values=snap, risk=risk, forecast_kw=forecast)
         actions = decide(obs, state, cfg)
         result.cycle_ms.append((time.perf_counter() - t0) * 1000.0)
+        for key in state.at_risk:
+            result.latches.setdefault(key, t)
         for a in actions:
             reason = _apply(plant, topo, a, unit_index, des_index, InterlockRefused)
             if reason:
@@ -145,6 +179,11 @@ def run_mission(site, scenario, policy: str, predictor=None, config: PolicyConfi
                 else:
                     balancing += 1
     totals = plant.totals()
+    # per-unit unserved energy, scaled to the plant's own (exactly integrated) total
+    tot = float(totals["unserved_kwh"])
+    s_u = float(unit_unserved.sum())
+    result.unit_unserved_kwh = list(unit_unserved * (tot / s_u) if s_u > 0 else unit_unserved)
+    result.drops = drops
     figs = {
         "dropped_loads": int(totals["dropped_loads"]),
         "unserved_kwh": float(totals["unserved_kwh"]),
@@ -164,8 +203,59 @@ def run_mission(site, scenario, policy: str, predictor=None, config: PolicyConfi
     if result.cycle_ms:
         figs["cycle_ms_p50"] = round(float(np.percentile(result.cycle_ms, 50)), 3)
         figs["cycle_ms_p99"] = round(float(np.percentile(result.cycle_ms, 99)), 3)
+    result.losses = attribute_losses(scenario, topo, result)
+    figs["no_path_kwh"] = round(float(nopath_kwh.sum()), 4)
+    figs["unavoidable_unserved_kwh_bound"] = round(float(nopath_bound_kwh.sum()), 4)
+    figs["unavoidable_dropped_loads"] = sum(1 for r in result.losses if r["unavoidable"])
+    figs["unavoidable_unserved_kwh"] = round(sum(r["unserved_kwh"] for r in result.losses if r["unavoidable"]), 4)
+    figs["avoidable_dropped_loads"] = figs["dropped_loads"] - figs["unavoidable_dropped_loads"]
+    figs["avoidable_unserved_kwh"] = round(max(0.0, figs["unserved_kwh"] - figs["unavoidable_unserved_kwh"]), 4)
     result.figures = figs
     return result
+
+
+C_DES_EFF = 0.96 * 0.995  # converter x coulombic efficiency (simulator.constants)
+
+
+def _exogenous_feed_ok(plant) -> np.ndarray:
+    """(n, 2): is each path of each unit alive as far as faults go (source in tolerance, segment's
+    joint not open, contact set not failed)? Breaker trips are left out: an overload is a policy's
+    (or the local logic's) doing, not a fault no policy could avoid."""
+    src = (plant.src_v_pu >= 0.90) & (plant.src_v_pu <= 1.10)
+    seg = src[plant.pdb_feed - 1] & ~plant.pdb_failed
+    return seg[plant.pdb_of] & ~plant.pole_failed
+
+
+def _watch_drops(plant) -> list:
+    """Wrap the plant's ITIC ledger (this instance only) so that every dropped load is recorded with
+    the state of its unit at that moment: the benchmark's ground truth for attributing losses."""
+    ledger = plant.ledger
+    record = ledger.record
+    out: list = []
+    index = {name: i for i, name in enumerate(plant.unit_names)}
+
+    def watched(t_s, load, residual_pu, duration_ms, cause, protected=False):
+        dropped = record(t_s, load, residual_pu, duration_ms, cause, protected)
+        if dropped:
+            unit = load.split("/")[0]
+            u = index.get(unit, -1)
+            row = {"t_s": float(t_s), "load": load, "unit": unit, "cause": cause,
+                   "duration_ms": float(duration_ms), "residual_pu": float(residual_pu)}
+            if u >= 0:
+                feed_ok = plant._feed_ok()[u]
+                row.update({
+                    "active": int(plant.active[u]), "feed_ok": [bool(feed_ok[0]), bool(feed_ok[1])],
+                    "des": bool(plant.has_des[u]), "des_mode": int(plant.des_mode[u]),
+                    "des_soc": float(plant.des_soc[u]), "des_soc_min": float(plant.des_soc_min[u]),
+                    "des_fault": bool(plant.des_fault[u]),
+                    "des_pmax_kw": float(plant._des_pmax_now()[u]), "load_kw": float(plant._unit_load_now(u)),
+                    "slow_ms": float(plant.slow_transfer_ms[u]), "unit_fault": bool(plant.unit_fault[u]),
+                })
+            out.append(row)
+        return dropped
+
+    ledger.record = watched
+    return out
 
 
 def _apply(plant, topo: Topology, a, unit_index, des_index, InterlockRefused) -> str:
@@ -263,3 +353,105 @@ def _mitigation_figures(scenario, topo: Topology, actions: list, risk_transfers:
         "median_mitigation_lead_time_s": round(float(np.median(leads)), 1) if leads else float("nan"),
         "unnecessary_transfers": unnecessary,
     }, leads
+
+
+# ---- where the losses come from ---------------------------------------------------------------------
+
+LOSS_MECHANISMS = {
+    "no_path_des_exhausted": "no path left (both feeds of the unit lost); its DES carried the load until empty",
+    "no_path_des_cannot_carry": "no path left; DES absent, failed or too small for the load (power binds)",
+    "no_path_des_not_online": "no path left at an arcing failure; DES could carry but was not online",
+    "slow_transfer_des_cannot_carry": "slow micro-ATS transfer; DES too small or failed to ride it through",
+    "slow_transfer_des_not_online": "slow micro-ATS transfer; DES could carry but was not online",
+    "arcing_on_active_path": "arcing failure on the path the load was on (not moved, DES not online)",
+    "overload_trip": "overload trip of a feed",
+    "other": "other",
+}
+
+
+def _fault_of_drop(d: dict, scenario, topo: Topology) -> tuple[str, str]:
+    """(fault kind, target) that caused a drop, from the ledger's cause and the scenario's fault list."""
+    cause = d["cause"]
+    t = d["t_s"]
+    if cause.startswith("joint failure "):
+        return "joint_degradation", cause.split()[-1]
+    if cause.startswith("contact failure "):
+        return "contact_wear", cause.split()[-1]
+    if d.get("slow_ms", 0.0) > 0 and math.isfinite(d["duration_ms"]):
+        return "ats_slow_transfer", d["unit"]
+    if cause in ("source outage", "voltage sag", "voltage swell"):
+        kind = {"source outage": "source_outage", "voltage sag": "voltage_sag", "voltage swell": "voltage_swell"}[cause]
+        near = [f for f in scenario.faults if f.kind == kind and abs(f.onset_s - t) < 1.0]
+        return kind, (near[0].target if near else "?")
+    if cause.startswith("storage"):
+        # the DES carried the unit after it lost its last path: blame the last fault on that unit's paths
+        u = topo.unit_names.index(d["unit"])
+        mine = {topo.pdb_names[p] for p in topo.pdb_of[u]} | set(topo.source_names) | {d["unit"]}
+        past = [f for f in scenario.faults if f.onset_s <= t and f.target in mine
+                and f.kind in ("joint_degradation", "contact_wear", "source_outage")]
+        if past:
+            f = max(past, key=lambda f: f.onset_s)
+            return f.kind, f.target
+        return "storage", d["unit"]
+    if cause == "overload trip":
+        return "overload", "-"
+    return "other", cause
+
+
+def _mechanism(d: dict) -> tuple[str, bool]:
+    """(mechanism, unavoidable). Unavoidable: the unit had no live path at all and its DES could not
+    have bridged the gap (absent, failed, too small for the load, or it ran empty): no transfer and no
+    pre-arming changes that. Where the DES could have carried the load, the drop counts as avoidable,
+    even where the path was gone for good (pre-arming would only have delayed it): a conservative bound."""
+    cause = d["cause"]
+    both_lost = "feed_ok" in d and not any(d["feed_ok"])
+    des_can = bool(d.get("des")) and not d.get("des_fault") and d.get("des_pmax_kw", 0.0) >= d.get("load_kw", 0.0)
+    if cause == "overload trip":
+        return "overload_trip", False
+    if both_lost:
+        if cause.startswith("storage"):
+            return "no_path_des_exhausted", True
+        if not des_can or (cause in ("source outage", "voltage sag", "voltage swell")
+                           and not math.isfinite(d["duration_ms"])):
+            # no arcing here: the DES picks the load up in 8 ms on its own when it can carry it, so a
+            # dark drop means the plant found it could not (power at its limit, partner's cord share)
+            return "no_path_des_cannot_carry", True
+        return "no_path_des_not_online", False
+    if d.get("slow_ms", 0.0) > 0 and math.isfinite(d["duration_ms"]):
+        return ("slow_transfer_des_not_online" if des_can else "slow_transfer_des_cannot_carry"), False
+    if cause.startswith(("joint failure", "contact failure")):
+        return "arcing_on_active_path", False
+    return "other", False
+
+
+def attribute_losses(scenario, topo: Topology, result: MissionResult) -> list[dict]:
+    """One row per dropped load: the fault behind it, whether (and when) the policy had latched that
+    component at risk, the mechanism, whether any policy could have prevented it, and its share of the
+    unserved energy (a unit's unserved energy split evenly over that unit's drops)."""
+    per_unit: dict[str, int] = {}
+    for d in result.drops:
+        per_unit[d["unit"]] = per_unit.get(d["unit"], 0) + 1
+    kinds = {"joint_degradation": "pdb", "contact_wear": "ats", "ats_slow_transfer": "ats", "source_outage": "source",
+             "battery_fade": "des"}
+    rows = []
+    for d in result.drops:
+        kind, target = _fault_of_drop(d, scenario, topo)
+        mech, unavoidable = _mechanism(d)
+        faults = [f for f in scenario.faults if f.kind == kind and f.target == target]
+        f = min(faults, key=lambda f: abs(f.onset_s - d["t_s"])) if faults else None
+        latched = None
+        if kind in kinds:
+            names = {"pdb": topo.pdb_names, "ats": topo.unit_names, "source": topo.source_names,
+                     "des": topo.des_names}[kinds[kind]]
+            if target in names:
+                latched = result.latches.get((kinds[kind], names.index(target)))
+        lead = (f.onset_s - latched) if (f is not None and latched is not None and latched <= f.onset_s) else None
+        u = topo.unit_names.index(d["unit"]) if d["unit"] in topo.unit_names else -1
+        share = (result.unit_unserved_kwh[u] / per_unit[d["unit"]]) if u >= 0 and result.unit_unserved_kwh else 0.0
+        rows.append({
+            "scenario": scenario.name, "t_s": round(d["t_s"], 3), "load": d["load"], "cause": d["cause"],
+            "fault": kind, "target": target, "precursor_s": (f.precursor_s if f is not None else None),
+            "predicted": latched is not None and (f is None or latched <= f.onset_s),
+            "lead_s": lead, "mechanism": mech, "unavoidable": unavoidable, "unserved_kwh": round(share, 4),
+        })
+    return rows

@@ -11,23 +11,36 @@ What it does, in order of priority:
    and one dwell time after a (re)start or a loss of the sources' / segments' data, and never an
    action that involves a device whose data is not fresh (its risk score is ignored too).
 2. Mitigation: a component whose risk crosses its threshold is latched "at risk" (released
-   only after its risk stayed below `release_fraction` x threshold for `release_hold_s`).
-   - PDB segment: its units move to the twin feed; where the twin (or the target source)
-     would pass the derated limit, the unit's DES is pre-armed instead;
-   - micro-ATS (worn contact set or slow actuator): DES pre-armed first (a transfer by a slow
-     actuator would otherwise drop the load), then moved to its other pole;
-   - source: DES pre-armed on the units it feeds, units moved to the other source within derating;
+   only after its risk stayed below `release_fraction` x threshold for `release_hold_s`, 2 h:
+   a degrading joint or contact does not heal, and a 15-min risk dips during a long precursor).
+   - PDB segment: its units move to the twin feed, those whose DES cannot carry them first (a
+     transfer is their only protection), then the smallest loads; where the twin (or its source)
+     would pass the derated limit, the unit's DES is put online instead. The twin's source being
+     at risk does not stop the move: a source outage is a clean < 5 ms transfer, an opening joint
+     arcs for 15-80 ms before the unit can tell;
+   - micro-ATS (worn contact set or slow actuator): DES online first, then, for a healthy
+     actuator, moved to its other pole;
+   - source: units moved to the other source within derating (never onto an at-risk segment),
+     DES online on those that stay;
+   - slow actuator (self-test far above its aisle's median, whether or not a model flagged it):
+     never switched unless its DES is online and can carry it, DES kept online, and its preferred
+     source set to the one it is on, so that no automatic return transfer drops the load;
    - DES: nothing a transfer can fix; left to the operator (its unit is not relied upon).
+   A DES is only put online where it can carry its unit's whole load (MaxDischargePower >=
+   `des_carry_margin` x LoadPower): power binds, and a too small DES protects nothing.
    Every moved unit gets SetPreferredSource so that it does not return by itself onto the
    at-risk path, and balancing never moves a unit onto an at-risk component.
 3. Balancing: when a segment's or source's forecast loading exceeds `balance_high_pct`, one unit
    per aisle and cycle moves to the lighter feed if that brings the two closer and keeps the
    target under `balance_target_pct`; a unit moved by the balancer is left alone for
-   `balance_hold_s`, an aisle for `balance_cooldown_s` (hysteresis: it never flaps).
+   `balance_hold_s`, an aisle for `balance_cooldown_s` (hysteresis: it never flaps); slow units
+   are never balanced.
 
 Every SwitchSource is filtered through `siteconfig.interlocks.check_switch` with the loads
 projected after the actions already chosen this cycle, at a planning derating a little below
 the command service's, so that the command service never refuses what the policy proposes.
+Cost: per-unit work is vectorised or runs on plain lists converted once per cycle; a 1,000-unit
+site decides in a few ms (see `cmcs bench mission`, cycle_ms_*_1000_units).
 """
 
 from __future__ import annotations
@@ -148,16 +161,26 @@ class PolicyConfig:
     variant: str = "ml"  # "threshold" | "ml" (only labels: the thresholds below carry the difference)
     thresholds: dict[str, float] = field(default_factory=lambda: {k: 0.5 for k in KINDS})
     release_fraction: float = 0.5  # release an at-risk latch below this share of the threshold ...
-    release_hold_s: float = 1800.0  # ... held this long
+    release_hold_s: float = 7200.0  # ... held this long (a degrading joint or contact does not heal: the
+    # 15-min risk of a long precursor dips between its rises, and a latch released then flaps back)
     act_on: tuple[str, ...] = ("source", "pdb", "ats")  # risk kinds that prompt actions
     confirm_cycles: int = 3  # risk must stay above the threshold this many cycles in a row (debounce)
     safe_start_cycles: int = 3
     planning_margin: float = 0.03  # plan transfers at derating - margin: measurement noise never trips the service
-    prearm_power_kw: float = 0.25  # inverter online and synchronised, sharing a token load
+    prearm_power_kw: float = 0.1  # inverter online and synchronised, sharing a token load
     prearm_duration_s: float = 900.0
     rearm_before_s: float = 60.0  # re-arm when this little bridging time is left
     arm_soc_margin_pct: float = 15.0  # arm only above soc_min + this (a drained DES protects nothing)
     actuator_suspect_ratio: float = 1.3  # actuator response / aisle median above this: a slow actuator
+    des_carry_margin: float = 1.05  # a DES "can carry" its unit when MaxDischargePower >= this x LoadPower
+    guard_slow_units: bool = True  # slow actuator: DES kept online, no commanded or return transfer unprotected
+    arm_carry_ratio: float = 0.9  # arm a DES whose MaxDischargePower >= this x LoadPower (it may carry at the moment)
+    move_off_at_risk_source: bool = False  # a source outage is a clean < 5 ms transfer for a healthy unit with a
+    # live second path: moving every unit beforehand only adds transfers and loads the other source
+    shave: bool = True  # DES on the twin discharge to make room there for units whose own DES cannot carry them
+    shave_fraction: float = 0.8  # of min(MaxDischargePower, LoadPower)
+    shave_min_soc_pct: float = 50.0  # a shaving DES stops below this SoC (it keeps enough to protect its own
+    # unit), and starts only 10 points above it
     max_mitigation_moves: int = 64  # per cycle
     balance: bool = True
     balance_high_pct: float = 75.0  # a feed above this forecast loading is relieved ...
@@ -182,6 +205,9 @@ class PolicyState:
     balance_hold_until: np.ndarray | None = None
     aisle_cooldown_until: dict[int, float] = field(default_factory=dict)
     armed: set[int] = field(default_factory=set)  # units whose DES the policy keeps bridging
+    shaving: dict[int, int] = field(default_factory=dict)  # unit -> at-risk segment its DES makes room for
+    worn_pole: dict[int, int] = field(default_factory=dict)  # unit -> contact set (pole) once found at risk: it
+    # stays suspect after the latch is released (a worn contact set does not heal; only maintenance resets it)
 
     def ensure(self, n: int) -> None:
         if self.last_transfer_t is None or len(self.last_transfer_t) != n:
@@ -194,6 +220,43 @@ class PolicyState:
 
 def _row(d: dict[str, np.ndarray], i: int) -> dict:
     return {k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in d.items()}
+
+
+def _group_nanmedian(x: np.ndarray, group: np.ndarray) -> np.ndarray:
+    """Median of x per group index (NaN ignored; NaN for an empty group), vectorised."""
+    if len(x) == 0:
+        return np.zeros(0)
+    ng = int(group.max()) + 1
+    order = np.lexsort((x, group))  # by group, then value; NaN last within a group
+    xs = x[order]
+    counts = np.bincount(group, minlength=ng)
+    valid = np.bincount(group, weights=np.isfinite(x).astype(float), minlength=ng).astype(np.int64)
+    starts = np.cumsum(counts) - counts
+    lo = starts + np.maximum(valid - 1, 0) // 2
+    hi = starts + np.maximum(valid, 1) // 2
+    hi = np.where(valid > 0, starts + valid // 2, lo)
+    med = 0.5 * (xs[np.minimum(lo, len(xs) - 1)] + xs[np.minimum(hi, len(xs) - 1)])
+    return np.where(valid > 0, med, np.nan)
+
+
+class _Rows:
+    """Per-device point dicts for the interlock checks, built lazily from plain lists (a 1,000-unit
+    site's arrays are converted once per cycle, only for the points the checks read)."""
+
+    def __init__(self, d: dict[str, np.ndarray] | None, points: tuple[str, ...]):
+        self.cols = {k: np.asarray(d[k]).tolist() for k in points if d is not None and k in d}
+        self.cache: dict[int, dict] = {}
+
+    def __getitem__(self, i: int) -> dict:
+        r = self.cache.get(i)
+        if r is None:
+            r = self.cache[i] = {k: v[i] for k, v in self.cols.items()}
+        return r
+
+
+_UNIT_POINTS = ("State", "ActiveSource", "SourceAVoltage", "SourceBVoltage", "LoadPower", "LoadCurrent",
+                "PreferredSource")
+_DES_POINTS = ("Mode", "MaxDischargePower", "ActivePower", "StateOfCharge", "BridgeTimeRemaining")
 
 
 class _Plan:
@@ -214,17 +277,52 @@ class _Plan:
         self.fresh = {k: np.asarray(fr[k], bool) if k in fr else np.ones(len(self._names(k)), bool) for k in KINDS}
         self.actions: list[Action] = []
         self.moved: set[int] = set()
+        self.switched: list[int] = []
         self.bridging_started: set[int] = set()
+        self.unit_rows = _Rows(self.ats, _UNIT_POINTS)
+        self.des_rows = _Rows(self.des, _DES_POINTS)
+        self.src_available = np.asarray(self.src["Available"], bool).tolist()
+        self.src_rated = np.asarray(self.src["RatedPower"], float).tolist()
+        self.pdb_rated = np.asarray(self.pdb["RatedCurrent"], float).tolist()
+        n = topo.n
+        self.load_kw = np.asarray(self.ats["LoadPower"], float)
+        self.has_des = np.array([bool(x) for x in topo.des_names]) & (self.des is not None)
+        if self.des is not None:
+            des_p = np.where(self.has_des, np.asarray(self.des["ActivePower"], float), 0.0)
+            self.des_mode = np.asarray(self.des["Mode"], np.int64)
+            self.des_pmax = np.where(self.has_des, np.asarray(self.des["MaxDischargePower"], float), 0.0)
+        else:
+            des_p = np.zeros(n)
+            self.des_mode = np.full(n, int(StorageMode.FAULT))
+            self.des_pmax = np.zeros(n)
+        self.draw = self.load_kw - des_p
+        # a DES that can carry its unit's whole load (else bridging protects nothing: power binds)
+        self.des_can_carry = self.has_des & self.fresh["des"] & (self.des_pmax >= cfg.des_carry_margin
+                                                                 * np.maximum(self.load_kw, 0.0))
+        self.des_online = self.des_can_carry & (self.des_mode == StorageMode.BRIDGING)
+        self.des_may_carry = self.has_des & self.fresh["des"] & (self.des_pmax >= cfg.arm_carry_ratio
+                                                                 * np.maximum(self.load_kw, 0.0))
+        self.load_a_list = np.asarray(self.ats["LoadCurrent"], float).tolist()
+        self.has_des_list = self.has_des.tolist()
+        self.des_fresh_list = self.fresh["des"].tolist()
+        self.draw_list = self.draw.tolist()
+        self.limit = t_limit = topo.derating - cfg.planning_margin
+        self.src_limit = [t_limit * r for r in np.asarray(self.src["RatedPower"], float).tolist()]
+        self.pdb_limit = [t_limit * r for r in np.asarray(self.pdb["RatedCurrent"], float).tolist()]
+        # slow actuator (periodic self-test far above its aisle's median): any transfer may drop the load
+        act = np.asarray(self.ats["ActuatorResponseTime"], float)
+        med = _group_nanmedian(act, topo.unit_aisle)
+        self.act_med = med
+        with np.errstate(invalid="ignore"):
+            self.slow = (act > cfg.actuator_suspect_ratio * med[topo.unit_aisle]) & self.fresh["ats"] if n \
+                else np.zeros(0, bool)
 
     def _names(self, kind):
         t = self.topo
         return {"source": t.source_names, "pdb": t.pdb_names, "ats": t.unit_names, "des": t.des_names}[kind]
 
     def draw_kw(self, u: int) -> float:
-        p = float(self.ats["LoadPower"][u])
-        if self.des is not None and self.topo.des_names[u]:
-            p -= float(self.des["ActivePower"][u])
-        return p
+        return float(self.draw[u])
 
     def unit_ok(self, u: int) -> bool:
         return bool(self.fresh["ats"][u])
@@ -239,15 +337,21 @@ class _Plan:
             return False
         if int(self.active[u]) == target or int(self.active[u]) not in (1, 2):
             return False
+        if self.cfg.guard_slow_units and self.slow[u] and not self.des_online[u]:
+            return False  # a slow actuator's transfer drops the load unless its DES is online
         des_ok = bool(t.des_names[u]) and self.des is not None
         if des_ok and not self.fresh["des"][u]:
             return False
-        unit = _row(self.ats, u)
-        storage = _row(self.des, u) if des_ok else None
-        source = {"Available": bool(self.src["Available"][s]), "ActivePower": float(self.src_kw[s]),
-                  "RatedPower": float(self.src["RatedPower"][s])}
-        pdb = {"Current": float(self.pdb_a[p]), "RatedCurrent": float(self.pdb["RatedCurrent"][p])}
         since = self.obs.t_s - float(self.state.last_transfer_t[u])
+        # the cheap numeric checks first (the same as check_switch's), the full check for the survivors
+        if since < t.dwell_time_s or self.src_kw[s] + self.draw_list[u] > self.src_limit[s] \
+                or self.pdb_a[p] + self.load_a_list[u] > self.pdb_limit[p]:
+            return False
+        unit = self.unit_rows[u]
+        storage = self.des_rows[u] if des_ok else None
+        source = {"Available": self.src_available[s], "ActivePower": float(self.src_kw[s]),
+                  "RatedPower": self.src_rated[s]}
+        pdb = {"Current": float(self.pdb_a[p]), "RatedCurrent": self.pdb_rated[p]}
         verdict = check_switch(unit, target, source=source, pdb=pdb, storage=storage,
                                nominal_voltage_v=t.nominal_voltage_v,
                                derating=t.derating - self.cfg.planning_margin,
@@ -264,6 +368,7 @@ class _Plan:
         self.pdb_a[t.pdb_of[u, old - 1]] -= amps
         self.active[u] = target
         self.moved.add(u)
+        self.switched.append(u)
         name = t.unit_names[u]
         self.actions.append(SwitchSource(name, target, reason, component))
         self.prefer(u, target, reason, component)
@@ -271,7 +376,7 @@ class _Plan:
     def prefer(self, u: int, source: int, reason: str, component: str = "") -> None:
         if int(self.preferred[u]) == source or not self.unit_ok(u):
             return
-        if not check_preferred(_row(self.ats, u), source).ok:
+        if not check_preferred(self.unit_rows[u], source).ok:
             return
         self.preferred[u] = source
         self.actions.append(SetPreferredSource(self.topo.unit_names[u], source, reason, component))
@@ -279,19 +384,21 @@ class _Plan:
     def arm(self, u: int, reason: str, component: str = "") -> bool:
         """Keep unit u's DES online (bridging at a token power); True when it is or will be armed."""
         t, cfg = self.topo, self.cfg
-        if not t.des_names[u] or self.des is None or not self.fresh["des"][u] or u in self.bridging_started:
+        if not self.has_des_list[u] or not self.des_fresh_list[u] or u in self.bridging_started:
             return False
-        mode = int(self.des["Mode"][u])
-        remaining = float(self.des["BridgeTimeRemaining"][u]) if "BridgeTimeRemaining" in self.des else 0.0
-        if mode == StorageMode.BRIDGING and remaining > cfg.rearm_before_s:
+        row = self.des_rows[u]
+        remaining = float(row.get("BridgeTimeRemaining", 0.0))
+        if row["Mode"] == StorageMode.BRIDGING and remaining > cfg.rearm_before_s:
             self.state.armed.add(u)
             return True
-        if int(self.ats["State"][u]) in (AtsState.FAULT, AtsState.OFFLINE):
+        if self.unit_rows[u]["State"] in (AtsState.FAULT, AtsState.OFFLINE):
             return False
-        if float(self.des["StateOfCharge"][u]) < float(t.des_soc_min_pct[u]) + cfg.arm_soc_margin_pct:
+        if not self.des_may_carry[u]:
+            return False  # too small (or derated) for the load: online, it would protect nothing
+        if float(row["StateOfCharge"]) < float(t.des_soc_min_pct[u]) + cfg.arm_soc_margin_pct:
             return False
         power = min(cfg.prearm_power_kw, float(t.des_rated_kw[u]))
-        if not check_start_bridging(_row(self.des, u), power, cfg.prearm_duration_s,
+        if not check_start_bridging(self.des_rows[u], power, cfg.prearm_duration_s,
                                     rated_power_kw=float(t.des_rated_kw[u])).ok:
             return False
         self.actions.append(StartBridging(t.des_names[u], power, cfg.prearm_duration_s, reason, component))
@@ -327,6 +434,8 @@ def _update_memory(topo: Topology, obs: Observation, state: PolicyState, cfg: Po
                 state.at_risk[key] = obs.t_s
                 if kind == "ats":
                     state.risky_pole[int(i)] = int(obs.values["ats"]["ActiveSource"][i])
+                    if state.risky_pole[int(i)] in (1, 2):
+                        state.worn_pole[int(i)] = state.risky_pole[int(i)]
             state.calm_since.pop(key, None)
         for key in list(state.at_risk):
             if key[0] != kind:
@@ -373,8 +482,9 @@ def decide(obs: Observation, state: PolicyState, config: PolicyConfig) -> list[A
 
     def move_or_arm(units, target_of, reason, component, avoid_pdb, avoid_src):
         nonlocal mitigation_moves
-        # smallest loads first: more units fit under the derated limit; the rest ride on their DES
-        for u in sorted(units, key=lambda u: float(plan.ats["LoadPower"][u])):
+        # units whose DES cannot carry them first (a transfer is their only protection), then the smallest
+        # loads first (more units fit under the derated limit); the rest ride on their DES
+        for u in sorted(units, key=lambda u: (bool(plan.des_can_carry[u]), float(plan.load_kw[u]))):
             target = target_of(u)
             if (mitigation_moves < config.max_mitigation_moves
                     and plan.can_switch(u, target, avoid_pdb, avoid_src)):
@@ -388,35 +498,78 @@ def decide(obs: Observation, state: PolicyState, config: PolicyConfig) -> list[A
 
     # micro-ATS at risk: DES online first (a slow actuator's transfer would drop the load); a worn
     # contact set (the actuator is not the suspect) then leaves its pole for the other one
-    act = np.asarray(plan.ats["ActuatorResponseTime"], float)
-    act_med = np.array([np.nanmedian(act[topo.unit_aisle == a]) for a in range(int(topo.unit_aisle.max()) + 1)])
     for u in sorted(at_risk_ats):
         name = topo.unit_names[u]
         if plan.arm(u, "at-risk micro-ATS: DES pre-armed", name):
             keep_armed.add(u)
-        slow_actuator = act[u] > config.actuator_suspect_ratio * act_med[topo.unit_aisle[u]]
+        slow_actuator = bool(plan.slow[u])
         if not slow_actuator and int(active[u]) in (1, 2) and int(active[u]) == state.risky_pole.get(u):
             target = 3 - int(active[u])
-            if plan.can_switch(u, target, at_risk_pdb, at_risk_src):
+            # an at-risk source is acceptable here: its outage is a clean transfer (< 5 ms), a failing
+            # contact set arcs (15-80 ms)
+            if plan.can_switch(u, target, at_risk_pdb, set()):
                 plan.switch(u, target, "at-risk micro-ATS: moved to its other pole", name)
+    # a contact set once found worn, carrying the load again (e.g. after an automatic transfer while the
+    # other source was out): its DES online, and back to the other pole as soon as that is safe
+    for u, pole in sorted(state.worn_pole.items()):
+        if u in at_risk_ats or int(active[u]) != pole or plan.slow[u] or not plan.unit_ok(u):
+            continue
+        name = topo.unit_names[u]
+        if plan.arm(u, "worn contact set carrying the load again: DES online", name):
+            keep_armed.add(u)
+        if plan.can_switch(u, 3 - pole, at_risk_pdb, set()):
+            plan.switch(u, 3 - pole, "worn contact set: back to the other pole", name)
     # PDB segment at risk: its units to the twin feed
     for p in sorted(at_risk_pdb):
         units = [int(u) for u in np.flatnonzero(on_pdb == p)]
         feed = int(topo.pdb_feed[p])
+        # onto the twin even where the twin's source is at risk: a source outage is a clean transfer
+        # (< 5 ms, inside ITIC), an opening joint arcs for 15-80 ms before the unit can tell
         move_or_arm(units, lambda u, f=feed: 3 - f, "at-risk PDB segment: moved to the twin feed",
-                    topo.pdb_names[p], at_risk_pdb, at_risk_src)
+                    topo.pdb_names[p], at_risk_pdb, set())
+        if config.shave:
+            _shave(plan, topo, config, state, p, units, on_pdb, keep_armed)
         # units already away whose preferred source points back onto the segment
         for u in np.flatnonzero((topo.pdb_of[np.arange(n), feed - 1] == p) & (plan.preferred == feed)
                                 & (active == 3 - feed)):
             plan.prefer(int(u), 3 - feed, "at-risk PDB segment: keep away", topo.pdb_names[p])
-    # source at risk: DES pre-armed on its units, units to the other source within derating
+    # source at risk: units to the other source within derating, DES pre-armed on those that stay
+    # (slow actuators are only moved once their DES is online: can_switch)
+    # (slow actuators are only moved once their DES is online: can_switch). By default only the units
+    # for which the local transfer would not be clean act: no live second path -> DES online
+    if at_risk_src:
+        other = 3 - np.clip(active, 1, 2)
+        v_other = np.where(other == 1, np.asarray(plan.ats["SourceAVoltage"], float),
+                           np.asarray(plan.ats["SourceBVoltage"], float)) / topo.nominal_voltage_v
+        seg_other = topo.pdb_of[np.arange(n), other - 1]
+        energized = np.asarray(plan.pdb.get("Energized", np.ones(len(topo.pdb_names), bool)), bool)
+        available = np.asarray(plan.src["Available"], bool)
+        single_path = ~((v_other >= 0.9) & (v_other <= 1.1) & energized[seg_other] & available[other - 1])
     for s in sorted(at_risk_src):
-        units = [int(u) for u in np.flatnonzero(active == s + 1)]
+        units = [int(u) for u in np.flatnonzero(active == s + 1) if int(u) not in plan.moved]
+        if config.move_off_at_risk_source:
+            move_or_arm(units, lambda u, s=s: 2 - s, "at-risk source: moved to the other source",
+                        topo.source_names[s], at_risk_pdb, at_risk_src)
+            continue
         for u in units:
-            if plan.arm(u, "at-risk source: DES pre-armed", topo.source_names[s]):
+            if single_path[u] and plan.arm(u, "at-risk source, no live second path: DES online",
+                                           topo.source_names[s]):
                 keep_armed.add(u)
-        move_or_arm(units, lambda u, s=s: 2 - s, "at-risk source: moved to the other source",
-                    topo.source_names[s], at_risk_pdb, at_risk_src)
+    # slow actuator (measured by its self-test): keep its DES online so that any transfer the local
+    # logic makes (a sag, an outage) rides through, and keep it where it is: its preferred source is set
+    # to the present one, so that no "return to preferred source" transfer drops the load later
+    if config.guard_slow_units:
+        for u in np.flatnonzero(plan.slow & plan.fresh["ats"] & (plan.active > 0)):
+            u = int(u)
+            name = topo.unit_names[u]
+            if plan.arm(u, "slow micro-ATS: DES kept online", name):
+                keep_armed.add(u)
+            if u not in plan.moved and int(plan.preferred[u]) != int(active[u]):
+                plan.prefer(u, int(active[u]), "slow micro-ATS: stay on the present source", name)
+    # shaving DES whose segment is no longer at risk, or that reached their floor, stop (below)
+    for u, p in list(state.shaving.items()):
+        if u not in keep_armed:
+            del state.shaving[u]
     # bridging no longer needed: hand the load back to the grid
     for u in sorted(state.armed - keep_armed):
         if plan.des is not None and int(plan.des["Mode"][u]) == StorageMode.BRIDGING and fresh["des"][u] \
@@ -427,10 +580,81 @@ def decide(obs: Observation, state: PolicyState, config: PolicyConfig) -> list[A
 
     if config.balance:
         _balance(plan, topo, obs, state, config, at_risk_pdb, at_risk_src)
-    for a in plan.actions:
-        if isinstance(a, SwitchSource):
-            state.last_transfer_t[topo.unit_names.index(a.unit)] = obs.t_s
+    for u in plan.switched:
+        state.last_transfer_t[u] = obs.t_s
     return plan.actions
+
+
+def _shave(plan: _Plan, topo: Topology, cfg: PolicyConfig, state: PolicyState, p: int, units: list,
+           on_pdb: np.ndarray, keep_armed: set) -> None:
+    """At-risk segment p still carries units whose DES cannot carry them and that found no room on
+    the twin: DES of units on the twin discharge (bridging at real power) so that the twin's measured
+    current and its source's power drop and the move passes the derated limit next cycle. Shaving
+    DES stay on while p is at risk and above `shave_min_soc_pct`."""
+    feed = int(topo.pdb_feed[p])
+    target = 3 - feed
+    s = target - 1
+    active = plan.active
+    left = [u for u in units if int(active[u]) == feed and not plan.des_can_carry[u] and plan.unit_ok(u)
+            and u not in plan.moved and not (plan.slow[u] and not plan.des_online[u])]
+    aisle_units = np.flatnonzero(topo.pdb_of[:, feed - 1] == p)
+    if len(aisle_units) == 0:
+        return
+    twin = int(topo.pdb_of[aisle_units[0], target - 1])
+    current = [u for u, q in state.shaving.items() if q == p]
+    need_a = need_kw = 0.0
+    if left:
+        u0 = min(left, key=lambda u: plan.load_a_list[u])
+        need_a = plan.pdb_a[twin] + plan.load_a_list[u0] - plan.pdb_limit[twin]
+        need_kw = plan.src_kw[s] + plan.draw_list[u0] - plan.src_limit[s]
+    des = plan.des
+    if des is None or not (plan.fresh["pdb"][twin] and plan.fresh["source"][s]):
+        return
+    soc = np.asarray(des["StateOfCharge"], float)
+    floor = np.maximum(cfg.shave_min_soc_pct, np.asarray(topo.des_soc_min_pct, float) + cfg.arm_soc_margin_pct)
+    got_a = got_kw = 0.0
+    # keep the present shavers (their effect is already in the measured current)
+    for u in current:
+        if soc[u] < floor[u] or int(active[u]) != target or not plan.fresh["des"][u]:
+            continue
+        keep_armed.add(u)
+        if float(plan.des_rows[u].get("BridgeTimeRemaining", 0.0)) <= cfg.rearm_before_s:
+            _start_shave(plan, topo, cfg, state, u, p)
+    if need_a <= 0 and need_kw <= 0:
+        return
+    cands = [int(u) for u in np.flatnonzero((on_pdb == twin) & (active == target) & plan.has_des & plan.fresh["des"]
+                                            & plan.fresh["ats"] & ~plan.slow)
+             if int(u) not in state.shaving and int(u) not in plan.bridging_started and soc[int(u)] >= floor[int(u)] + 10.0]
+    cands.sort(key=lambda u: -min(plan.des_pmax[u], plan.load_kw[u]))
+    for u in cands:
+        if got_a >= 1.1 * need_a and got_kw >= 1.1 * need_kw:
+            break
+        power = _start_shave(plan, topo, cfg, state, u, p)
+        if power > 0:
+            keep_armed.add(u)
+            a_per_kw = plan.load_a_list[u] / max(plan.load_kw[u], 0.1)
+            extra = power - max(float(des["ActivePower"][u]), 0.0)
+            got_a += extra * a_per_kw
+            got_kw += extra
+
+
+def _start_shave(plan: _Plan, topo: Topology, cfg: PolicyConfig, state: PolicyState, u: int, p: int) -> float:
+    power = round(cfg.shave_fraction * min(float(plan.des_pmax[u]), float(plan.load_kw[u])), 2)
+    if power < 0.5 or u in plan.bridging_started:
+        return 0.0
+    if plan.unit_rows[u]["State"] in (AtsState.FAULT, AtsState.OFFLINE):
+        return 0.0
+    if not check_start_bridging(plan.des_rows[u], power, cfg.prearm_duration_s,
+                                rated_power_kw=float(topo.des_rated_kw[u])).ok:
+        return 0.0
+    plan.actions.append(StartBridging(topo.des_names[u], power, cfg.prearm_duration_s,
+                                      f"DES shaves {topo.pdb_names[int(topo.pdb_of[u, int(plan.active[u]) - 1])]} to make "
+                                      f"room for units of at-risk {topo.pdb_names[p]} their own DES cannot carry",
+                                      topo.pdb_names[p]))
+    plan.bridging_started.add(u)
+    state.shaving[u] = p
+    state.armed.add(u)
+    return power
 
 
 def _balance(plan: _Plan, topo: Topology, obs: Observation, state: PolicyState, cfg: PolicyConfig,
@@ -442,7 +666,7 @@ def _balance(plan: _Plan, topo: Topology, obs: Observation, state: PolicyState, 
     growth = np.where(lp > 0.1, np.clip(fc / np.maximum(lp, 0.1), 0.5, 2.0), 1.0)
     amps = np.asarray(plan.ats["LoadCurrent"], float) * growth
     amps = np.where(np.isfinite(amps), amps, 0.0)
-    draw = np.array([plan.draw_kw(u) for u in range(n)]) * growth
+    draw = plan.draw * growth
     active = plan.active
     ok_units = (active > 0) & plan.fresh["ats"]
     seg = np.where(ok_units, topo.pdb_of[np.arange(n), np.maximum(active, 1) - 1], -1)
@@ -452,7 +676,7 @@ def _balance(plan: _Plan, topo: Topology, obs: Observation, state: PolicyState, 
     pdb_fc = plan.pdb_a + np.bincount(seg[seg >= 0], weights=(amps - np.asarray(plan.ats["LoadCurrent"], float))
                                       [seg >= 0], minlength=len(rated_a))
     src_fc = plan.src_kw + np.bincount(np.maximum(active[ok_units], 1) - 1,
-                                       weights=(draw - np.array([plan.draw_kw(u) for u in range(n)]))[ok_units],
+                                       weights=(draw - plan.draw)[ok_units],
                                        minlength=2)
     pdb_pct = 100.0 * pdb_fc / rated_a
     src_pct = 100.0 * src_fc / rated_kw
@@ -466,7 +690,7 @@ def _balance(plan: _Plan, topo: Topology, obs: Observation, state: PolicyState, 
             continue
         if p in avoid_pdb:
             continue  # its units are the mitigation's business
-        units = np.flatnonzero((seg == p) & (state.balance_hold_until <= obs.t_s))
+        units = np.flatnonzero((seg == p) & (state.balance_hold_until <= obs.t_s) & ~plan.slow)
         if len(units) == 0:
             continue
         aisle = int(topo.unit_aisle[units[0]])

@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 
 from cmcs.mission import _apply
-from cmcs.policy import (Observation, PolicyConfig, PolicyState, SetPreferredSource, StartBridging, SwitchSource,
+from cmcs.policy import (Observation, PolicyConfig, PolicyState, SetPreferredSource, StartBridging, StopBridging,
+                         SwitchSource,
                          Topology, decide)
 from siteconfig.demo import demo_site
+from siteconfig.model import StorageMode
 from simulator.plant import InterlockRefused, Plant
 from simulator.scenario import LoadProfile, Scenario
 
@@ -142,3 +144,152 @@ def test_at_risk_segment_moves_units_with_preferred_source(site):
     assert moved or armed
     assert all(a.target == 1 for a in actions if isinstance(a, SwitchSource))
     assert moved <= preferred
+
+
+def _apply_all(plant, topo, actions):
+    idx = {n: i for i, n in enumerate(topo.unit_names)}
+    didx = {n: i for i, n in enumerate(topo.des_names) if n}
+    return [_apply(plant, topo, a, idx, didx, InterlockRefused) for a in actions]
+
+
+def test_never_refused_with_stale_devices_slow_actuators_and_drained_storage(site):
+    """Randomised: stale devices, slow actuators (self-test readings), forecasts off by +-30 %, DES
+    bridging or drained; every proposed action passes the command service's checks, none touches a
+    stale device, and a slow unit is only ever switched while its DES is online and able to carry it."""
+    topo = Topology.from_site(site)
+    proposed = 0
+    for seed in range(100, 116):
+        rng = np.random.default_rng(seed)
+        sc = Scenario(duration_s=3600.0, seed=seed,
+                      load=LoadProfile(scale=float(rng.uniform(0.8, 1.3)), noise_pct=3.0, batch_probability=1.0))
+        plant = Plant(site, sc)
+        slow = rng.choice(topo.n, size=4, replace=False)
+        plant.actuator_measured_ms[slow] *= 4.0  # the self-test shows a slow actuator (until its next one)
+        for u in rng.choice(topo.n, size=3, replace=False):
+            plant.des_soc[u] = plant.des_soc_min[u] + 0.005  # drained
+        cfg = PolicyConfig(topology=topo, thresholds={k: 0.5 for k in ("source", "pdb", "ats", "des")},
+                           balance_high_pct=float(rng.uniform(40, 80)), balance_target_pct=float(rng.uniform(40, 75)),
+                           balance_cooldown_s=0.0, balance_hold_s=0.0, confirm_cycles=1, safe_start_cycles=0)
+        state = PolicyState()
+        t = float(rng.uniform(30, 300))
+        plant.advance_to(t)
+        for cycle in range(10):
+            t += float(rng.choice([1.0, 5.0, 10.0, 10.0]))
+            plant.advance_to(t)
+            risk = {k: (rng.random(len(v)) < 0.2) * rng.uniform(0.5, 1.0, len(v)) for k, v in _zero_risk(topo).items()}
+            fresh = {k: rng.random(len(v)) > 0.1 for k, v in _zero_risk(topo).items()}
+            fresh["source"][:] = True
+            fresh["pdb"][:] = True
+            snap = plant.snapshot()
+            lp = np.asarray(snap["ats"]["LoadPower"], float)
+            obs = Observation(t_s=t, values=snap, risk=risk, fresh=fresh,
+                              forecast_kw=lp * rng.uniform(0.7, 1.3, topo.n))
+            actions = decide(obs, state, cfg)
+            for a in actions:
+                if getattr(a, "unit", None):
+                    assert fresh["ats"][topo.unit_names.index(a.unit)], f"{a} on a stale unit"
+                if getattr(a, "des", None):
+                    assert fresh["des"][topo.des_names.index(a.des)], f"{a} on a stale DES"
+                act = np.asarray(snap["ats"]["ActuatorResponseTime"], float)
+                u = topo.unit_names.index(a.unit) if getattr(a, "unit", None) else -1
+                aisle_med = np.median(act[topo.unit_aisle == topo.unit_aisle[u]]) if u >= 0 else 0.0
+                if isinstance(a, SwitchSource) and act[u] > cfg.actuator_suspect_ratio * aisle_med:
+                    assert snap["des"]["Mode"][u] == StorageMode.BRIDGING
+                    assert snap["des"]["MaxDischargePower"][u] >= snap["ats"]["LoadPower"][u]
+            proposed += len(actions)
+            reasons = _apply_all(plant, topo, actions)
+            assert all(r == "" for r in reasons), [(a, r) for a, r in zip(actions, reasons) if r]
+    assert proposed > 30
+
+
+def test_slow_actuator_is_kept_on_its_source_with_its_des_online(site):
+    """A slow actuator (self-test 4x its aisle's median): its DES is armed (it can carry the load) and its
+    preferred source follows the active one, so that no return transfer drops the load."""
+    topo = Topology.from_site(site)
+    plant = Plant(site, Scenario(duration_s=900.0, seed=21, load=LoadProfile(scale=0.8)))
+    u = topo.unit_names.index("MATS-02-02")  # a 15 kW DES, a light load
+    plant.actuator_measured_ms[u] *= 4.0
+    plant.advance_to(60.0)
+    plant.command(topo.unit_names[u], "SwitchSource", Target=2)
+    plant.command(topo.unit_names[u], "SetPreferredSource", Source=1)  # it would return to A in 300 s
+    cfg = PolicyConfig(topology=topo, safe_start_cycles=0)
+    state = PolicyState()
+    actions = []
+    for k in range(1, 12):
+        t = 60.0 + 10.0 * k
+        plant.advance_to(t)
+        acts = decide(_obs(plant, t, _zero_risk(topo)), state, cfg)
+        assert all(r == "" for r in _apply_all(plant, topo, acts))
+        actions += acts
+    assert any(isinstance(a, StartBridging) and a.des == topo.des_names[u] for a in actions)
+    assert any(isinstance(a, SetPreferredSource) and a.unit == topo.unit_names[u] and a.source == 2 for a in actions)
+    assert not any(isinstance(a, SwitchSource) and a.unit == topo.unit_names[u] for a in actions)
+    plant.advance_to(1000.0)
+    assert plant.active[u] == 2  # no return transfer
+
+
+def test_no_flapping_under_random_noisy_loads(site):
+    """Randomised heavy, noisy loads (balancing alone): no unit is switched twice within the balancing
+    hold, never back and forth, and the site-wide number of moves stays small."""
+    topo = Topology.from_site(site)
+    for seed in range(3):
+        rng = np.random.default_rng(500 + seed)
+        plant = Plant(site, Scenario(duration_s=4000.0, seed=500 + seed,
+                                     load=LoadProfile(scale=float(rng.uniform(1.05, 1.25)), noise_pct=8.0,
+                                                      drift_pct=6.0, batch_probability=1.0, batch_magnitude=0.35)))
+        cfg = PolicyConfig(topology=topo, act_on=(), safe_start_cycles=0, balance_hold_s=1800.0,
+                           balance_cooldown_s=300.0)
+        state = PolicyState()
+        last: dict[str, float] = {}
+        moves = 0
+        for k in range(1, 300):
+            t = 10.0 * k
+            plant.advance_to(t)
+            snap = plant.snapshot()
+            lp = np.asarray(snap["ats"]["LoadPower"], float)
+            obs = Observation(t_s=t, values=snap, forecast_kw=lp * (1.0 + rng.normal(0.0, 0.1, topo.n)))
+            acts = decide(obs, state, cfg)
+            assert all(r == "" for r in _apply_all(plant, topo, acts))
+            for a in acts:
+                if isinstance(a, SwitchSource):
+                    assert t - last.get(a.unit, -1e18) >= cfg.balance_hold_s, f"{a.unit} flapped"
+                    last[a.unit] = t
+                    moves += 1
+        assert moves <= 12
+
+
+def test_des_on_the_twin_makes_room_for_units_without_protection(site):
+    """A heavy hall, PDB-01-A at risk: the twin is too full for a unit whose own DES cannot carry it;
+    DES on the twin discharge (real power, within their limits) until it fits, and it moves."""
+    topo = Topology.from_site(site)
+    plant = Plant(site, Scenario(duration_s=900.0, seed=31, load=LoadProfile(scale=1.4, batch_probability=0.0)))
+    cfg = PolicyConfig(topology=topo, safe_start_cycles=0, confirm_cycles=1)
+    state = PolicyState()
+    p = topo.pdb_names.index("PDB-01-A")
+    risk = _zero_risk(topo)
+    risk["pdb"][p] = 0.9
+    actions = []
+    for k in range(1, 20):
+        t = 30.0 + 10.0 * k
+        plant.advance_to(t)
+        acts = decide(_obs(plant, t, risk), state, cfg)
+        assert all(r == "" for r in _apply_all(plant, topo, acts))
+        actions += acts
+    shaves = [a for a in actions if isinstance(a, StartBridging) and a.power_kw >= 0.5]
+    assert shaves, "no DES made room on the twin"
+    assert all(topo.pdb_of[topo.des_names.index(a.des), 1] == p + 1 for a in shaves)  # on the twin PDB-01-B
+    snap = plant.snapshot()
+    for u in np.flatnonzero(topo.pdb_of[:, 0] == p):
+        cannot_carry = snap["des"]["MaxDischargePower"][u] < cfg.des_carry_margin * snap["ats"]["LoadPower"][u]
+        assert not (cannot_carry and plant.active[u] == 1), f"{topo.unit_names[u]} left on the at-risk segment"
+    # with the segment no longer at risk (after the hold), the shaving stops
+    cfg.release_hold_s = 0.0
+    risk["pdb"][p] = 0.0
+    stopped = []
+    for k in range(20, 24):
+        t = 30.0 + 10.0 * k
+        plant.advance_to(t)
+        acts = decide(_obs(plant, t, risk), state, cfg)
+        assert all(r == "" for r in _apply_all(plant, topo, acts))
+        stopped += [a.des for a in acts if isinstance(a, StopBridging)]
+    assert {a.des for a in shaves} <= set(stopped)
