@@ -149,6 +149,11 @@ def _source_backup_kinds(site) -> list[str]:
 NOT_WITHIN_SCENARIO_S = 1e12  # "onset" of a failure still on its way when the scenario ends
 
 
+# faults whose precursor advances only under load (simulator/plant.py): their failure can come
+# later than scheduled, or not within the scenario; the plant's record says when it happened
+LOAD_GATED_KINDS = ("contact_wear", "joint_degradation")
+
+
 def scenario_failures(site, scenario, names: dict[str, list[str]],
                       failure_times: dict | None = None) -> list[Failure]:
     """The component failures of a scenario, from its fault list, at the times they happened.
@@ -169,7 +174,7 @@ def scenario_failures(site, scenario, names: dict[str, list[str]],
             continue
         predictable = f.precursor_s > 0 and not (comp == "source" and backups[i] == "none")
         onset, realized = float(f.onset_s), True
-        if failure_times is not None and f.kind == "contact_wear" and f.precursor_s > 0:
+        if failure_times is not None and f.kind in LOAD_GATED_KINDS and f.precursor_s > 0:
             onset = float(failure_times.get((f.kind, f.target, float(f.onset_s)), NOT_WITHIN_SCENARIO_S))
             realized = onset < NOT_WITHIN_SCENARIO_S
         start = float(f.onset_s - f.precursor_s)

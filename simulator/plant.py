@@ -342,8 +342,9 @@ class Plant:
             p = self.pdb_names.index(f.target)
             phase = int(rng.integers(0, 3))
             joint = int(rng.integers(0, max(1, self.pdbs[p].joints_per_phase)))
-            self._degradations["joint"].append(_Degradation(f, p, gamma, 6.0 + 14.0 * sev, phase, joint))
-            self._schedule(f.onset_s, "joint_fail", (p,))
+            d = _Degradation(f, p, gamma, 6.0 + 14.0 * sev, phase, joint, load_gated=f.precursor_s > 0)
+            self._degradations["joint"].append(d)
+            self._schedule(f.onset_s, "joint_fail", (p, len(self._degradations["joint"]) - 1))
         elif f.kind == "contact_wear":
             u = self.unit_names.index(f.target)
             pole = (f.pole or int(self.preferred[u])) - 1
@@ -399,8 +400,16 @@ class Plant:
                 return f
         return None
 
-    def _ev_joint_fail(self, t: float, p: int) -> None:
-        self._record_failure(t, self._fault_of("joint_degradation", self.pdb_names[p], t))
+    def _ev_joint_fail(self, t: float, p: int, k: int | None = None) -> None:
+        d = self._degradations["joint"][k] if k is not None else None
+        if d is not None and d.load_gated and d.loaded_s < d.fault.precursor_s - 1e-6:
+            # the loosening joint has not carried current for its whole precursor (its load was moved
+            # off, or the segment was dead): no I^2 R, no thermal runaway; it degrades on under load
+            remaining = d.fault.precursor_s - d.loaded_s
+            self._schedule(t + max(remaining, self.step_s), "joint_fail", (p, k))
+            return
+        self._record_failure(t, d.fault if d is not None else
+                             self._fault_of("joint_degradation", self.pdb_names[p], t))
         self.pdb_failed[p] = True
         # an opening joint arcs: the voltage chatters before the unit can tell it is gone
         arcing = {u: self._arc(u) for u in np.flatnonzero(self.pdb_of[np.arange(self.n), self.active - 1] == p)
@@ -832,6 +841,12 @@ class Plant:
         for d in self._degradations["contact"]:
             if d.load_gated and t_end > d.fault.precursor_start_s and self.supplied[d.index] \
                     and self.active[d.index] == d.sub + 1 and e["grid_kw"][d.index] > 0.0:
+                d.loaded_s += t_end - max(self.t_s, d.fault.precursor_start_s)
+        # a loosening joint degrades through its own I^2 R heating: it advances while its phase
+        # carries current (above JOINT_WEAR_MIN_LOADING of the segment's rating)
+        for d in self._degradations["joint"]:
+            if d.load_gated and t_end > d.fault.precursor_start_s \
+                    and e["pdb_i"][d.index, d.sub] > C.JOINT_WEAR_MIN_LOADING * self.pdb_rated_a[d.index]:
                 d.loaded_s += t_end - max(self.t_s, d.fault.precursor_start_s)
         # joints and contacts: I^2 R heating with a first-order thermal lag (exact exponential update);
         # the closed contact set heats, the open one cools

@@ -360,3 +360,26 @@ def test_joints_and_contacts_start_at_their_thermal_steady_state(site):
     # what remains is the load's and the ambient's own drift over 40 min (the old start at ambient + 5 K
     # settled over an hour, off by up to 3 K)
     assert np.abs(j1 - j0).mean() < 0.5 and np.abs(j1 - j0).max() < 1.2
+
+
+def test_a_loosening_joint_stops_degrading_when_its_load_is_moved_off(site):
+    """Joint runaway is I^2 R: with every unit moved to the twin feed the joint carries no current,
+    does not fail at its scheduled onset, and fails once it has carried load for its whole precursor."""
+    seg = "PDB-01-A"
+    p = plant(site, Fault("joint_degradation", seg, 3000.0, 1800.0, 0.8), duration=9000.0, noise=False)
+    p.advance_to(1500.0)  # 300 s into the precursor
+    on_seg = [u.name for u in site.units if u.aisle == "Aisle01" and p.read_device(u.name)["ActiveSource"] == 1]
+    assert on_seg
+    for name in on_seg:
+        p.command(name, "SwitchSource", Target=2)
+    assert p.snapshot()["pdb"]["Current"][p.pdb_names.index(seg)] < 1.0
+    p.advance_to(3100.0)
+    assert not p.pdb_failed[p.pdb_names.index(seg)] and p.failure_times == {}
+    assert p.totals()["dropped_loads"] == 0
+    for name in on_seg:  # the load comes back: 1,500 s of precursor are left
+        p.command(name, "SwitchSource", Target=1)
+    p.advance_to(3100.0 + 1500.0 - 20.0)
+    assert not p.pdb_failed[p.pdb_names.index(seg)]
+    p.advance_to(3100.0 + 1500.0 + 20.0)
+    assert p.pdb_failed[p.pdb_names.index(seg)]
+    assert p.failure_times[("joint_degradation", seg, 3000.0)] == pytest.approx(3100.0 + 1500.0, abs=15)
