@@ -113,7 +113,6 @@ class _Nodes:
 
     var: dict[tuple[str, str], list[ua.NodeId | None]] = field(default_factory=dict)
     methods: dict[tuple[str, str], tuple[ua.NodeId, ua.NodeId]] = field(default_factory=dict)  # (device, m) -> (obj, method)
-    cmcs_object: ua.NodeId | None = None
     cmcs_var: dict[str, ua.NodeId] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
 
@@ -599,7 +598,6 @@ async def discover(client: Client, site: Site) -> _Nodes:
     cmcs = where.get("Cmcs")
     if cmcs is None:
         raise ValueError("no Cmcs object in the site's address space")
-    nodes.cmcs_object = tree[cmcs]
     for point in ("Mode", "RiskThreshold", "CycleTime", "ModelVersion", "ActiveMitigations"):
         if cmcs + (point,) in tree:
             nodes.cmcs_var[point] = tree[cmcs + (point,)]

@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cmcs.features import SAMPLE_INTERVAL_S
-from cmcs.policy import (Observation, PolicyConfig, PolicyState, SetPreferredSource, StartBridging,
+
+from cmcs.policy import (Observation, _row, PolicyConfig, PolicyState, SetPreferredSource, StartBridging,
                          StopBridging, SwitchSource, Topology, decide)
 from siteconfig.interlocks import check_preferred, check_start_bridging, check_switch
 
@@ -292,10 +293,6 @@ def _apply(plant, topo: Topology, a, unit_index, des_index, InterlockRefused) ->
     except (InterlockRefused, ValueError) as exc:
         return f"device refused: {exc}"
     return ""
-
-
-def _row(d: dict, i: int) -> dict:
-    return {k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in d.items()}
 
 
 def _touches(a, fault, topo: Topology) -> bool:

@@ -125,7 +125,9 @@ async def run_until_signalled(site: Site, data_dir: Path, simulate: bool, cmcs: 
               + (" (demo: simulators in-process on loopback)" if simulate else "") + "; Ctrl-C to stop", flush=True)
         print(f"cmcs-gateway: {gateway.server.security.summary()}", flush=True)
         if gateway.live is not None:
-            print(f"cmcs-gateway: built-in CMCS (user '{'cmcs'}', model {gateway.live.predictor.version}), "
+            from gateway.security import CMCS_USER
+
+            print(f"cmcs-gateway: built-in CMCS (user '{CMCS_USER}', model {gateway.live.predictor.version}), "
                   f"mode {gateway.server.cmcs_mode.name.title()}", flush=True)
         await stop.wait()
     finally:

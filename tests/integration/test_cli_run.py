@@ -33,6 +33,17 @@ def _start(args, tmp_path, name):
                             env={**os.environ, "PYTHONUNBUFFERED": "1"}), log
 
 
+def _stop(*procs) -> None:
+    """SIGINT each process still running; kill it if it has not stopped within 20 s."""
+    for proc in procs:
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
 async def _first_good_read(url: str, ns_uri: str, node: str, timeout: float) -> float:
     deadline = time.monotonic() + timeout
     last_error = None
@@ -80,13 +91,7 @@ async def test_run_against_a_separate_simulator_and_stop_cleanly(tmp_path):
         output = (tmp_path / "run.log").read_text()
         assert "stopped" in output and "Traceback" not in output
     finally:
-        for proc in (gw, sim):
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+        _stop(gw, sim)
     assert sim.returncode == 0, (tmp_path / "simulate.log").read_text()[-2000:]
 
 
@@ -142,13 +147,7 @@ async def test_cmcs_agent_runs_against_a_remote_gateway(tmp_path):
         output = (tmp_path / "agent.log").read_text()
         assert "stopped" in output and "Traceback" not in output
     finally:
-        for proc in (agent, gw, sim):
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+        _stop(agent, gw, sim)
 
 
 def test_cmcs_agent_bad_arguments_are_one_line(tmp_path):

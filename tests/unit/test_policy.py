@@ -29,6 +29,13 @@ def _zero_risk(topo):
             "des": np.zeros(topo.n)}
 
 
+
+def _eager_config(topo, rng) -> PolicyConfig:
+    """A policy with random balancing limits, no hold, cooldown or debounce: it acts as often as it can."""
+    return PolicyConfig(topology=topo, thresholds={k: 0.5 for k in ("source", "pdb", "ats", "des")},
+                        balance_high_pct=float(rng.uniform(40, 80)), balance_target_pct=float(rng.uniform(40, 75)),
+                        balance_cooldown_s=0.0, balance_hold_s=0.0, confirm_cycles=1, safe_start_cycles=0)
+
 def test_never_proposes_a_refused_action_over_random_states(site):
     """Random loads, random manual transfers (dwell times running), random risk: every action passes
     the command service's interlocks on the plant, in order, and the device accepts it."""
@@ -39,9 +46,7 @@ def test_never_proposes_a_refused_action_over_random_states(site):
         sc = Scenario(duration_s=3600.0, seed=seed,
                       load=LoadProfile(scale=float(rng.uniform(0.8, 1.3)), noise_pct=3.0, batch_probability=1.0))
         plant = Plant(site, sc)
-        cfg = PolicyConfig(topology=topo, thresholds={k: 0.5 for k in ("source", "pdb", "ats", "des")},
-                           balance_high_pct=float(rng.uniform(40, 80)), balance_target_pct=float(rng.uniform(40, 75)),
-                           balance_cooldown_s=0.0, balance_hold_s=0.0, confirm_cycles=1, safe_start_cycles=0)
+        cfg = _eager_config(topo, rng)
         state = PolicyState()
         t = float(rng.uniform(30, 300))
         plant.advance_to(t)
@@ -167,9 +172,7 @@ def test_never_refused_with_stale_devices_slow_actuators_and_drained_storage(sit
         plant.actuator_measured_ms[slow] *= 4.0  # the self-test shows a slow actuator (until its next one)
         for u in rng.choice(topo.n, size=3, replace=False):
             plant.des_soc[u] = plant.des_soc_min[u] + 0.005  # drained
-        cfg = PolicyConfig(topology=topo, thresholds={k: 0.5 for k in ("source", "pdb", "ats", "des")},
-                           balance_high_pct=float(rng.uniform(40, 80)), balance_target_pct=float(rng.uniform(40, 75)),
-                           balance_cooldown_s=0.0, balance_hold_s=0.0, confirm_cycles=1, safe_start_cycles=0)
+        cfg = _eager_config(topo, rng)
         state = PolicyState()
         t = float(rng.uniform(30, 300))
         plant.advance_to(t)
