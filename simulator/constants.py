@@ -33,10 +33,12 @@ OVERLOAD_COOL_TAU_S = 300.0
 # --- Thermal ------------------------------------------------------------------------------
 JOINT_R_NOMINAL_UOHM = (60.0, 120.0)  # bolted busway joint, 125 A class, new
 JOINT_RTH_K_PER_W = 15.0  # joint-to-ambient thermal resistance
+JOINT_REF_RATING_A = 125.0  # the joint figures above are for this busway rating; R and Rth scale with 125 A / rating
 JOINT_WEAR_MIN_LOADING = 0.05  # a loosening joint degrades (I^2 R runaway) only above this share of rated current
 JOINT_TAU_S = 900.0  # thermal time constant of a busbar joint (15 min)
 CONTACT_R_NOMINAL_UOHM = (200.0, 400.0)  # 40 A contactor contact set
 CONTACT_RTH_K_PER_W = 20.0
+CONTACT_REF_RATING_A = 40.0  # the contact figures above are for this rating; R and Rth scale with 40 A / rating
 CONTACT_TAU_S = 600.0
 AMBIENT_MEAN_DEGC = 27.0  # ASHRAE recommended inlet 18-27 degC; hot aisle side of the bus is warmer
 AMBIENT_DIURNAL_DEGC = 1.5

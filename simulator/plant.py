@@ -21,6 +21,9 @@ Physics choices worth knowing:
 - Islanded on its DES with both feeds dead, a unit's load is fed by the DES inverter at its output
   voltage (nominal): LoadCurrent is the load's current at that voltage.
 - Every sensor has its own noise sample (PDB AmbientTemperature no longer shares JointTemperatureL3's).
+- Joints and contact sets are sized for their rating: their resistance and thermal resistance
+  scale with (reference rating / rating), 125 A for busway joints and 40 A for contact sets, so
+  a 1,200 A segment's joints rise as much at a given loading as a 125 A segment's do.
 """
 
 from __future__ import annotations
@@ -133,11 +136,16 @@ class Plant:
         self.position_ft = np.array([u.position_ft for u in units])
         w = 1.0 / 3.0 + rng.uniform(-0.04, 0.04, size=(n, 3))  # rack PDUs spread over the phases
         self.phase_w = w / w.sum(axis=1, keepdims=True)
-        self.contact_r0 = rng.uniform(*C.CONTACT_R_NOMINAL_UOHM, size=(n, 2))
+        # joints and contact sets are sized for their rating: resistance and thermal resistance both
+        # scale with reference rating / rating, so the temperature rise at rated current is the same
+        # for a 40 A or a 1,200 A part (the nominal figures in constants.py are the reference ones)
+        self.contact_scale = C.CONTACT_REF_RATING_A / np.maximum(self.unit_rated_a, 1e-9)
+        self.contact_r0 = rng.uniform(*C.CONTACT_R_NOMINAL_UOHM, size=(n, 2)) * self.contact_scale[:, None]
         self.actuator_ms0 = rng.uniform(1.4, 2.4, size=n)
         self.pdb_rated_a = np.array([p.rated_current_a for p in self.pdbs])
         jpp = max(p.joints_per_phase for p in self.pdbs) if self.pdbs else 1
-        self.joint_r0 = rng.uniform(*C.JOINT_R_NOMINAL_UOHM, size=(self.np_, 3, jpp))
+        self.joint_scale = C.JOINT_REF_RATING_A / np.maximum(self.pdb_rated_a, 1e-9)
+        self.joint_r0 = rng.uniform(*C.JOINT_R_NOMINAL_UOHM, size=(self.np_, 3, jpp)) * self.joint_scale[:, None, None]
         for i, p in enumerate(self.pdbs):  # segments with fewer joints: unused slots carry no resistance
             self.joint_r0[i, :, p.joints_per_phase:] = 0.0
         self.seg_r_ohm = C.SEGMENT_DROP_AT_RATED * self.v_nom_ln / self.pdb_rated_a
@@ -873,12 +881,12 @@ class Plant:
         e = self._elec
         n = self.n
         p_joint = (e["pdb_i"][:, :, None] ** 2) * e["r_joint"]
-        t_joint = amb[self.pdb_aisle][:, None, None] + C.JOINT_RTH_K_PER_W * p_joint
+        t_joint = amb[self.pdb_aisle][:, None, None] + (C.JOINT_RTH_K_PER_W * self.joint_scale)[:, None, None] * p_joint
         i2 = (e["i_ph"] ** 2).sum(axis=1)
         closed = np.zeros((n, 2), dtype=bool)
         closed[np.arange(n), np.maximum(self.active, 1) - 1] = self.supplied
         p_c = np.where(closed, i2[:, None] * self._contact_r() * 1e-6, 0.0)
-        t_contact = amb[self.unit_aisle][:, None] + C.CONTACT_RTH_K_PER_W * p_c
+        t_contact = amb[self.unit_aisle][:, None] + (C.CONTACT_RTH_K_PER_W * self.contact_scale)[:, None] * p_c
         heat = (e["des_kw"] / np.maximum(self.des_pmax_kw, 1e-9)) ** 2 * 6.0 * (self._battery_r() / self.des_r0)
         t_cell = amb[self.unit_aisle] + 2.0 + heat
         return t_joint, t_contact, t_cell

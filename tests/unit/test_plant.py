@@ -383,3 +383,24 @@ def test_a_loosening_joint_stops_degrading_when_its_load_is_moved_off(site):
     p.advance_to(3100.0 + 1500.0 + 20.0)
     assert p.pdb_failed[p.pdb_names.index(seg)]
     assert p.failure_times[("joint_degradation", seg, 3000.0)] == pytest.approx(3100.0 + 1500.0, abs=15)
+
+
+def test_joint_and_contact_rise_scale_with_rating_not_with_site_size():
+    """A 1,200 A segment's joints are sized for it: at the same loading they rise about as much as
+    the demo's 125 A joints, not (1200/125)^2 times more (which flooded big sites with alarms)."""
+    from siteconfig.demo import generate_site
+
+    def rise_per_loading2(site):
+        p = Plant(site, Scenario(duration_s=600.0, seed=5), measurement_noise=False)
+        p.advance_to(1.0)
+        pdb = p.snapshot()["pdb"]
+        rise = pdb["JointTemperature"] - pdb["AmbientTemperature"]
+        loading = pdb["Loading"] / 100.0
+        return site.pdbs[0].rated_current_a, float(np.median(rise / loading ** 2)), float(rise.max())
+
+    small_a, small_k, _ = rise_per_loading2(demo_site())
+    big_a, big_k, big_max = rise_per_loading2(generate_site(20, 50))
+    assert big_a >= 8 * small_a
+    # the joints' random resistance spreads both figures by about +-30 %
+    assert 0.6 < big_k / small_k < 1.6
+    assert big_max < 15.0  # K over ambient at the generated site's normal loading
