@@ -17,7 +17,7 @@ import signal
 import sys
 from pathlib import Path
 
-from gateway.cli import CliError
+from siteconfig.errors import CliError
 
 log = logging.getLogger(__name__)
 

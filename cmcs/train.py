@@ -81,7 +81,7 @@ class TrainConfig:
 # ---- the CLI -----------------------------------------------------------------------------------
 
 def cli_train(args) -> int:
-    from gateway.cli import CliError
+    from siteconfig.errors import CliError
 
     try:
         if getattr(args, "eval_only", False):
@@ -92,7 +92,7 @@ def cli_train(args) -> int:
 
 
 def _cli_train(args) -> int:
-    from gateway.cli import CliError
+    from siteconfig.errors import CliError
 
     cfg = TrainConfig.from_args(args)
     if cfg.scenario_count < 3:
@@ -119,7 +119,7 @@ def _cli_train(args) -> int:
 
 
 def _cli_eval(args) -> int:
-    from gateway.cli import CliError
+    from siteconfig.errors import CliError
 
     scen_dir = Path(args.scenarios) if args.scenarios else HELDOUT_DIR
     bundle = Path(args.bundle) if args.bundle else SHIPPED_BUNDLE
@@ -149,7 +149,7 @@ def _cli_eval(args) -> int:
 
 
 def _write_json(path, metrics: dict) -> None:
-    from gateway.cli import CliError
+    from siteconfig.errors import CliError
 
     try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -166,7 +166,7 @@ def _dir_size_mb(path: Path) -> float:
 
 def load_scenario_folder(folder: Path) -> list[tuple]:
     """(site, scenario) of every scenario file in a folder; CliError naming the first bad file."""
-    from gateway.cli import CliError
+    from siteconfig.errors import CliError
     from siteconfig.yamlpos import ConfigError, ConfigErrors
     from simulator.scenario import load_scenario, scenario_files
 

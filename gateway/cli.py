@@ -11,14 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-
-class CliError(Exception):
-    """An expected failure: printed as one line, exit code 2 unless given."""
-
-    def __init__(self, message: str, exit_code: int = 2):
-        super().__init__(message)
-        self.exit_code = exit_code
-
+from siteconfig.errors import CliError  # noqa: F401  (re-exported: gateway modules raise it from here)
 
 DEFAULT_DATA_DIR = Path("cmcs-data")
 
