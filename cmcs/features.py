@@ -22,7 +22,7 @@ import math
 
 import numpy as np
 
-FEATURE_VERSION = 2
+FEATURE_VERSION = 3
 SAMPLE_INTERVAL_S = 10.0  # the gateway's subscription/sampling interval the models are built for
 WARMUP_S = 1800.0  # rows earlier than this are not scored: filters and baselines are still settling
 BASELINE_START_S = 1200.0  # running minima/maxima ("own baseline") start once filters and start-up transients settle
@@ -67,6 +67,8 @@ FEATURE_NAMES: dict[str, tuple[str, ...]] = {
         "aisle_seas1h_900", "aisle_seas_max_900", "aisle_seas_min_900",
         "seas1h_level", "on_alternate", "share_rel_ema60", "share_rel_ema180", "share_delta_5min",
         "aisle_next_start_h",
+        "aisle_last_rel", "aisle_last_delta_30s", "job_on", "job_age_h", "job_mag", "aisle_rel_base",
+        "job_rate", "base_trend_1h", "job_due_60", "job_due_300", "job_due_900",
     ),
 }
 
@@ -332,6 +334,20 @@ class FeatureState:
         # swing) against its long-run level: the unit's own drift, which reverts to its mean
         self.l_share = _Ema((n,), (3600.0, 3 * 3600.0))
         self.l_share_ring = _Ring(int(round(300.0 / self.dt_nominal)) + 1, n)
+        # batch jobs of each aisle, tracked from steps of the median unit (a unit dropping out or
+        # returning moves its aisle's sum, not the median of its units' changes)
+        na = self.n_aisles
+        self.l_aisle_last_ring = _Ring(int(round(30.0 / self.dt_nominal)) + 1, na)
+        self.l_aisle_first = np.unique(self.unit_aisle, return_index=True)[1]  # one unit of each aisle
+        self.l_job_on = np.zeros(na, dtype=bool)
+        self.l_odd_t = np.full(n, -np.inf)  # last sign of a unit going dark or restarting
+        self.l_job_up = np.zeros(na, dtype=bool)
+        self.l_job_down = np.zeros(na, dtype=bool)
+        self.l_job_start_t = np.full(na, NAN)  # the start of the aisle's last job (kept after it ends)
+        self.l_job_pre = np.full(na, NAN)  # the aisle's level just before its current job
+        self.l_job_count = 0.0  # job starts seen on the site since the first sample
+        self.l_base = _Ema((na,), (1200.0,))  # the aisle's level outside its jobs (diurnal x its drift)
+        self.l_base_ring = _Ring(season + 1, 1)  # the site's sum of those levels, 1 h back
 
     @property
     def ready(self) -> bool:
@@ -597,7 +613,66 @@ class FeatureState:
         cols.append(((active > 0) & (active != np.asarray(a["PreferredSource"], int))).astype(float))
         cols += [rel(share, share_ema[:, 0]), rel(share, share_ema[:, 1]),
                  rel(share, self.l_share_ring.get(k - step(300))), next_start[ua]]
+        cols += self._jobs(lp, m1, aisle_m1, valid, k, t_s, dt, step, rel)
         return np.column_stack(cols).astype(np.float32)
+
+    def _jobs(self, lp, m1, aisle_m1, valid, k, t_s, dt, step, rel) -> list:
+        """Batch-job state of each aisle (broadcast to its units) and the hall's slow trend.
+
+        A job is a step of the whole aisle: its start and end are read from the median over the aisle's
+        units of their minute-mean change over 2 min; while it runs, its age and its size over the
+        level before it; outside jobs, the aisle's level is tracked (its drift and the diurnal swing),
+        and the hall's sum of those levels against 1 h ago gives the diurnal trend. `job_rate` is the
+        share of aisle-hours with a job so far (the chance that a scheduled job runs)."""
+        ua, na = self.unit_aisle, self.n_aisles
+        u_jump = rel(m1, self.l_ring.get(k - step(120)))
+        # a unit going dark or restarting is no job: it is left out for 3 min after any sign of it (a
+        # sample off its minute mean by half, a 2-min change of half, a level under half its 1-h mean);
+        # an aisle with fewer than half its units left is "disturbed": its job state and level stay put
+        with np.errstate(invalid="ignore"):
+            odd = ~(np.abs(rel(lp, m1)) < 0.5) | ~(np.abs(u_jump) < 0.5) | ~(m1 > 0.5 * self.l_ema[2])
+        self.l_odd_t = np.where(odd, t_s, self.l_odd_t)
+        clean = (t_s - self.l_odd_t) > 180.0
+        n_clean = np.bincount(ua, weights=clean.astype(float), minlength=na)
+        calm = n_clean >= 0.5 * np.bincount(ua, minlength=na)
+        med_jump = self.aisle_median(np.where(clean, u_jump, NAN))
+        jump_a = np.full(na, NAN)
+        jump_a[ua[self.l_aisle_first]] = med_jump[self.l_aisle_first]
+        up = np.nan_to_num(jump_a) > 0.05
+        down = np.nan_to_num(jump_a) < -0.05
+        start = up & ~self.l_job_up & ~self.l_job_on & calm
+        end = down & ~self.l_job_down & self.l_job_on & calm
+        self.l_job_up, self.l_job_down = up, down
+        before = self.l_aisle_ring.get(k - step(150))
+        self.l_job_pre = np.where(start, before, self.l_job_pre)
+        self.l_job_start_t = np.where(start, t_s - 60.0, self.l_job_start_t)  # the step is seen ~1 min in
+        self.l_job_count += float(start.sum())
+        # a recurring job ends within its period: a step up not followed by a step down (missed, or a
+        # lasting change of the load) stops counting as a job after one season
+        too_long = (t_s - self.l_job_start_t) > SEASON_S
+        self.l_job_on = (self.l_job_on | start) & ~end & ~too_long
+        on = self.l_job_on
+        # the level outside jobs: updated only when no job runs and no step is under way
+        quiet = ~on & ~up & ~down & calm
+        base = self.l_base.update(np.where(quiet, aisle_m1, NAN), dt)[:, 0]
+        site_base = np.nansum(base) if np.isfinite(base).any() else NAN
+        self.l_base_ring.put(k, np.array([site_base]))
+        trend = rel(site_base, self.l_base_ring.get(k - step(SEASON_S))[0])
+        # fast view of the aisle: the sum of its last samples against the minute mean and 30 s ago
+        aisle_last = np.bincount(ua, weights=np.where(valid & np.isfinite(lp), lp, 0.0), minlength=na)
+        self.l_aisle_last_ring.put(k, aisle_last)
+        hours = max((t_s - self.t0_s) / 3600.0, 0.0) if self.t0_s is not None else 0.0
+        job_rate = (self.l_job_count + 1.1) / (na * hours + 2.0)
+        # share of the target minute after the aisle's next start, if its jobs recur every season at the
+        # minute of the last one (cron-like); NaN before any job was seen on the aisle
+        next_s = SEASON_S - (t_s - self.l_job_start_t) % SEASON_S
+        due = [np.clip((h - next_s) / 60.0, 0.0, 1.0)[ua] for h in LOAD_HORIZONS_S]
+        return [
+            rel(aisle_last, aisle_m1)[ua], rel(aisle_last, self.l_aisle_last_ring.get(k - step(30)))[ua],
+            on.astype(float)[ua], np.where(on, (t_s - self.l_job_start_t) / 3600.0, NAN)[ua],
+            np.where(on, rel(aisle_m1, self.l_job_pre), NAN)[ua], rel(aisle_m1, base)[ua],
+            np.full(self.n, job_rate), np.full(self.n, trend), *due,
+        ]
 
 
 def feature_names(kind: str) -> tuple[str, ...]:

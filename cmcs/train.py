@@ -298,7 +298,7 @@ def fit(cfg: TrainConfig, train_c: list[dict], val_runs: list[ScenarioRun], prog
     """Train every model on the training rows; early stopping, calibration and operating points on
     the validation runs (which are scored in place). Returns (predictor, row counts)."""
     from cmcs import models
-    from cmcs.metrics import BASELINE_MARGINS, RISK_THRESHOLD_FLOOR, choose_threshold
+    from cmcs.metrics import BASELINE_MARGINS, RISK_THRESHOLD_FLOOR, choose_threshold, raise_keeping_detections
 
     stages = ["risk:" + k for k in COMPONENT_KINDS] + [f"load:{h}s" for h in LOAD_HORIZONS_S] + ["calibrate"]
     from tqdm import tqdm
@@ -333,8 +333,14 @@ def fit(cfg: TrainConfig, train_c: list[dict], val_runs: list[ScenarioRun], prog
         score_run(predictor, run)
     model_score = lambda r, k: r.scores[k]  # noqa: E731
     base_score = lambda r, k: r.baseline[k]  # noqa: E731
-    thresholds = {k: choose_threshold(val_runs, k, model_score, floor=RISK_THRESHOLD_FLOOR) for k in COMPONENT_KINDS}
-    margins = {k: choose_threshold(val_runs, k, base_score, candidates=BASELINE_MARGINS) for k in COMPONENT_KINDS}
+    # the budget's lowest threshold on validation, then raised as far as it keeps every validation detection
+    thresholds = {k: raise_keeping_detections(val_runs, k, model_score,
+                                              choose_threshold(val_runs, k, model_score, floor=RISK_THRESHOLD_FLOOR))
+                  for k in COMPONENT_KINDS}
+    margins = {k: raise_keeping_detections(val_runs, k, base_score,
+                                           choose_threshold(val_runs, k, base_score, candidates=BASELINE_MARGINS),
+                                           ceiling=float(BASELINE_MARGINS.max()))
+               for k in COMPONENT_KINDS}  # the same rule for the threshold baseline (mission policy b)
     predictor.thresholds = thresholds
     predictor.baseline_margins = margins
     predictor.meta["thresholds"] = {k: float(v) for k, v in thresholds.items()}

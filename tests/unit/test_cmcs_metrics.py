@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from cmcs.dataset import Failure, ScenarioRun
-from cmcs.metrics import ALARM_ON_DELAY_SAMPLES, average_precision, choose_threshold, confirmed, events
+from cmcs.metrics import (ALARM_ON_DELAY_SAMPLES, average_precision, choose_threshold, confirmed, events,
+                          raise_keeping_detections)
 from cmcs.models import isotonic_apply, isotonic_fit
 
 
@@ -87,3 +88,21 @@ def test_a_failure_still_on_its_way_is_neither_counted_nor_makes_false_alarms():
     f = Failure("ats", 0, "u0", "contact_wear", 1e12, 1e12 - 10000.0, True, realized=False)
     r = events(_run(s, [f]), "ats", s, 0.5)
     assert r.failures == 0 and r.detected == 0 and r.false_alarms == 0
+
+
+def test_operating_threshold_rises_only_as_far_as_every_detection_is_kept():
+    T = 4000
+    s = np.full((T, 3), 0.01)
+    s[900:1000, 0] = np.linspace(0.1, 0.7, 100)  # device 0: risk climbs to 0.7 before its failure
+    s[1900:2000, 1] = np.linspace(0.1, 0.4, 100)  # device 1: a weaker precursor, peaks at 0.4
+    s[3000:3010, 2] = 0.3  # device 2: healthy, one 100 s burst at 0.3
+    fails = [Failure("ats", 0, "u0", "contact_wear", 10010.0, 1200.0, True),
+             Failure("ats", 1, "u1", "contact_wear", 20010.0, 1200.0, True)]
+    run = _run(s, fails)
+    score = lambda r, k: r.scores[k]  # noqa: E731
+    assert events(run, "ats", s, 0.2).false_alarms == 1
+    thr = raise_keeping_detections([run], "ats", score, 0.2)
+    r = events(run, "ats", s, thr)
+    assert r.detected == 2 and r.false_alarms == 0  # the burst is gone, both failures still caught
+    assert thr < 0.4  # and no higher: device 1 would be lost
+    assert events(run, "ats", s, thr * 1.2).detected == 1
