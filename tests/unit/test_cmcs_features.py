@@ -157,3 +157,35 @@ def test_plant_failure_times_reach_the_labels(small_site):
     sc = Scenario(duration_s=3000, seed=1, faults=(Fault("contact_wear", unit.name, 2000, 600, 0.8, pole=other),))
     (f,) = simulate(small_site, sc).failures
     assert not f.realized  # the plant never loaded the worn set: it did not fail
+
+
+def test_batch_job_features_follow_the_aisles_real_jobs():
+    """job_on / job_age_h (feature version 3) track the plant's hourly batch jobs per aisle, seen only
+    through LoadPower: on while a job runs (after the ~1-2 min it takes to see the step), off otherwise."""
+    site = demo_site()
+    plant = Plant(site, Scenario(duration_s=4 * 3600, seed=11))
+    state = FeatureState(site)
+    names = FEATURE_NAMES["load"]
+    i_on, i_age = names.index("job_on"), names.index("job_age_h")
+    agree, rows, ages_ok, jobs_seen, truth_on = 0, 0, [], 0, 0
+    prev_truth = None
+    for j in range(1, 4 * 360 + 1):
+        t = 10.0 * j
+        plant.advance_to(t)
+        feats = state.update(t, plant.snapshot())
+        truth = plant._batch_factor(t)[plant.unit_aisle] > 0  # ground truth, per unit's aisle
+        if prev_truth is not None:
+            jobs_seen += int((truth & ~prev_truth).sum())
+        prev_truth = truth
+        if t < 3600.0:
+            continue  # the pipeline's first hour: job rate and levels still settling
+        on = feats["load"][:, i_on] > 0.5
+        rows += len(on)
+        truth_on += int(truth.sum())
+        agree += int((on == truth).sum())
+        age = feats["load"][on & truth, i_age]
+        ages_ok.extend(((age >= 0) & (age <= 1.0)).tolist())
+    assert jobs_seen > 0, "the scenario must contain batch jobs for this test to mean anything"
+    assert 0.1 < truth_on / rows < 0.5  # so that "always off" (or "always on") scores far below 90 %
+    assert agree / rows > 0.9, agree / rows  # measured 0.99
+    assert ages_ok and all(ages_ok)
