@@ -19,9 +19,15 @@ Figures per run (the `P` of INTERFACE.md section 7, plus details):
 - mitigations_before_failure: failures with precursors for which an action touched the failing
   component or its loads between precursor start and onset; their lead time = onset - first
   such action; median over the run (NaN when none);
-- unnecessary_transfers: commanded transfers prompted by a risk that were not followed, within
-  UNNECESSARY_WINDOW_S, by a failure of the component they moved away from (balancing
-  transfers are counted apart as balancing_transfers).
+- unnecessary_transfers: commanded transfers prompted by a risk that moved the load away from
+  nothing that was really degrading: necessary is a risk transfer away from a component (the PDB
+  segment left, its source, the contact set left) that was degrading at that moment (its
+  precursor had started and it had not failed yet: the plant's real failure time,
+  `Plant.failure_times`, which for a load-gated joint or contact set is later than scheduled, or
+  never when the load was kept off it) or that failed within UNNECESSARY_WINDOW_S (balancing
+  transfers are counted apart as balancing_transfers). The former rule (necessary only when a
+  failure of the segment, unit or source left was *scheduled* within UNNECESSARY_WINDOW_S) is
+  kept as unnecessary_transfers_scheduled.
 """
 
 from __future__ import annotations
@@ -104,7 +110,7 @@ def run_mission(site, scenario, policy: str, predictor=None, config: PolicyConfi
     over80 = over100 = 0.0
     result = MissionResult(scenario.name, policy, {})
     commanded = balancing = 0
-    risk_transfers: list[tuple[float, int, int]] = []  # (t, unit, segment left)
+    risk_transfers: list[tuple[float, int, int, int]] = []  # (t, unit, segment left, pole left)
     des_index = {name: i for i, name in enumerate(topo.des_names) if name}
     unit_index = {name: i for i, name in enumerate(topo.unit_names)}
     steps = int(math.floor(scenario.duration_s / dt + 1e-9))
@@ -176,7 +182,7 @@ def run_mission(site, scenario, policy: str, predictor=None, config: PolicyConfi
                 commanded += 1
                 if a.component:
                     u = unit_index[a.unit]
-                    risk_transfers.append((t, u, int(topo.pdb_of[u, 2 - a.target])))
+                    risk_transfers.append((t, u, int(topo.pdb_of[u, 2 - a.target]), 3 - a.target))
                 else:
                     balancing += 1
     totals = plant.totals()
@@ -199,7 +205,8 @@ def run_mission(site, scenario, policy: str, predictor=None, config: PolicyConfi
         "actions": len(result.actions),
     }
     figs["automatic_transfers"] = figs["transfers"] - commanded
-    mit, result.lead_times_s = _mitigation_figures(scenario, topo, result.actions, risk_transfers)
+    mit, result.lead_times_s = _mitigation_figures(scenario, topo, result.actions, risk_transfers,
+                                                   plant.failure_times, plant.worn_contact_sets())
     figs.update(mit)
     if result.cycle_ms:
         figs["cycle_ms_p50"] = round(float(np.percentile(result.cycle_ms, 50)), 3)
@@ -323,32 +330,75 @@ def _touches(a, fault, topo: Topology) -> bool:
     return False
 
 
-def _mitigation_figures(scenario, topo: Topology, actions: list, risk_transfers: list) -> tuple[dict, list]:
+def _left_components(topo: Topology, u: int, seg: int) -> dict[str, str]:
+    """What a transfer of unit u off segment `seg` moves away from: device kind -> name."""
+    return {"pdb": topo.pdb_names[seg], "ats": topo.unit_names[u],
+            "source": topo.source_names[int(topo.pdb_feed[seg]) - 1]}
+
+
+def unnecessary_scheduled(scenario, topo: Topology, risk_transfers: list) -> int:
+    """The former rule: a risk transfer is necessary when a failure of the segment it left, of its unit
+    or of that segment's source is *scheduled* within UNNECESSARY_WINDOW_S after it."""
+    unnecessary = 0
+    for t, u, seg, *_ in risk_transfers:
+        left = _left_components(topo, u, seg)
+        needed = any(f.kind in FAILURE_KINDS and t <= f.onset_s <= t + UNNECESSARY_WINDOW_S
+                     and left.get(FAILURE_KINDS[f.kind]) == f.target for f in scenario.faults)
+        unnecessary += not needed
+    return unnecessary
+
+
+def unnecessary_real(scenario, topo: Topology, risk_transfers: list, failure_times: dict,
+                     contact_poles: dict | None = None) -> int:
+    """Risk transfers that moved the load away from nothing really degrading. A transfer of unit u
+    from pole q (segment `seg`) is necessary when a fault of the segment left, of that segment's
+    source, or of the contact set left (contact_wear on pole q of u) was degrading at that moment
+    (precursor started, real failure not yet happened: `failure_times`, the plant's record; a fault
+    missing from it never failed, e.g. a joint kept empty) or really failed within
+    UNNECESSARY_WINDOW_S after it. A slow actuator is not left behind by a transfer (nor does it
+    fail at a transfer's expense), so it makes none necessary."""
+    contact_poles = contact_poles or {}
+    relevant = []
+    for f in scenario.faults:
+        if f.kind not in ("joint_degradation", "contact_wear", "source_outage"):
+            continue
+        real = failure_times.get((f.kind, f.target, float(f.onset_s)), math.inf)
+        start = f.precursor_start_s if f.precursor_s > 0 else math.inf
+        relevant.append((f, start, real))
+    unnecessary = 0
+    for t, u, seg, pole in risk_transfers:
+        left = _left_components(topo, u, seg)
+        needed = False
+        for f, start, real in relevant:
+            kind = FAILURE_KINDS[f.kind]
+            if left[kind] != f.target:
+                continue
+            if kind == "ats" and contact_poles.get((f.target, float(f.onset_s)), pole) != pole:
+                continue  # the worn set is the one the unit moved onto, not the one it left
+            if start <= t <= real or t <= real <= t + UNNECESSARY_WINDOW_S:
+                needed = True
+                break
+        unnecessary += not needed
+    return unnecessary
+
+
+def _mitigation_figures(scenario, topo: Topology, actions: list, risk_transfers: list,
+                        failure_times: dict | None = None, contact_poles: dict | None = None) -> tuple[dict, list]:
     failures = [f for f in scenario.faults if f.kind in FAILURE_KINDS and f.precursor_s > 0]
     leads = []
     for f in failures:
         times = [t for t, a in actions if f.precursor_start_s <= t < f.onset_s and _touches(a, f, topo)]
         if times:
             leads.append(f.onset_s - min(times))
-    # a risk transfer is necessary when the segment it left, its unit or its source failed soon after
-    unnecessary = 0
-    for t, u, seg in risk_transfers:
-        needed = False
-        for f in scenario.faults:
-            if f.kind not in FAILURE_KINDS or not (t <= f.onset_s <= t + UNNECESSARY_WINDOW_S):
-                continue
-            kind = FAILURE_KINDS[f.kind]
-            if (kind == "pdb" and f.target == topo.pdb_names[seg]) or \
-               (kind == "ats" and f.target == topo.unit_names[u]) or \
-               (kind == "source" and f.target == topo.source_names[int(topo.pdb_feed[seg]) - 1]):
-                needed = True
-                break
-        unnecessary += not needed
+    if failure_times is None:  # no plant record: every failure as scheduled
+        failure_times = {(f.kind, f.target, float(f.onset_s)): float(f.onset_s) for f in scenario.faults}
     return {
         "failures_with_precursors": len(failures),
         "mitigations_before_failure": len(leads),
         "median_mitigation_lead_time_s": round(float(np.median(leads)), 1) if leads else float("nan"),
-        "unnecessary_transfers": unnecessary,
+        "risk_transfers": len(risk_transfers),
+        "unnecessary_transfers": unnecessary_real(scenario, topo, risk_transfers, failure_times, contact_poles),
+        "unnecessary_transfers_scheduled": unnecessary_scheduled(scenario, topo, risk_transfers),
     }, leads
 
 

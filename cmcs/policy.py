@@ -26,8 +26,11 @@ What it does, in order of priority:
      never switched unless its DES is online and can carry it, DES kept online, and its preferred
      source set to the one it is on, so that no automatic return transfer drops the load;
    - DES: nothing a transfer can fix; left to the operator (its unit is not relied upon).
-   A DES is only put online where it can carry its unit's whole load (MaxDischargePower >=
-   `des_carry_margin` x LoadPower): power binds, and a too small DES protects nothing.
+   A DES is only put online where it can carry its unit's load (MaxDischargePower >=
+   `arm_carry_ratio` x LoadPower; once online it is kept so down to `keep_carry_ratio`, as a
+   load swings by a batch job within minutes): power binds, and a too small DES protects
+   nothing. A unit in FAULT (one contact set failed) still carrying its load on the other pole
+   has a single path left and gets its DES online like any other.
    Every moved unit gets SetPreferredSource so that it does not return by itself onto the
    at-risk path, and balancing never moves a unit onto an at-risk component.
 3. Balancing: when a segment's or source's forecast loading exceeds `balance_high_pct`, one unit
@@ -175,6 +178,9 @@ class PolicyConfig:
     des_carry_margin: float = 1.05  # a DES "can carry" its unit when MaxDischargePower >= this x LoadPower
     guard_slow_units: bool = True  # slow actuator: DES kept online, no commanded or return transfer unprotected
     arm_carry_ratio: float = 0.9  # arm a DES whose MaxDischargePower >= this x LoadPower (it may carry at the moment)
+    keep_carry_ratio: float = 0.75  # a DES the policy already keeps online stays online (re-armed) down to this
+    # ratio: a unit's load swings by a batch job's +20-30 % within minutes, and the path may open when it is back
+    # under the DES's power (hysteresis: a load peak at the moment of re-arming does not take the DES offline)
     move_off_at_risk_source: bool = False  # a source outage is a clean < 5 ms transfer for a healthy unit with a
     # live second path: moving every unit beforehand only adds transfers and loads the other source
     shave: bool = True  # DES on the twin discharge to make room there for units whose own DES cannot carry them
@@ -302,6 +308,8 @@ class _Plan:
         self.des_online = self.des_can_carry & (self.des_mode == StorageMode.BRIDGING)
         self.des_may_carry = self.has_des & self.fresh["des"] & (self.des_pmax >= cfg.arm_carry_ratio
                                                                  * np.maximum(self.load_kw, 0.0))
+        self.des_keep_carry = self.has_des & self.fresh["des"] & (self.des_pmax >= cfg.keep_carry_ratio
+                                                                  * np.maximum(self.load_kw, 0.0))
         self.load_a_list = np.asarray(self.ats["LoadCurrent"], float).tolist()
         self.has_des_list = self.has_des.tolist()
         self.des_fresh_list = self.fresh["des"].tolist()
@@ -391,9 +399,13 @@ class _Plan:
         if row["Mode"] == StorageMode.BRIDGING and remaining > cfg.rearm_before_s:
             self.state.armed.add(u)
             return True
-        if self.unit_rows[u]["State"] in (AtsState.FAULT, AtsState.OFFLINE):
+        unit = self.unit_rows[u]
+        # a unit in FAULT (one contact set failed) that still carries its load on the other pole has a single
+        # path left: its DES is its only protection, so it is armed (only a unit with no supply is not)
+        if unit["State"] == AtsState.OFFLINE or (unit["State"] == AtsState.FAULT
+                                                 and int(unit["ActiveSource"]) not in (1, 2)):
             return False
-        if not self.des_may_carry[u]:
+        if not (self.des_may_carry[u] or (u in self.state.armed and self.des_keep_carry[u])):
             return False  # too small (or derated) for the load: online, it would protect nothing
         if float(row["StateOfCharge"]) < float(t.des_soc_min_pct[u]) + cfg.arm_soc_margin_pct:
             return False

@@ -1018,6 +1018,11 @@ class Plant:
         return idx
 
     # ------------------------------------------------------------------------------------------
+    def worn_contact_sets(self) -> dict[tuple[str, float], int]:
+        """Ground truth for benchmarks: (unit, scheduled onset) of each contact_wear fault -> the
+        contact set (1 | 2, the source it connects) that it wears."""
+        return {(d.fault.target, float(d.fault.onset_s)): d.sub + 1 for d in self._degradations["contact"]}
+
     def totals(self) -> dict:
         """Energy and ledger totals since start (for benchmarks)."""
         return {

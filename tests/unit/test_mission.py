@@ -134,3 +134,39 @@ def test_summary_reports_avoidable_share_and_cause_table(tmp_path):
     write_report(tmp_path, out)
     text = (tmp_path / "mission.md").read_text()
     assert "What no CMCS could prevent" in text and "per cause" in text
+
+
+def test_unnecessary_transfers_follow_the_components_real_state(site):
+    """A loosening joint degrades only under load: emptied by the policy, it fails later than scheduled,
+    or never. Risk transfers keeping load off it while it is still degrading are necessary, although no
+    failure was *scheduled* within the hour after them (the former rule, still reported apart); a
+    transfer off a healthy segment, or off the contact set that is not the worn one, is not."""
+    from cmcs.mission import _mitigation_figures
+    from cmcs.policy import Topology
+
+    topo = Topology.from_site(site)
+    joint = Fault("joint_degradation", "PDB-02-A", onset_s=3600.0, precursor_s=3000.0, severity=0.9)
+    wear = Fault("contact_wear", "MATS-03-01", onset_s=9000.0, precursor_s=7000.0, severity=0.5, pole=1)
+    fade = Fault("battery_fade", "DES-02-01", onset_s=3000.0, precursor_s=2000.0, severity=0.5)  # not left by a transfer
+    sc = Scenario(name="emptied-joint", duration_s=21600.0, seed=1, faults=(joint, wear, fade))
+    u2 = topo.unit_names.index("MATS-02-01")
+    u3 = topo.unit_names.index("MATS-03-01")
+    seg_2a, seg_3a, seg_3b = (topo.pdb_names.index(n) for n in ("PDB-02-A", "PDB-03-A", "PDB-03-B"))
+    # (t, unit, segment left, pole left)
+    transfers = [(800.0, u2, seg_2a, 1),     # precursor started, onset 2,800 s away: degrading
+                 (9000.0, u2, seg_2a, 1),    # past the scheduled onset; the emptied joint never failed
+                 (2500.0, u3, seg_3a, 1),    # off the worn contact set (pole A), 6,500 s before its onset
+                 (2600.0, u3, seg_3b, 2),    # off the sound set (pole B): nothing degrading left behind
+                 (20000.0, u3, seg_3a, 1)]   # after the worn set really failed (at 12,000 s): nothing left
+    # the plant's record: the joint never failed (its load was kept off it), the worn set failed late
+    real = {("contact_wear", "MATS-03-01", 9000.0): 12000.0}
+    figs, _ = _mitigation_figures(sc, topo, [], transfers, real, {("MATS-03-01", 9000.0): 1})
+    assert figs["risk_transfers"] == 5
+    assert figs["unnecessary_transfers_scheduled"] == 4  # only the first is within 1 h of a scheduled onset
+    assert figs["unnecessary_transfers"] == 2  # the move off the sound pole and the one after the failure
+    # before its precursor, a transfer is necessary only if the component then really failed within the hour
+    early = [(100.0, u2, seg_2a, 1)]
+    late_fail = {("joint_degradation", "PDB-02-A", 3600.0): 3800.0}  # 3,700 s after the transfer
+    assert _mitigation_figures(sc, topo, [], early, late_fail, {})[0]["unnecessary_transfers"] == 1
+    soon_fail = {("joint_degradation", "PDB-02-A", 3600.0): 3600.0}
+    assert _mitigation_figures(sc, topo, [], early, soon_fail, {})[0]["unnecessary_transfers"] == 0

@@ -296,3 +296,68 @@ def test_des_on_the_twin_makes_room_for_units_without_protection(site):
         assert all(r == "" for r in _apply_all(plant, topo, acts))
         stopped += [a.des for a in acts if isinstance(a, StopBridging)]
     assert {a.des for a in shaves} <= set(stopped)
+
+
+def test_unit_in_fault_still_carrying_its_load_gets_its_des_online(site):
+    """A failed contact set puts the unit in FAULT, but it still carries its load on the other pole: a single
+    path left, its DES is its only protection. When that path's segment goes at risk, the DES goes online
+    (and is kept online: re-armed before its bridging time runs out), and the command service accepts it."""
+    from simulator.scenario import Fault
+
+    topo = Topology.from_site(site)
+    u = topo.unit_names.index("MATS-02-04")  # 6 kW on a 10 kW DES; preferred source B
+    sc = Scenario(duration_s=3600.0, seed=5, faults=(Fault("contact_wear", "MATS-02-04", onset_s=30.0, pole=2),))
+    plant = Plant(site, sc)
+    plant.advance_to(100.0)
+    assert plant.unit_fault[u] and plant.active[u] == 1 and plant.supplied[u]
+    cfg = PolicyConfig(topology=topo, thresholds={k: 0.5 for k in ("source", "pdb", "ats", "des")},
+                       confirm_cycles=1, safe_start_cycles=0, balance=False)
+    state = PolicyState()
+    risk = _zero_risk(topo)
+    risk["pdb"][topo.pdb_names.index("PDB-02-A")] = 0.9
+    started, stopped = [], []
+    for k in range(1, 100):  # 990 s: longer than one bridging window (900 s)
+        t = 100.0 + 10.0 * k
+        plant.advance_to(t)
+        acts = decide(_obs(plant, t, risk), state, cfg)
+        assert all(r == "" for r in _apply_all(plant, topo, acts))
+        started += [a for a in acts if isinstance(a, StartBridging) and a.des == "DES-02-04"]
+        stopped += [a for a in acts if isinstance(a, StopBridging) and a.des == "DES-02-04"]
+    assert len(started) >= 2, "the DES of a unit in FAULT on its last path was not (re-)armed"
+    assert not stopped
+    assert plant.des_mode[u] == StorageMode.BRIDGING
+
+
+def test_des_kept_online_through_a_load_peak_at_re_arming(site):
+    """Hysteresis: a DES the policy keeps online is re-armed while its power is >= keep_carry_ratio x the
+    load (a batch job's peak at the moment of re-arming does not take it offline); one that is not online
+    yet is armed only from arm_carry_ratio x the load."""
+    topo = Topology.from_site(site)
+    plant = Plant(site, Scenario(duration_s=600.0, seed=3))
+    plant.advance_to(60.0)
+    cfg = PolicyConfig(topology=topo, thresholds={k: 0.5 for k in ("source", "pdb", "ats", "des")},
+                       confirm_cycles=1, safe_start_cycles=0, balance=False)
+    u = topo.unit_names.index("MATS-02-04")
+    p = int(topo.pdb_of[u, int(plant.active[u]) - 1])
+    risk = _zero_risk(topo)
+    risk["pdb"][p] = 0.9
+    twin = int(topo.pdb_of[u, 2 - int(plant.active[u])])
+    risk["pdb"][twin] = 0.9  # both segments at risk: no transfer, the DES is the protection
+
+    def obs(bridging: bool):
+        snap = {k: {kk: np.array(vv, copy=True) for kk, vv in v.items()} for k, v in plant.snapshot().items()}
+        pmax = float(snap["des"]["MaxDischargePower"][u])
+        snap["ats"]["LoadPower"][u] = pmax / 0.8  # between keep_carry_ratio (0.75) and arm_carry_ratio (0.9)
+        if bridging:
+            snap["des"]["Mode"][u] = int(StorageMode.BRIDGING)
+            snap["des"]["BridgeTimeRemaining"][u] = 30.0  # about to run out: re-arm now
+        return Observation(t_s=60.0, values=snap, risk=risk)
+
+    def armed(actions):
+        return any(isinstance(a, StartBridging) and a.des == topo.des_names[u] for a in actions)
+
+    def running(**kw):  # past the safe start
+        return PolicyState(fresh_cycles=10, fresh_since_t=-1e6, **kw)
+
+    assert armed(decide(obs(True), running(armed={u}), cfg))
+    assert not armed(decide(obs(False), running(), cfg))
