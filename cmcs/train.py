@@ -43,7 +43,7 @@ from cmcs.models import SHIPPED_BUNDLE, BundleError, Predictor
 
 HELDOUT_DIR = Path(__file__).resolve().parent.parent / "simulator" / "scenarios" / "heldout"
 DEFAULT_REPORT_DIR = Path("reports") / "train"
-DEFAULT_SCENARIO_COUNT = 64
+DEFAULT_SCENARIO_COUNT = 80
 HORIZON_KEYS = {60: "1min", 300: "5min", 900: "15min"}
 
 
