@@ -383,15 +383,13 @@ def unnecessary_real(scenario, topo: Topology, risk_transfers: list, failure_tim
 
 
 def _mitigation_figures(scenario, topo: Topology, actions: list, risk_transfers: list,
-                        failure_times: dict | None = None, contact_poles: dict | None = None) -> tuple[dict, list]:
+                        failure_times: dict, contact_poles: dict) -> tuple[dict, list]:
     failures = [f for f in scenario.faults if f.kind in FAILURE_KINDS and f.precursor_s > 0]
     leads = []
     for f in failures:
         times = [t for t, a in actions if f.precursor_start_s <= t < f.onset_s and _touches(a, f, topo)]
         if times:
             leads.append(f.onset_s - min(times))
-    if failure_times is None:  # no plant record: every failure as scheduled
-        failure_times = {(f.kind, f.target, float(f.onset_s)): float(f.onset_s) for f in scenario.faults}
     return {
         "failures_with_precursors": len(failures),
         "mitigations_before_failure": len(leads),

@@ -151,6 +151,18 @@ def test_at_risk_segment_moves_units_with_preferred_source(site):
     assert moved <= preferred
 
 
+def _decide_and_apply(plant, topo, state, cfg, risk, cycles) -> list:
+    """One policy cycle every 10 s (from t = 40 s): decide, apply; no action may be refused."""
+    actions = []
+    for k in cycles:
+        t = 30.0 + 10.0 * k
+        plant.advance_to(t)
+        acts = decide(_obs(plant, t, risk), state, cfg)
+        assert all(r == "" for r in _apply_all(plant, topo, acts))
+        actions += acts
+    return actions
+
+
 def _apply_all(plant, topo, actions):
     idx = {n: i for i, n in enumerate(topo.unit_names)}
     didx = {n: i for i, n in enumerate(topo.des_names) if n}
@@ -271,13 +283,7 @@ def test_des_on_the_twin_makes_room_for_units_without_protection(site):
     p = topo.pdb_names.index("PDB-01-A")
     risk = _zero_risk(topo)
     risk["pdb"][p] = 0.9
-    actions = []
-    for k in range(1, 20):
-        t = 30.0 + 10.0 * k
-        plant.advance_to(t)
-        acts = decide(_obs(plant, t, risk), state, cfg)
-        assert all(r == "" for r in _apply_all(plant, topo, acts))
-        actions += acts
+    actions = _decide_and_apply(plant, topo, state, cfg, risk, range(1, 20))
     shaves = [a for a in actions if isinstance(a, StartBridging) and a.power_kw >= 0.5]
     assert shaves, "no DES made room on the twin"
     assert all(topo.pdb_of[topo.des_names.index(a.des), 1] == p + 1 for a in shaves)  # on the twin PDB-01-B
@@ -288,13 +294,8 @@ def test_des_on_the_twin_makes_room_for_units_without_protection(site):
     # with the segment no longer at risk (after the hold), the shaving stops
     cfg.release_hold_s = 0.0
     risk["pdb"][p] = 0.0
-    stopped = []
-    for k in range(20, 24):
-        t = 30.0 + 10.0 * k
-        plant.advance_to(t)
-        acts = decide(_obs(plant, t, risk), state, cfg)
-        assert all(r == "" for r in _apply_all(plant, topo, acts))
-        stopped += [a.des for a in acts if isinstance(a, StopBridging)]
+    stopped = [a.des for a in _decide_and_apply(plant, topo, state, cfg, risk, range(20, 24))
+               if isinstance(a, StopBridging)]
     assert {a.des for a in shaves} <= set(stopped)
 
 
