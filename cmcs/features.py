@@ -97,6 +97,29 @@ def plausible_load_current(ats: dict) -> np.ndarray:
     return np.where(i <= 5.0 * np.asarray(ats["RatedCurrent"], float), i, np.nan)
 
 
+def _stack32(cols: list) -> np.ndarray:
+    """np.column_stack(cols).astype(np.float32) for 1-d columns of one length, without the
+    intermediate float64 matrix: each column is cast to float32 once (the same rounding)."""
+    out = np.empty((len(cols[0]), len(cols)), dtype=np.float32)
+    for j, c in enumerate(cols):
+        out[:, j] = c
+    return out
+
+
+def _median_finite(x: np.ndarray):
+    """np.nanmedian(np.where(np.isfinite(x), x, NaN)), NaN if there is no finite value, at less cost.
+
+    nanmedian drops the NaN and calls np.median, which takes the middle value, or the mean of the two
+    middle values ((lo + hi) / 2, as np.mean of two does); sorting finds the same ones."""
+    v = np.sort(x[np.isfinite(x)])
+    m = v.size
+    if m == 0:
+        return NAN
+    if m % 2:
+        return v[m // 2]
+    return (v[m // 2 - 1] + v[m // 2]) / 2
+
+
 def _median3(x: np.ndarray) -> np.ndarray:
     """Median of three columns (NaN if any is missing): sum - max - min, without nanmedian's cost."""
     return x.sum(axis=1) - x.max(axis=1) - x.min(axis=1)
@@ -114,13 +137,20 @@ class _GroupMedian:
             self.index[g, fill[g]] = i
             fill[g] += 1
         self.group = group
+        # index arrays of __call__, built once (it runs dozens of times per sample on small arrays)
+        self.pad = self.index < 0  # slots beyond a group's size
+        self.any_pad = bool(self.pad.any())
+        self.safe_index = np.maximum(self.index, 0)
+        self.rows = np.arange(n_groups)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        v = np.where(self.index >= 0, np.asarray(x, float)[np.maximum(self.index, 0)], NAN)
+        v = np.asarray(x, float)[self.safe_index]
+        if self.any_pad:
+            v[self.pad] = NAN
         v.sort(axis=1)  # NaN sort last
         cnt = np.isfinite(v).sum(axis=1)
-        lo = np.take_along_axis(v, np.maximum((cnt - 1) // 2, 0)[:, None], axis=1)[:, 0]
-        hi = np.take_along_axis(v, np.maximum(cnt // 2, 0)[:, None], axis=1)[:, 0]
+        lo = v[self.rows, np.maximum((cnt - 1) // 2, 0)]
+        hi = v[self.rows, np.maximum(cnt // 2, 0)]
         med = np.where(cnt > 0, 0.5 * (lo + hi), NAN)
         return med[self.group]
 
@@ -131,14 +161,26 @@ class _Ema:
     def __init__(self, shape: tuple[int, ...], taus_s: tuple[float, ...]):
         self.taus = np.asarray(taus_s, dtype=float)
         self.v = np.full(tuple(shape) + (len(taus_s),), NAN)
+        self._dt = None  # the gains of the last dt (samples come at a fixed interval)
+        self._a = None
 
     def update(self, x: np.ndarray, dt_s: float) -> np.ndarray:
-        a = 1.0 - np.exp(-dt_s / self.taus)
+        if dt_s != self._dt:
+            self._a = 1.0 - np.exp(-dt_s / self.taus)
+            self._dt = dt_s
         x = np.asarray(x, dtype=float)[..., None]
         v = self.v
-        new = np.where(np.isnan(v), x, v + a * (x - v))
-        self.v = np.where(np.isnan(x), v, new)
-        return self.v
+        new = v + self._a * (x - v)
+        # unset filters take the input, NaN inputs leave the filters as they are (the np.wheres are
+        # skipped when they would change nothing)
+        v_nan = np.isnan(v)
+        if v_nan.any():
+            new = np.where(v_nan, x, new)
+        x_nan = np.isnan(x)
+        if x_nan.any():
+            new = np.where(x_nan, v, new)
+        self.v = new
+        return new
 
     def __getitem__(self, k: int) -> np.ndarray:
         return self.v[..., k]
@@ -164,6 +206,7 @@ class _Ring:
     def __init__(self, length: int, width: int):
         self.v = np.full((length, width), NAN)
         self.k = np.full(length, -1, dtype=np.int64)
+        self._offsets: dict[int, np.ndarray] = {}  # steps -> arange(1 - steps, 1), for window
 
     def put(self, k: int, x: np.ndarray) -> None:
         j = k % len(self.k)
@@ -178,7 +221,10 @@ class _Ring:
 
     def window(self, k: int, steps: int) -> np.ndarray:
         """Samples k - steps + 1 .. k (rows of missing samples are NaN)."""
-        idx = np.arange(k - steps + 1, k + 1)
+        offsets = self._offsets.get(steps)
+        if offsets is None:
+            offsets = self._offsets[steps] = np.arange(1 - steps, 1)
+        idx = offsets + k
         j = idx % len(self.k)
         ok = (self.k[j] == idx) & (idx >= 0)
         return np.where(ok[:, None], self.v[j], NAN)
@@ -403,12 +449,15 @@ class FeatureState:
             np.asarray(s["Loading"], float) / 100.0, np.asarray(s["Available"], float),
             self.s_bbr_age.update(_ratio(bbr[:, 0], bbr_min), self.t_s),
         ]
-        return np.column_stack(cols).astype(np.float32)
+        return _stack32(cols)
 
     def _pdb(self, p: dict, amb: np.ndarray, dt: float, tr: float) -> np.ndarray:
         live = np.asarray(p["Energized"], bool)
-        i_ph = np.column_stack([np.asarray(p[f"CurrentL{k}"], float) for k in (1, 2, 3)])
-        t_ph = np.column_stack([np.asarray(p[f"JointTemperatureL{k}"], float) for k in (1, 2, 3)])
+        i_ph = np.empty((self.np_, 3))  # phases as columns (np.column_stack, without its overhead)
+        t_ph = np.empty((self.np_, 3))
+        for ph, name in enumerate(("L1", "L2", "L3")):
+            i_ph[:, ph] = p["Current" + name]
+            t_ph[:, ph] = p["JointTemperature" + name]
         amb_lag = self.p_amb.update(amb, dt)[:, 0]
         rise = self.p_rise.update(t_ph - amb_lag[:, None], dt)[..., 0]
         i2 = self.p_i2.update(i_ph ** 2, dt)[..., 0]
@@ -419,14 +468,15 @@ class FeatureState:
         k_min = self.p_k_min.update(self.p_k_ph.update(k_ph, dt)[..., 0], tr)
         # excess rise (K) over what the peers' (or its own early) rise per I^2 gives at this current: has
         # the sensors' noise scale at any current, where the ratio k blows noise up at small currents
-        k_ref = np.nanmedian(np.where(np.isfinite(k_ph), k_ph, NAN)) if np.isfinite(k_ph).any() else NAN
+        k_ref = _median_finite(k_ph)
         live_rise = np.where(live[:, None], rise, NAN)
         excess_peer = _nanmax1(live_rise - k_ref * i2 / 1000.0)
         excess_base = _nanmax1(live_rise - k_min * i2 / 1000.0)
-        k_max = np.nanmax(np.where(np.isfinite(k_ph), k_ph, -np.inf), axis=1)
+        k_max = np.fmax.reduce(np.where(np.isfinite(k_ph), k_ph, -np.inf), axis=1)  # np.nanmax's reduction
         k_max = np.where(np.isfinite(k_max), k_max, NAN)
         k_med = _median3(k_ph)
-        k_base = np.nanmax(np.where(np.isfinite(_ratio(k_ph, k_min)), _ratio(k_ph, k_min), -np.inf), axis=1)
+        k_ratio = _ratio(k_ph, k_min)
+        k_base = np.fmax.reduce(np.where(np.isfinite(k_ratio), k_ratio, -np.inf), axis=1)
         k_base = np.where(np.isfinite(k_base), k_base, NAN)
         k_ema = self.p_k.update(k_max, dt)
         thd = self.p_thd.update(np.where(live, np.asarray(p["VoltageThd"], float), NAN), dt)
@@ -452,7 +502,7 @@ class FeatureState:
             slope_max - slope_med, slope_max - med(slope_max),
             _ratio(slope_max - slope_med, np.maximum(_median3(np.where(live[:, None], rise, NAN)), 0.5)),
         ]
-        return np.column_stack(cols).astype(np.float32)
+        return _stack32(cols)
 
     def _ats(self, a: dict, amb_unit: np.ndarray, dt: float, tr: float) -> np.ndarray:
         n = self.n
@@ -497,7 +547,8 @@ class FeatureState:
         act_min = self.a_act_min.update(act, tr)
         tc = np.asarray(a["TransferCount"], float)
         transfers = np.where(np.isfinite(self.a_tc_last), np.maximum(tc - self.a_tc_last, 0.0), 0.0)
-        transfers = np.nan_to_num(transfers)
+        if not np.isfinite(transfers).all():  # (np.nan_to_num copies even when nothing is to replace)
+            transfers = np.nan_to_num(transfers)
         self.a_tc_last = np.where(np.isfinite(tc), tc, self.a_tc_last)
         v_low = ITIC_STEADY_LOW_PU * self.v_nominal
         va = np.asarray(a["SourceAVoltage"], float)
@@ -526,7 +577,7 @@ class FeatureState:
             self.a_cr_age.update(cr_base, self.t_s), self.a_act_age.update(_ratio(act, act_min), self.t_s),
             np.minimum(self.t_s - self.a_act_t, RISE_AGE_CAP_S) / 3600.0,
         ]
-        return np.column_stack(cols).astype(np.float32)
+        return _stack32(cols)
 
     def _des(self, d: dict, amb_unit: np.ndarray, dt: float, tr: float) -> np.ndarray:
         has = self.has_des
@@ -550,9 +601,9 @@ class FeatureState:
             np.asarray(d["StateOfCharge"], float) / 100.0, (mode == 1).astype(float), (mode == 2).astype(float),
             _ratio(np.abs(power), mdp_max), self.d_ir_age.update(_ratio(ir[:, 0], ir_min), self.t_s),
         ]
-        m = np.column_stack(cols)
+        m = _stack32(cols)
         m[~has] = NAN
-        return m.astype(np.float32)
+        return m
 
     def _load(self, a: dict, t_s: float, dt: float) -> np.ndarray:
         lp = np.asarray(a["LoadPower"], float)
@@ -581,7 +632,7 @@ class FeatureState:
         jump = rel(aisle_m1, a2min)
         self.l_up_t = np.where(jump > 0.05, t_s, self.l_up_t)
         self.l_down_t = np.where(jump < -0.05, t_s, self.l_down_t)
-        up = np.nan_to_num(jump) > 0.05
+        up = jump > 0.05  # (NaN compares False, as np.nan_to_num's 0 would)
         self.l_up_first_t = np.where(up & ~self.l_up_on, t_s, self.l_up_first_t)  # first sample of the step
         self.l_up_on = up
         # the next start if the aisle's job recurs at the same minute past the hour (cron-like)
@@ -614,7 +665,7 @@ class FeatureState:
         cols += [rel(share, share_ema[:, 0]), rel(share, share_ema[:, 1]),
                  rel(share, self.l_share_ring.get(k - step(300))), next_start[ua]]
         cols += self._jobs(lp, m1, aisle_m1, valid, k, t_s, dt, step, rel)
-        return np.column_stack(cols).astype(np.float32)
+        return _stack32(cols)
 
     def _jobs(self, lp, m1, aisle_m1, valid, k, t_s, dt, step, rel) -> list:
         """Batch-job state of each aisle (broadcast to its units) and the hall's slow trend.
@@ -638,8 +689,8 @@ class FeatureState:
         med_jump = self.aisle_median(np.where(clean, u_jump, NAN))
         jump_a = np.full(na, NAN)
         jump_a[ua[self.l_aisle_first]] = med_jump[self.l_aisle_first]
-        up = np.nan_to_num(jump_a) > 0.05
-        down = np.nan_to_num(jump_a) < -0.05
+        up = jump_a > 0.05  # (NaN compares False, as np.nan_to_num's 0 would)
+        down = jump_a < -0.05
         start = up & ~self.l_job_up & ~self.l_job_on & calm
         end = down & ~self.l_job_down & self.l_job_on & calm
         self.l_job_up, self.l_job_down = up, down
@@ -655,7 +706,8 @@ class FeatureState:
         # the level outside jobs: updated only when no job runs and no step is under way
         quiet = ~on & ~up & ~down & calm
         base = self.l_base.update(np.where(quiet, aisle_m1, NAN), dt)[:, 0]
-        site_base = np.nansum(base) if np.isfinite(base).any() else NAN
+        # np.nansum: the sum with NaN as 0
+        site_base = np.add.reduce(np.where(np.isnan(base), 0.0, base)) if np.isfinite(base).any() else NAN
         self.l_base_ring.put(k, np.array([site_base]))
         trend = rel(site_base, self.l_base_ring.get(k - step(SEASON_S))[0])
         # fast view of the aisle: the sum of its last samples against the minute mean and 30 s ago

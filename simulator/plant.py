@@ -41,6 +41,11 @@ from simulator.itic import IticLedger, within_itic
 from simulator.scenario import Fault, Scenario, quiet_day
 
 NO_SOURCE = 0
+# plain ints of the modes compared on every step (an IntEnum attribute lookup costs more than the comparison)
+_BRIDGING = int(StorageMode.BRIDGING)
+_SMOOTHING = int(StorageMode.SMOOTHING)
+_CHARGING = int(StorageMode.CHARGING)
+_STANDBY = int(StorageMode.STANDBY)
 
 
 class InterlockRefused(Exception):
@@ -203,10 +208,27 @@ class Plant:
         self.white_load = np.zeros(n)
         self._tick_rng = np.random.default_rng(self.seed + 7919)
         self._noise: dict[str, np.ndarray] = {}
-        self._batch_cache: dict[int, np.ndarray] = {}
+        self._batch_cache: dict[int, tuple[np.ndarray, ...]] = {}  # hour -> (runs, start, dur, mag)
         self.backup_kind = [s.backup for s in self.sources]
         self.backup_v0 = np.array([C.BACKUP_BATTERY[b][0] for b in self.backup_kind])
         self.backup_r0 = np.array([C.BACKUP_BATTERY[b][1] for b in self.backup_kind]) * rng.uniform(0.9, 1.1, 2)
+        self._energy_losses_kwh = 0.0
+        self._energy_it_kwh = 0.0
+        self._des_throughput_kwh = 0.0
+        # constant arrays of the per-step physics, computed once (the arrays are small: numpy's
+        # per-call overhead, not the arithmetic, is what a step costs)
+        self._idx_n = np.arange(n)
+        self._selftest_check_t = -math.inf  # see _tick
+        self._has_partner = self.partner != self._idx_n
+        self._all_partnered = bool(self._has_partner.all())
+        self._single_frac = 1.0 - self.dual_frac
+        self._pdb_src = self.pdb_feed - 1
+        self._ph_of_pdb = np.arange(3)
+        self._joint_rth = (C.JOINT_RTH_K_PER_W * self.joint_scale)[:, None, None]
+        self._contact_rth = (C.CONTACT_RTH_K_PER_W * self.contact_scale)[:, None]
+        self._des_pmax_floor = np.maximum(self.des_pmax_kw, 1e-9)
+        self._overload_cool = 1 - math.exp(-self.step_s / C.OVERLOAD_COOL_TAU_S)
+        self._r_joint_const: tuple[np.ndarray, np.ndarray] | None = None  # see _joint_r_and_sum
         # failures as they happened: (fault kind, target, scheduled onset) -> time (ground truth for
         # labels; a worn contact set that sat open fails later than its scheduled onset, or not at all)
         self.failure_times: dict[tuple[str, str, float], float] = {}
@@ -665,20 +687,33 @@ class Plant:
         """Once per step: new load and noise samples, protection, self-tests."""
         r = self._tick_rng
         n = self.n
+        na = len(self.aisle_names)
+        # the step's normal samples in one draw, cut in order into the load AR, white load, ambient
+        # walk and sensor noise samples: a Generator's standard_normal(a + b) is standard_normal(a)
+        # followed by standard_normal(b), so the values are those of one draw per use
+        noise_size = 8 * n + 9 * self.np_ + 16 if self.measurement_noise else 0
+        z = r.standard_normal(2 * n + na + noise_size)
         a = math.exp(-self.step_s / C.LOAD_AR_TAU_S)
         drift = self.scenario.load.drift_pct / 100.0
-        self.ar_load = a * self.ar_load + drift * math.sqrt(1 - a * a) * r.standard_normal(n)
-        self.white_load = self.scenario.load.noise_pct / 100.0 * r.standard_normal(n)
-        self.aisle_ambient_walk = 0.999 * self.aisle_ambient_walk + 0.03 * r.standard_normal(len(self.aisle_names))
+        self.ar_load = a * self.ar_load + drift * math.sqrt(1 - a * a) * z[:n]
+        self.white_load = self.scenario.load.noise_pct / 100.0 * z[n:2 * n]
+        self.aisle_ambient_walk = 0.999 * self.aisle_ambient_walk + 0.03 * z[2 * n:2 * n + na]
         if self.measurement_noise:
+            o = 2 * n + na
             self._noise = {
-                "u": r.standard_normal((n, 8)), "p": r.standard_normal((self.np_, 9)),
-                "s": r.standard_normal((2, 8)),
+                "u": z[o:o + 8 * n].reshape(n, 8), "p": z[o + 8 * n:o + 8 * n + 9 * self.np_].reshape(self.np_, 9),
+                "s": z[o + 8 * n + 9 * self.np_:].reshape(2, 8),
             }
-        # actuator self-test results appear once per period
-        due = np.floor((t - self.selftest_phase) / C.ATS_SELFTEST_PERIOD_S) != np.floor(
-            (t - self.step_s - self.selftest_phase) / C.ATS_SELFTEST_PERIOD_S)
-        if due.any():
+        # actuator self-test results appear once per period. Further than two steps from any unit's next
+        # self-test, `due` is all False: it is only evaluated from then on (the floors are monotone in t)
+        if t < self._selftest_check_t:
+            due = None
+        else:
+            cycle = np.floor((t - self.selftest_phase) / C.ATS_SELFTEST_PERIOD_S)
+            due = cycle != np.floor((t - self.step_s - self.selftest_phase) / C.ATS_SELFTEST_PERIOD_S)
+            next_test = self.selftest_phase + (cycle + 1.0) * C.ATS_SELFTEST_PERIOD_S
+            self._selftest_check_t = float(next_test.min(initial=math.inf)) - 2.0 * self.step_s
+        if due is not None and due.any():
             act = self.actuator_ms0.copy()
             for d in self._degradations["actuator"]:
                 act[d.index] *= 1.0 + d.gain * d.progress(t)
@@ -692,36 +727,45 @@ class Plant:
         e = self._elec
         dt = self.step_s
         L_src = e["src_kw"] / self.src_rated_kw
-        L_pdb = e["pdb_i"].max(axis=1) / self.pdb_rated_a
+        L_pdb = np.maximum.reduce(e["pdb_i"], axis=1) / self.pdb_rated_a
+        cool = self._overload_cool  # 1 - exp(-dt / OVERLOAD_COOL_TAU_S)
         for theta, L in ((self.src_theta, L_src), (self.pdb_theta, L_pdb)):
             heat = (L * L - 1.0) / C.OVERLOAD_TAU_S
-            theta += np.where(L > 1.0, heat * dt, -theta * (1 - math.exp(-dt / C.OVERLOAD_COOL_TAU_S)))
+            theta += np.where(L > 1.0, heat * dt, -theta * cool)
             np.maximum(theta, 0.0, out=theta)
-        tripped = False
-        for s in np.flatnonzero((self.src_theta >= 1.0) & self.src_breaker):
+        trip_src = (self.src_theta >= 1.0) & self.src_breaker
+        trip_pdb = (self.pdb_theta >= 1.0) & self.pdb_breaker
+        if not (trip_src.any() or trip_pdb.any()):
+            return
+        for s in np.flatnonzero(trip_src):
             self.src_breaker[s] = False
             self._schedule(t + C.BREAKER_RESET_S, "breaker_reset", ("source", int(s)))
-            tripped = True
-        for p in np.flatnonzero((self.pdb_theta >= 1.0) & self.pdb_breaker):
+        for p in np.flatnonzero(trip_pdb):
             self.pdb_breaker[p] = False
             self._schedule(t + C.BREAKER_RESET_S, "breaker_reset", ("pdb", int(p)))
-            tripped = True
-        if tripped:
-            self._resolve_supply(t, "overload trip")
+        self._resolve_supply(t, "overload trip")
 
     def _des_limits(self, t: float) -> None:
-        empty = self.des_auto & (self.des_soc <= self.des_soc_min + 0.002)
-        for u in np.flatnonzero(empty):
-            self._go_dark(t, u, "storage exhausted")
-        low = (self.des_mode == StorageMode.BRIDGING) & ~self.des_auto & (self.des_soc <= self.des_soc_min + 0.002)
-        self.des_mode[low] = int(StorageMode.STANDBY)
+        if self.des_auto.any():
+            empty = self.des_auto & (self.des_soc <= self.des_soc_min + 0.002)
+            for u in np.flatnonzero(empty):
+                self._go_dark(t, u, "storage exhausted")
+        bridging = self.des_mode == _BRIDGING
+        if bridging.any():
+            low = bridging & ~self.des_auto & (self.des_soc <= self.des_soc_min + 0.002)
+            self.des_mode[low] = _STANDBY
 
     def _demand_kw(self, t: float) -> np.ndarray:
         lp = self.scenario.load
         tod = (self.scenario.start_time_of_day_s + t) % 86400.0
         diurnal = 1.0 + lp.diurnal_amplitude * math.cos(2 * math.pi * (tod - 15 * 3600.0) / 86400.0)
         batch = self._batch_factor(t)[self.unit_aisle]
-        return self.base_kw * diurnal * (1.0 + batch) * (1.0 + self.ar_load) * (1.0 + self.white_load)
+        # base * diurnal * (1 + batch) * (1 + ar) * (1 + white), left to right, in place
+        demand = self.base_kw * diurnal
+        demand *= 1.0 + batch
+        demand *= 1.0 + self.ar_load
+        demand *= 1.0 + self.white_load
+        return demand
 
     def _batch_factor(self, t: float) -> np.ndarray:
         """Scheduled batch jobs: each aisle's job starts at its own minute past the hour (cron-like)."""
@@ -737,14 +781,24 @@ class Plant:
                 start = h * 3600.0 + (np.arange(na) * 17 % 60) * 60.0
                 dur = r.uniform(600.0, 2400.0, na)
                 mag = self.scenario.load.batch_magnitude * r.uniform(0.7, 1.3, na)
-                table = np.stack([runs, start, dur, mag])
+                # a window (abs. time) holding every job of the hour that runs, with a margin: outside
+                # it the exact test below is all False and is skipped
+                lo = float(start[runs].min()) if runs.any() else math.inf
+                hi = float((start + dur)[runs].max()) + 1.0 if runs.any() else -math.inf
+                table = (runs, start, dur, mag, lo, hi)
                 self._batch_cache[h] = table
                 if len(self._batch_cache) > 8:
                     self._batch_cache.pop(min(self._batch_cache))
-            runs, start, dur, mag = table
+            runs, start, dur, mag, lo, hi = table
+            if not lo <= abs_t <= hi:
+                continue  # no job of this hour runs: it would add exactly 0.0
             x = abs_t - start
-            ramp = np.clip(x / 60.0, 0.0, 1.0) * np.clip((dur - x) / 60.0, 0.0, 1.0)
-            out += np.where(runs.astype(bool) & (x >= 0) & (x <= dur), mag * ramp, 0.0)
+            on = runs & (x >= 0) & (x <= dur)
+            if not on.any():
+                continue  # no job of this hour runs: it would add exactly 0.0
+            # clip(v, 0, 1) as minimum(maximum(v, 0), 1): the same values (v is never NaN or -0.0 here)
+            ramp = np.minimum(np.maximum(x / 60.0, 0.0), 1.0) * np.minimum(np.maximum((dur - x) / 60.0, 0.0), 1.0)
+            out += np.where(on, mag * ramp, 0.0)
         return out
 
     def _des_pmax_now(self) -> np.ndarray:
@@ -759,55 +813,95 @@ class Plant:
         return r
 
     def _compute(self) -> None:
-        """Electrical state now: who carries what, currents, losses, powers."""
+        """Electrical state now: who carries what, currents, losses, powers.
+
+        Runs once per step on arrays of a few hundred elements, where numpy's per-call overhead is
+        the cost: rules that concern no unit now (bridging, smoothing, charging, islanding, dark
+        units) are skipped rather than applied as no-op `np.where`s. The results are the same."""
         t = self.t_s
         n = self.n
+        idx = self._idx_n
         demand = self._demand_kw(t)
-        single = demand * (1.0 - self.dual_frac) * self.single_up
-        dual = demand * self.dual_frac * self.dual_up
-        alive = self.supplied | self.des_auto
-        partner_alive = alive[self.partner] & (self.partner != np.arange(n))
-        share1 = np.where(alive & partner_alive, 0.5, np.where(alive, 1.0, 0.0))
-        share2 = np.where(alive & partner_alive, 0.5, np.where(partner_alive, 1.0, 0.0))
-        unit_kw = np.where(alive, single, 0.0) + dual * share1
-        unit_kw += np.bincount(self.partner, weights=dual * share2, minlength=n)
+        single_kw = demand * self._single_frac  # demand * (1 - dual_frac)
+        dual_kw = demand * self.dual_frac
+        single = single_kw * self.single_up
+        dual = dual_kw * self.dual_up
+        supplied = self.supplied
+        des_auto = self.des_auto
+        alive = supplied | des_auto
+        all_supplied = supplied.all()  # (then every np.where(supplied, x, 0.0) below is x itself)
+        if self._all_partnered and (all_supplied or alive.all()):
+            # the usual state: every unit and its partner alive, each cord carries half the dual-corded
+            # load (shares of 0.5 everywhere), the single-corded load is all served
+            half = dual * 0.5
+            unit_kw = single + half
+            unit_kw += np.bincount(self.partner, weights=half, minlength=n)
+            served_it = single + dual
+            unserved = single_kw * ~self.single_up + dual_kw * ~self.dual_up
+        else:
+            partner_alive = alive[self.partner] & self._has_partner
+            both = alive & partner_alive
+            either = alive | partner_alive
+            share1 = np.where(both, 0.5, np.where(alive, 1.0, 0.0))
+            share2 = np.where(both, 0.5, np.where(partner_alive, 1.0, 0.0))
+            alive_single = np.where(alive, single, 0.0)
+            unit_kw = alive_single + dual * share1
+            unit_kw += np.bincount(self.partner, weights=dual * share2, minlength=n)
+            served_it = alive_single + dual * np.where(either, 1.0, 0.0)
+            unserved = single_kw * ~(self.single_up & alive) + dual_kw * ~(self.dual_up & either)
         # storage
-        pmax = self._des_pmax_now()
+        des_mode = self.des_mode
+        des_ok = ~self.des_fault
+        bridging = (des_mode == _BRIDGING) & des_ok
+        smoothing = (des_mode == _SMOOTHING) & des_ok
+        any_smoothing = smoothing.any()
         p_des = np.zeros(n)
-        bridging = (self.des_mode == StorageMode.BRIDGING) & ~self.des_fault
-        p_des = np.where(bridging & ~self.des_auto, np.minimum(np.minimum(self.des_bridge_kw, unit_kw), pmax), p_des)
-        p_des = np.where(self.des_auto, unit_kw, p_des)
-        smoothing = (self.des_mode == StorageMode.SMOOTHING) & ~self.des_fault
-        p_des = np.where(smoothing, np.clip(unit_kw - self.load_ema_kw, -pmax, pmax), p_des)
+        if any_smoothing or bridging.any():
+            pmax = self._des_pmax_now()
+            p_des = np.where(bridging & ~des_auto, np.minimum(np.minimum(self.des_bridge_kw, unit_kw), pmax), p_des)
+        if des_auto.any():
+            p_des = np.where(des_auto, unit_kw, p_des)
+        if any_smoothing:
+            p_des = np.where(smoothing, np.clip(unit_kw - self.load_ema_kw, -pmax, pmax), p_des)
         target_soc = self.des_soc_max - C.DES_SOC_STANDBY_TARGET_MARGIN_PCT / 100
-        idle = self.has_des & ~self.des_fault & (self.des_mode != StorageMode.BRIDGING) & ~smoothing
-        charging = idle & (self.des_soc < target_soc - 0.005) & self.supplied
-        p_des = np.where(charging, -C.DES_CHARGE_C_RATE * self.des_cap_kwh * self.des_soh, p_des)
-        self.des_mode[idle & charging] = int(StorageMode.CHARGING)
-        self.des_mode[idle & ~charging] = int(StorageMode.STANDBY)
-        grid_kw = np.where(self.supplied, unit_kw - p_des, 0.0)
+        idle = self.has_des & des_ok & (des_mode != _BRIDGING) & ~smoothing
+        charging = idle & (self.des_soc < target_soc - 0.005) & supplied  # (a subset of idle)
+        if charging.any():
+            p_des = np.where(charging, -C.DES_CHARGE_C_RATE * self.des_cap_kwh * self.des_soh, p_des)
+            des_mode[charging] = _CHARGING
+        des_mode[idle & ~charging] = _STANDBY
+        grid_kw = unit_kw - p_des if all_supplied else np.where(supplied, unit_kw - p_des, 0.0)
         # currents: unit phase currents (A) on its active feed
-        v_ln = self.v_nom_ln * self.src_v_pu[np.maximum(self.active, 1) - 1]
+        act = np.maximum(self.active, 1) - 1
+        v_ln = self.v_nom_ln * self.src_v_pu[act]
         i_ph = grid_kw[:, None] * self.phase_w * 1000.0 / (np.maximum(v_ln, 1.0)[:, None] * C.IT_POWER_FACTOR)
-        r_contact = self._contact_r()[np.arange(n), np.maximum(self.active, 1) - 1] * 1e-6
-        contact_loss_kw = (i_ph ** 2).sum(axis=1) * r_contact / 1000.0
-        unit_in_kw = np.where(self.supplied, grid_kw + contact_loss_kw, 0.0)
-        seg = np.where(self.supplied, self.pdb_of[np.arange(n), np.maximum(self.active, 1) - 1], -1)
-        on = seg >= 0
-        pdb_i = np.zeros((self.np_, 3))
-        for ph in range(3):
-            pdb_i[:, ph] = np.bincount(seg[on], weights=i_ph[on, ph], minlength=self.np_)
-        r_joint = self._joint_r() * 1e-6
-        seg_loss_kw = ((pdb_i ** 2) * (self.seg_r_ohm[:, None] + r_joint.sum(axis=2))).sum(axis=1) / 1000.0
-        pdb_kw = np.bincount(seg[on], weights=unit_in_kw[on], minlength=self.np_) + seg_loss_kw
-        src_kw = np.bincount(self.pdb_feed - 1, weights=pdb_kw, minlength=2)
-        served_it = (np.where(alive, single, 0.0) + dual * np.where(alive | partner_alive, 1.0, 0.0))
+        i2 = (i_ph ** 2).sum(axis=1)
+        r_contact = self._contact_r()[idx, act] * 1e-6
+        contact_loss_kw = i2 * r_contact / 1000.0
+        unit_in_kw = grid_kw + contact_loss_kw
+        if not all_supplied:
+            unit_in_kw = np.where(supplied, unit_in_kw, 0.0)
+        # the segment of each unit on a feed (dark and islanded units are on none)
+        seg = self.pdb_of[idx, act]
+        if all_supplied:
+            i_on, in_on = i_ph, unit_in_kw
+        else:
+            seg, i_on, in_on = seg[supplied], i_ph[supplied], unit_in_kw[supplied]
+        np_ = self.np_
+        # the three phases in one bincount (bin 3 * segment + phase): each bin still adds its units'
+        # currents in unit order, as one bincount per phase does
+        pdb_i = np.bincount((3 * seg[:, None] + self._ph_of_pdb).ravel(), weights=i_on.ravel(),
+                            minlength=3 * np_).reshape(np_, 3)
+        pdb_i2 = pdb_i ** 2
+        r_joint, r_phase = self._joint_r_and_sum()
+        seg_loss_kw = (pdb_i2 * r_phase).sum(axis=1) / 1000.0
+        pdb_kw = np.bincount(seg, weights=in_on, minlength=np_) + seg_loss_kw
+        src_kw = np.bincount(self._pdb_src, weights=pdb_kw, minlength=2)
         self._elec = {
             "demand_kw": demand, "unit_kw": unit_kw, "des_kw": p_des, "grid_kw": grid_kw, "i_ph": i_ph,
             "contact_loss_kw": contact_loss_kw, "pdb_i": pdb_i, "pdb_kw": pdb_kw, "seg_loss_kw": seg_loss_kw,
-            "src_kw": src_kw, "it_kw": served_it, "r_joint": r_joint, "unserved_kw":
-                demand * (1.0 - self.dual_frac) * ~(self.single_up & alive)
-                + demand * self.dual_frac * ~(self.dual_up & (alive | partner_alive)),
+            "src_kw": src_kw, "it_kw": served_it, "r_joint": r_joint, "unserved_kw": unserved,
+            "i2": i2, "pdb_i2": pdb_i2,  # squares reused by _thermal_steady_state
         }
         self.des_p_kw = p_des
         self._snapshot_cache = None
@@ -823,6 +917,18 @@ class Plant:
         for d in self._degradations["joint"]:
             r[d.index, d.sub, d.joint] *= 1.0 + d.gain * d.progress(self.t_s)
         return r
+
+    def _joint_r_and_sum(self) -> tuple[np.ndarray, np.ndarray]:
+        """Joint resistances (ohm, np_ x 3 x joints) and each segment phase's resistance (segment + its
+        joints, np_ x 3). Constant, hence computed once, when no joint degrades (faults are installed
+        before the first step)."""
+        if not self._degradations["joint"]:
+            if self._r_joint_const is None:
+                r = self._joint_r() * 1e-6
+                self._r_joint_const = (r, self.seg_r_ohm[:, None] + r.sum(axis=2))
+            return self._r_joint_const
+        r = self._joint_r() * 1e-6
+        return r, self.seg_r_ohm[:, None] + r.sum(axis=2)
 
     def _ambient(self, t: float) -> np.ndarray:
         tod = (self.scenario.start_time_of_day_s + t) % 86400.0
@@ -867,28 +973,31 @@ class Plant:
         cap = np.maximum(self.des_cap_kwh * self.des_soh, 1e-9)
         dc_kw = np.where(p >= 0, p / C.DES_CONVERTER_EFFICIENCY,
                          p * C.DES_CONVERTER_EFFICIENCY * C.LI_ION_COULOMBIC_EFFICIENCY)
-        self.des_soc = np.where(self.has_des, np.clip(self.des_soc - dc_kw * dt / 3600.0 / cap, 0.0, 1.0), 0.0)
+        # clip(soc, 0, 1) as minimum(maximum(soc, 0), 1): the same values (soc is never -0.0)
+        soc = np.minimum(np.maximum(self.des_soc - dc_kw * dt / 3600.0 / cap, 0.0), 1.0)
+        self.des_soc = np.where(self.has_des, soc, 0.0)
         ema_a = math.exp(-dt / 900.0)
         self.load_ema_kw = ema_a * self.load_ema_kw + (1 - ema_a) * e["unit_kw"]
-        self.ledger.unserved_kwh += float(e["unserved_kw"].sum()) * dt / 3600.0
-        self._energy_losses_kwh = getattr(self, "_energy_losses_kwh", 0.0) + float(
-            e["seg_loss_kw"].sum() + e["contact_loss_kw"].sum()) * dt / 3600.0
-        self._energy_it_kwh = getattr(self, "_energy_it_kwh", 0.0) + float(e["it_kw"].sum()) * dt / 3600.0
-        self._des_throughput_kwh = getattr(self, "_des_throughput_kwh", 0.0) + float(np.abs(p).sum()) * dt / 3600.0
+        # totals (np.add.reduce: what ndarray.sum does, without its Python-level wrapper)
+        total = np.add.reduce
+        self.ledger.unserved_kwh += float(total(e["unserved_kw"])) * dt / 3600.0
+        self._energy_losses_kwh += float(total(e["seg_loss_kw"]) + total(e["contact_loss_kw"])) * dt / 3600.0
+        self._energy_it_kwh += float(total(e["it_kw"])) * dt / 3600.0
+        self._des_throughput_kwh += float(total(np.abs(p))) * dt / 3600.0
 
     def _thermal_steady_state(self, amb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Temperatures that joints, contact sets and cells tend to at the present currents and ambient."""
         e = self._elec
         n = self.n
-        p_joint = (e["pdb_i"][:, :, None] ** 2) * e["r_joint"]
-        t_joint = amb[self.pdb_aisle][:, None, None] + (C.JOINT_RTH_K_PER_W * self.joint_scale)[:, None, None] * p_joint
-        i2 = (e["i_ph"] ** 2).sum(axis=1)
+        p_joint = e["pdb_i2"][:, :, None] * e["r_joint"]
+        t_joint = amb[self.pdb_aisle][:, None, None] + self._joint_rth * p_joint
         closed = np.zeros((n, 2), dtype=bool)
-        closed[np.arange(n), np.maximum(self.active, 1) - 1] = self.supplied
-        p_c = np.where(closed, i2[:, None] * self._contact_r() * 1e-6, 0.0)
-        t_contact = amb[self.unit_aisle][:, None] + (C.CONTACT_RTH_K_PER_W * self.contact_scale)[:, None] * p_c
-        heat = (e["des_kw"] / np.maximum(self.des_pmax_kw, 1e-9)) ** 2 * 6.0 * (self._battery_r() / self.des_r0)
-        t_cell = amb[self.unit_aisle] + 2.0 + heat
+        closed[self._idx_n, np.maximum(self.active, 1) - 1] = self.supplied
+        p_c = np.where(closed, e["i2"][:, None] * self._contact_r() * 1e-6, 0.0)
+        amb_unit = amb[self.unit_aisle]
+        t_contact = amb_unit[:, None] + self._contact_rth * p_c
+        heat = (e["des_kw"] / self._des_pmax_floor) ** 2 * 6.0 * (self._battery_r() / self.des_r0)
+        t_cell = amb_unit + 2.0 + heat
         return t_joint, t_contact, t_cell
 
     # ------------------------------------------------------------------------------------------
