@@ -1136,9 +1136,9 @@ class Plant:
         """Energy and ledger totals since start (for benchmarks)."""
         return {
             **self.ledger.summary(),
-            "losses_kwh": round(getattr(self, "_energy_losses_kwh", 0.0), 6),
-            "it_energy_kwh": round(getattr(self, "_energy_it_kwh", 0.0), 6),
-            "des_throughput_kwh": round(getattr(self, "_des_throughput_kwh", 0.0), 6),
+            "losses_kwh": round(self._energy_losses_kwh, 6),
+            "it_energy_kwh": round(self._energy_it_kwh, 6),
+            "des_throughput_kwh": round(self._des_throughput_kwh, 6),
             "transfers": int(self.transfer_count.sum()),
         }
 
