@@ -86,9 +86,38 @@ def training_scenario(seed: int, duration_s: float):
                            duration_s=float(np.round(rng.uniform(1200, 5400)))))
     if extra:
         sc = sc.with_faults(*extra)
-        from dataclasses import replace
-        sc = replace(sc, faults=tuple(sorted(sc.faults, key=lambda f: f.onset_s)))
-    return site, sc
+    return site, _widen(sc, rng)
+
+
+# Training covers wider ranges than `random_scenario` draws, so that scenario files written with
+# other parameters of the same physics (INTERFACE.md section 6) are not out of distribution:
+# load profiles (noise, drift, batch jobs' size and frequency, level, diurnal swing) and precursor
+# durations from 5 min to 5 h. A quarter of the scenarios keep `random_scenario`'s own draws.
+WIDE_LOAD_SHARE = 0.75
+WIDE_PRECURSOR_SHARE = 0.4
+
+
+def _widen(sc, rng):
+    from dataclasses import replace
+
+    from simulator.scenario import LoadProfile
+
+    load = sc.load
+    if rng.random() < WIDE_LOAD_SHARE:
+        load = LoadProfile(
+            scale=float(np.round(rng.uniform(0.6, 1.25), 2)),
+            diurnal_amplitude=float(np.round(rng.uniform(0.03, 0.28), 2)),
+            noise_pct=float(np.round(math.exp(rng.uniform(math.log(0.3), math.log(4.0))), 2)),
+            drift_pct=float(np.round(rng.uniform(0.0, 5.0), 2)),
+            batch_probability=float(np.round(rng.uniform(0.1, 0.95), 2)),
+            batch_magnitude=float(np.round(rng.uniform(0.05, 0.5), 2)))
+    faults = []
+    for f in sc.faults:
+        if f.precursor_s > 0 and rng.random() < WIDE_PRECURSOR_SHARE:
+            pre = float(np.round(math.exp(rng.uniform(math.log(300.0), math.log(5 * 3600.0)))))
+            f = replace(f, precursor_s=min(pre, f.onset_s))
+        faults.append(f)
+    return replace(sc, load=load, faults=tuple(sorted(faults, key=lambda f: f.onset_s)))
 
 
 def heldout_scenarios(site=None, count: int = HELDOUT_COUNT, start: int = HELDOUT_SEED_START):

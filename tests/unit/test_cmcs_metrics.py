@@ -101,8 +101,29 @@ def test_operating_threshold_rises_only_as_far_as_every_detection_is_kept():
     run = _run(s, fails)
     score = lambda r, k: r.scores[k]  # noqa: E731
     assert events(run, "ats", s, 0.2).false_alarms == 1
-    thr = raise_keeping_detections([run], "ats", score, 0.2)
+    thr = raise_keeping_detections([run], "ats", score, 0.2, keep_lead=0.0)
     r = events(run, "ats", s, thr)
     assert r.detected == 2 and r.false_alarms == 0  # the burst is gone, both failures still caught
     assert thr < 0.4  # and no higher: device 1 would be lost
     assert events(run, "ats", s, thr * 1.2).detected == 1
+
+
+def test_operating_threshold_keeps_most_of_the_lead_time():
+    T = 4000
+    s = np.full((T, 3), 0.01)
+    s[880:1000, 0] = 0.8  # device 0: a clear precursor, 1200 s before its failure
+    s[1900:2000, 1] = np.linspace(0.1, 0.8, 100)  # device 1: risk climbs slowly to its failure
+    s[3000:3010, 2] = 0.12  # device 2: healthy, a 100 s burst just above the starting threshold
+    fails = [Failure("ats", 0, "u0", "contact_wear", 10010.0, 1200.0, True),
+             Failure("ats", 1, "u1", "contact_wear", 20010.0, 1200.0, True)]
+    run = _run(s, fails)
+    score = lambda r, k: r.scores[k]  # noqa: E731
+    base = events(run, "ats", s, 0.11)
+    assert base.detected == 2 and base.false_alarms == 1
+    thr = raise_keeping_detections([run], "ats", score, 0.11)
+    r = events(run, "ats", s, thr)
+    assert r.detected == 2 and r.false_alarms == 0  # raised past the burst
+    assert np.median(r.lead_times_s) >= 0.8 * np.median(base.lead_times_s)
+    # without the lead condition it climbs until device 1 is caught only in its last samples
+    late = raise_keeping_detections([run], "ats", score, 0.11, keep_lead=0.0)
+    assert late > thr and min(events(run, "ats", s, late).lead_times_s) < 0.3 * min(r.lead_times_s)
