@@ -110,6 +110,7 @@ class Topology:
     pdb_feed: np.ndarray  # (np,) 1 | 2
     des_rated_kw: np.ndarray  # (n,) 0 where none
     des_soc_min_pct: np.ndarray  # (n,) the DES's lower SoC limit (the device refuses to bridge near it)
+    des_capacity_kwh: np.ndarray  # (n,) 0 where none
     nominal_voltage_v: float
     dwell_time_s: float
     derating: float
@@ -131,6 +132,7 @@ class Topology:
             pdb_feed=np.array([int(p.feed) for p in site.pdbs], dtype=np.int64),
             des_rated_kw=np.array([u.storage.max_power_kw if u.storage else 0.0 for u in units]),
             des_soc_min_pct=np.array([u.storage.soc_min_pct if u.storage else 100.0 for u in units]),
+            des_capacity_kwh=np.array([u.storage.capacity_kwh if u.storage else 0.0 for u in units]),
             nominal_voltage_v=float(site.nominal_voltage_v),
             dwell_time_s=float(site.gateway.dwell_time_s),
             derating=float(site.gateway.derating),
@@ -188,6 +190,10 @@ class PolicyConfig:
     shave_min_soc_pct: float = 50.0  # a shaving DES stops below this SoC (it keeps enough to protect its own
     # unit), and starts only 10 points above it
     max_mitigation_moves: int = 64  # per cycle
+    recharge_c_rate: float = 0.3  # a DES handed back to the grid recharges from its unit's feed at up to this
+    # many kW per kWh of capacity; it is released only where that fits under the planning limit (after a
+    # source outage the whole hall sits on one source, and a dozen DES recharging at once pushed it past
+    # its rating), else kept online at the token power until there is room
     balance: bool = True
     balance_high_pct: float = 75.0  # a feed above this forecast loading is relieved ...
     balance_target_pct: float = 65.0  # ... onto a twin that stays below this
@@ -389,8 +395,30 @@ class _Plan:
         self.preferred[u] = source
         self.actions.append(SetPreferredSource(self.topo.unit_names[u], source, reason, component))
 
-    def arm(self, u: int, reason: str, component: str = "") -> bool:
-        """Keep unit u's DES online (bridging at a token power); True when it is or will be armed."""
+    def room_to_release(self, u: int) -> bool:
+        """Whether unit u's feed (source and PDB segment) can take its DES's recharge within the planning
+        limit; if so the recharge is added to the projected loads."""
+        t = self.topo
+        a = int(self.active[u])
+        if a not in (1, 2):
+            return True  # no feed: the DES cannot recharge
+        s, p = a - 1, int(t.pdb_of[u, a - 1])
+        kw = self.cfg.recharge_c_rate * float(t.des_capacity_kwh[u])
+        if kw <= 0.0:
+            return True
+        load_kw = float(self.load_kw[u])
+        amps_per_kw = self.load_a_list[u] / load_kw if load_kw > 0.5 and self.load_a_list[u] > 0 \
+            else 1000.0 / (3 ** 0.5 * t.nominal_voltage_v * 0.9)
+        amps = kw * amps_per_kw
+        if self.src_kw[s] + kw > self.src_limit[s] or self.pdb_a[p] + amps > self.pdb_limit[p]:
+            return False
+        self.src_kw[s] += kw
+        self.pdb_a[p] += amps
+        return True
+
+    def arm(self, u: int, reason: str, component: str = "", protect: bool = True) -> bool:
+        """Keep unit u's DES online (bridging at a token power); True when it is or will be armed.
+        protect=False: only to keep it from recharging (no need that it can carry the unit)."""
         t, cfg = self.topo, self.cfg
         if not self.has_des_list[u] or not self.des_fresh_list[u] or u in self.bridging_started:
             return False
@@ -405,7 +433,7 @@ class _Plan:
         if unit["State"] == AtsState.OFFLINE or (unit["State"] == AtsState.FAULT
                                                  and int(unit["ActiveSource"]) not in (1, 2)):
             return False
-        if not (self.des_may_carry[u] or (u in self.state.armed and self.des_keep_carry[u])):
+        if protect and not (self.des_may_carry[u] or (u in self.state.armed and self.des_keep_carry[u])):
             return False  # too small (or derated) for the load: online, it would protect nothing
         if float(row["StateOfCharge"]) < float(t.des_soc_min_pct[u]) + cfg.arm_soc_margin_pct:
             return False
@@ -582,12 +610,18 @@ def decide(obs: Observation, state: PolicyState, config: PolicyConfig) -> list[A
     for u, p in list(state.shaving.items()):
         if u not in keep_armed:
             del state.shaving[u]
-    # bridging no longer needed: hand the load back to the grid
-    for u in sorted(state.armed - keep_armed):
+    # bridging no longer needed: hand the load back to the grid, as far as the feeds have room for the
+    # DES's recharge (smallest first: more of them fit); the others stay online at the token power
+    release = sorted(state.armed - keep_armed, key=lambda u: (float(topo.des_capacity_kwh[u]), u))
+    for u in release:
+        state.armed.discard(u)
         if plan.des is not None and int(plan.des["Mode"][u]) == StorageMode.BRIDGING and fresh["des"][u] \
                 and float(plan.des["BridgeTimeRemaining"][u]) > 0:
-            plan.actions.append(StopBridging(topo.des_names[u], "risk released"))
-        state.armed.discard(u)
+            if plan.room_to_release(u):
+                plan.actions.append(StopBridging(topo.des_names[u], "risk released"))
+            elif plan.arm(u, "no room on its feed for the recharge: DES kept online", topo.unit_names[u],
+                          protect=False):
+                keep_armed.add(u)
     state.armed |= keep_armed
 
     if config.balance:

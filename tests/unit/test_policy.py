@@ -12,7 +12,7 @@ from cmcs.policy import (Observation, PolicyConfig, PolicyState, SetPreferredSou
 from siteconfig.demo import demo_site
 from siteconfig.model import StorageMode
 from simulator.plant import InterlockRefused, Plant
-from simulator.scenario import LoadProfile, Scenario
+from simulator.scenario import Fault, LoadProfile, Scenario
 
 
 @pytest.fixture(scope="module")
@@ -362,3 +362,45 @@ def test_des_kept_online_through_a_load_peak_at_re_arming(site):
 
     assert armed(decide(obs(True), running(armed={u}), cfg))
     assert not armed(decide(obs(False), running(), cfg))
+
+
+def _hall_on_one_source_then_release(site, recharge_c_rate: float):
+    """Source A out for 10 min with every DES online (token bridging, as the policy keeps them for an at-risk
+    source) and drained to 60 %; at 130 % load the whole hall on B is at about 89 % of its rating. After the
+    outage the risk is gone and the policy hands the DES back. Returns the highest true loading of either
+    source, second by second, the DES released, and all DES."""
+    topo = Topology.from_site(site)
+    sc = Scenario(duration_s=3600.0, seed=11, load=LoadProfile(scale=1.3, diurnal_amplitude=0.0, batch_probability=0.0),
+                  faults=(Fault("source_outage", "SourceA", onset_s=100.0, precursor_s=0.0, severity=1.0,
+                                duration_s=600.0),))
+    plant = Plant(site, sc)
+    plant.advance_to(120.0)
+    with_des = [u for u in range(topo.n) if topo.des_names[u]]
+    acts = [StartBridging(topo.des_names[u], 0.1, 900.0, "test: at-risk source") for u in with_des]
+    assert all(r == "" for r in _apply_all(plant, topo, acts))
+    plant.des_soc[with_des] = 0.6
+    cfg = PolicyConfig(topology=topo, thresholds={k: 0.5 for k in ("source", "pdb", "ats", "des")},
+                       balance=False, recharge_c_rate=recharge_c_rate)
+    state = PolicyState(fresh_cycles=10, fresh_since_t=-1e6, armed=set(with_des))
+    released, peak = set(), 0.0
+    for t in np.arange(710.0, 2400.0, 10.0):
+        acts = decide(_obs(plant, t, _zero_risk(topo)), state, cfg)
+        assert all(r == "" for r in _apply_all(plant, topo, acts))
+        released |= {a.des for a in acts if isinstance(a, StopBridging)}
+        for s in range(1, 11):
+            plant.advance_to(t + s)
+            peak = max(peak, float((plant._elec["src_kw"] / plant.src_rated_kw).max()))
+    return peak, released, {topo.des_names[u] for u in with_des}
+
+
+def test_des_handed_back_only_as_far_as_the_feed_has_room_for_its_recharge(site):
+    """After a source outage the whole hall is on one source; a DES handed back to the grid recharges from
+    it. Released all at once (recharge not planned: c-rate 0), the recharge pushes that source past its
+    rating; paced by the room under the planning limit, it never does, and every DES is still handed back
+    once the units have returned to their preferred source."""
+    peak_all_at_once, released_all_at_once, all_des = _hall_on_one_source_then_release(site, recharge_c_rate=0.0)
+    assert peak_all_at_once > 1.0, "the test case does not overload the source: it proves nothing"
+    assert len(released_all_at_once) >= len(all_des) - 2  # a slow unit's DES stays online (slow-actuator guard)
+    peak, released, _ = _hall_on_one_source_then_release(site, recharge_c_rate=PolicyConfig.recharge_c_rate)
+    assert peak < 1.0
+    assert released == released_all_at_once
