@@ -257,6 +257,7 @@ def _watch_drops(plant) -> list:
                     "des_soc": float(plant.des_soc[u]), "des_soc_min": float(plant.des_soc_min[u]),
                     "des_fault": bool(plant.des_fault[u]),
                     "des_pmax_kw": float(plant._des_pmax_now()[u]), "load_kw": float(plant._unit_load_now(u)),
+                    "des_could_carry_at_loss": bool(plant.des_could_carry_at_loss[u]),
                     "slow_ms": float(plant.slow_transfer_ms[u]), "unit_fault": bool(plant.unit_fault[u]),
                 })
             out.append(row)
@@ -456,6 +457,9 @@ def _mechanism(d: dict) -> tuple[str, bool]:
     if both_lost:
         if cause.startswith("storage"):
             return "no_path_des_exhausted", True
+        # the plant's own verdict at the moment the paths were lost: a dark load's drop is recorded later,
+        # when its DES has left bridging and its load no longer holds its dual-corded partner's share
+        des_can = d.get("des_could_carry_at_loss", des_can)
         if not des_can or (cause in ("source outage", "voltage sag", "voltage swell")
                            and not math.isfinite(d["duration_ms"])):
             # no arcing here: the DES picks the load up in 8 ms on its own when it can carry it, so a

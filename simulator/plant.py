@@ -194,6 +194,9 @@ class Plant:
         self.des_mode = np.where(self.has_des, int(StorageMode.STANDBY), int(StorageMode.FAULT)).astype(np.int64)
         self.des_fault = ~self.has_des
         self.des_auto = np.zeros(n, dtype=bool)  # bridging because the unit has no source
+        # the local logic's verdict when the unit last lost every path: could its DES carry the load then
+        # (a diagnostic for loss attribution; by the time a dark load's drop is decided its state has moved)
+        self.des_could_carry_at_loss = np.zeros(n, dtype=bool)
         self.des_bridge_kw = np.zeros(n)
         self.des_bridge_until = np.zeros(n)
         self.des_p_kw = np.zeros(n)
@@ -634,9 +637,11 @@ class Plant:
                 elif self._des_can_carry(u):
                     ms = arc_ms + C.DES_AUTO_BRIDGE_RESPONSE_MS
                     plan.append((u, "bridge", ms))
+                    self.des_could_carry_at_loss[u] = True
                 else:
                     ms = math.inf
                     plan.append((u, "dark", ms))
+                    self.des_could_carry_at_loss[u] = False
                 dark_ms[u] = 0.0 if self._des_online(u) else ms
         for u, action, ms in plan:
             protected = self._des_online(u)
