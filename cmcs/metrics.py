@@ -232,7 +232,8 @@ def raise_keeping_detections(runs: list[ScenarioRun], kind: str, score_of, thres
     to measure a rate of 1 per 100 unit-days; what it does measure well is which failures it catches
     and how early. Without the lead condition the threshold climbs to the edge of the last minutes
     before the validation failures (every one of them is still caught, just late): on scenarios with
-    other precursor durations that edge lost recall and a third of the lead time."""
+    other precursor durations that edge lost recall and a third of the lead time. A threshold that
+    detects nothing on these runs is left where it is (there is no lead time to keep)."""
     base = events_all(runs, kind, score_of, threshold)
     if base.failures == 0 or base.detected == 0:
         return threshold

@@ -257,9 +257,10 @@ def _watch_drops(plant) -> list:
                     "des_soc": float(plant.des_soc[u]), "des_soc_min": float(plant.des_soc_min[u]),
                     "des_fault": bool(plant.des_fault[u]),
                     "des_pmax_kw": float(plant._des_pmax_now()[u]), "load_kw": float(plant._unit_load_now(u)),
-                    "des_could_carry_at_loss": bool(plant.des_could_carry_at_loss[u]),
                     "slow_ms": float(plant.slow_transfer_ms[u]), "unit_fault": bool(plant.unit_fault[u]),
                 })
+                if not feed_ok.any():  # the local logic's verdict when the unit lost its last path
+                    row["des_could_carry_at_loss"] = bool(plant.des_could_carry_at_loss[u])
             out.append(row)
         return dropped
 

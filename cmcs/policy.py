@@ -191,7 +191,8 @@ class PolicyConfig:
     # unit), and starts only 10 points above it
     max_mitigation_moves: int = 64  # per cycle
     recharge_c_rate: float = 0.3  # a DES handed back to the grid recharges from its unit's feed at up to this
-    # many kW per kWh of capacity; it is released only where that fits under the planning limit (after a
+    # many kW per kWh of capacity (the simulated units: 0.3 C x health, simulator/constants.py; set it to the
+    # site's chargers); it is released only where that fits under the planning limit (after a
     # source outage the whole hall sits on one source, and a dozen DES recharging at once pushed it past
     # its rating), else kept online at the token power until there is room
     balance: bool = True
@@ -307,6 +308,7 @@ class _Plan:
             des_p = np.zeros(n)
             self.des_mode = np.full(n, int(StorageMode.FAULT))
             self.des_pmax = np.zeros(n)
+        self.des_p = des_p
         self.draw = self.load_kw - des_p
         # a DES that can carry its unit's whole load (else bridging protects nothing: power binds)
         self.des_can_carry = self.has_des & self.fresh["des"] & (self.des_pmax >= cfg.des_carry_margin
@@ -395,36 +397,57 @@ class _Plan:
         self.preferred[u] = source
         self.actions.append(SetPreferredSource(self.topo.unit_names[u], source, reason, component))
 
-    def room_to_release(self, u: int) -> bool:
-        """Whether unit u's feed (source and PDB segment) can take its DES's recharge within the planning
-        limit; if so the recharge is added to the projected loads."""
+    def _feed_room(self, u: int, kw: float, take: bool) -> bool:
+        """Whether unit u's feed (active source and PDB segment) takes `kw` more within the planning limit;
+        with take, the kW are added to the projected loads (whether they fit or not)."""
         t = self.topo
         a = int(self.active[u])
-        if a not in (1, 2):
-            return True  # no feed: the DES cannot recharge
-        s, p = a - 1, int(t.pdb_of[u, a - 1])
-        kw = self.cfg.recharge_c_rate * float(t.des_capacity_kwh[u])
-        if kw <= 0.0:
+        if a not in (1, 2) or kw <= 0.0:
             return True
+        s, p = a - 1, int(t.pdb_of[u, a - 1])
         load_kw = float(self.load_kw[u])
         amps_per_kw = self.load_a_list[u] / load_kw if load_kw > 0.5 and self.load_a_list[u] > 0 \
             else 1000.0 / (3 ** 0.5 * t.nominal_voltage_v * 0.9)
         amps = kw * amps_per_kw
-        if self.src_kw[s] + kw > self.src_limit[s] or self.pdb_a[p] + amps > self.pdb_limit[p]:
-            return False
-        self.src_kw[s] += kw
-        self.pdb_a[p] += amps
-        return True
+        fits = self.src_kw[s] + kw <= self.src_limit[s] and self.pdb_a[p] + amps <= self.pdb_limit[p]
+        if take:
+            self.src_kw[s] += kw
+            self.pdb_a[p] += amps
+        return fits
 
-    def arm(self, u: int, reason: str, component: str = "", protect: bool = True) -> bool:
+    def release(self, u: int, reason: str) -> None:
+        """Hand unit u's bridging DES back to the grid where its feed has room for what comes back: the DES's
+        present output and its recharge (recharge_c_rate x capacity). Where it has not, the DES stays online
+        at the token power (a shaving DES is set back to it now). A unit whose data is stale is held too."""
+        t, cfg = self.topo, self.cfg
+        name = t.unit_names[u]
+        token = min(cfg.prearm_power_kw, float(t.des_rated_kw[u]))
+        out_kw = max(float(self.des_p[u]), 0.0)
+        shaving = out_kw > token + 0.05  # discharging at real power; a token output is within the noise
+        back_kw = (out_kw if shaving else 0.0) + cfg.recharge_c_rate * float(t.des_capacity_kwh[u])
+        if self.unit_ok(u) and self._feed_room(u, back_kw, take=False):
+            self._feed_room(u, back_kw, take=True)
+            self.actions.append(StopBridging(t.des_names[u], reason))
+            return
+        if self.arm(u, "no room on its feed for the recharge: DES kept online", name, protect=False,
+                    force=shaving):
+            if shaving:
+                self._feed_room(u, out_kw - token, take=True)
+            return
+        # it cannot stay online (below its arming floor): stop it as before, whatever the room
+        self._feed_room(u, back_kw, take=True)
+        self.actions.append(StopBridging(t.des_names[u], reason))
+
+    def arm(self, u: int, reason: str, component: str = "", protect: bool = True, force: bool = False) -> bool:
         """Keep unit u's DES online (bridging at a token power); True when it is or will be armed.
-        protect=False: only to keep it from recharging (no need that it can carry the unit)."""
+        protect=False: only to keep it from recharging (no need that it can carry the unit); force: command the
+        token power now even if it is bridging with time left (a shaving DES back to the token power)."""
         t, cfg = self.topo, self.cfg
         if not self.has_des_list[u] or not self.des_fresh_list[u] or u in self.bridging_started:
             return False
         row = self.des_rows[u]
         remaining = float(row.get("BridgeTimeRemaining", 0.0))
-        if row["Mode"] == StorageMode.BRIDGING and remaining > cfg.rearm_before_s:
+        if row["Mode"] == StorageMode.BRIDGING and remaining > cfg.rearm_before_s and not force:
             self.state.armed.add(u)
             return True
         unit = self.unit_rows[u]
@@ -617,10 +640,8 @@ def decide(obs: Observation, state: PolicyState, config: PolicyConfig) -> list[A
         state.armed.discard(u)
         if plan.des is not None and int(plan.des["Mode"][u]) == StorageMode.BRIDGING and fresh["des"][u] \
                 and float(plan.des["BridgeTimeRemaining"][u]) > 0:
-            if plan.room_to_release(u):
-                plan.actions.append(StopBridging(topo.des_names[u], "risk released"))
-            elif plan.arm(u, "no room on its feed for the recharge: DES kept online", topo.unit_names[u],
-                          protect=False):
+            plan.release(u, "risk released")
+            if u in state.armed:  # kept online at the token power
                 keep_armed.add(u)
     state.armed |= keep_armed
 

@@ -404,3 +404,33 @@ def test_des_handed_back_only_as_far_as_the_feed_has_room_for_its_recharge(site)
     peak, released, _ = _hall_on_one_source_then_release(site, recharge_c_rate=PolicyConfig.recharge_c_rate)
     assert peak < 1.0
     assert released == released_all_at_once
+
+
+def test_a_shaving_des_without_room_to_hand_back_returns_to_the_token_power_at_once(site):
+    """A DES discharging at real power (shaving for an at-risk twin) whose work is done: where its feed has
+    room for what comes back (its output and its recharge) it is stopped; where it has not, it is set back to
+    the token power at once (not left discharging until its bridging time runs out), and stays online."""
+    topo = Topology.from_site(site)
+    plant = Plant(site, Scenario(duration_s=600.0, seed=3))
+    plant.advance_to(60.0)
+    cfg = PolicyConfig(topology=topo, thresholds={k: 0.5 for k in ("source", "pdb", "ats", "des")},
+                       confirm_cycles=1, safe_start_cycles=0, balance=False)
+    u = topo.unit_names.index("MATS-01-01")
+    s = int(plant.active[u]) - 1
+
+    def decide_with(source_loading):
+        snap = {k: {kk: np.array(vv, copy=True) for kk, vv in v.items()} for k, v in plant.snapshot().items()}
+        snap["des"]["Mode"][u] = int(StorageMode.BRIDGING)
+        snap["des"]["ActivePower"][u] = 4.0
+        snap["des"]["BridgeTimeRemaining"][u] = 600.0
+        snap["source"]["ActivePower"][s] = source_loading * float(snap["source"]["RatedPower"][s])
+        state = PolicyState(fresh_cycles=10, fresh_since_t=-1e6, armed={u}, shaving={u: 0})
+        acts = [a for a in decide(Observation(t_s=60.0, values=snap, risk=_zero_risk(topo)), state, cfg)
+                if getattr(a, "des", None) == topo.des_names[u]]
+        return acts, state
+
+    acts, state = decide_with(0.40)
+    assert [type(a) for a in acts] == [StopBridging] and u not in state.armed
+    acts, state = decide_with(0.76)  # under the planning limit, but not with 4 kW and the recharge on top
+    assert len(acts) == 1 and isinstance(acts[0], StartBridging) and acts[0].power_kw <= cfg.prearm_power_kw
+    assert u in state.armed
