@@ -319,6 +319,9 @@ class _Plan:
         self.des_keep_carry = self.has_des & self.fresh["des"] & (self.des_pmax >= cfg.keep_carry_ratio
                                                                   * np.maximum(self.load_kw, 0.0))
         self.load_a_list = np.asarray(self.ats["LoadCurrent"], float).tolist()
+        # the site's current per kW of unit load (to project a DES's recharge onto its segment)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            self.amps_per_kw = float(np.nan_to_num(np.nansum(self.ats["LoadCurrent"]) / np.nansum(self.load_kw)))
         self.has_des_list = self.has_des.tolist()
         self.des_fresh_list = self.fresh["des"].tolist()
         self.draw_list = self.draw.tolist()
@@ -397,46 +400,30 @@ class _Plan:
         self.preferred[u] = source
         self.actions.append(SetPreferredSource(self.topo.unit_names[u], source, reason, component))
 
-    def _feed_room(self, u: int, kw: float, take: bool) -> bool:
-        """Whether unit u's feed (active source and PDB segment) takes `kw` more within the planning limit;
-        with take, the kW are added to the projected loads (whether they fit or not)."""
-        t = self.topo
-        a = int(self.active[u])
-        if a not in (1, 2) or kw <= 0.0:
-            return True
-        s, p = a - 1, int(t.pdb_of[u, a - 1])
-        load_kw = float(self.load_kw[u])
-        amps_per_kw = self.load_a_list[u] / load_kw if load_kw > 0.5 and self.load_a_list[u] > 0 \
-            else 1000.0 / (3 ** 0.5 * t.nominal_voltage_v * 0.9)
-        amps = kw * amps_per_kw
-        fits = self.src_kw[s] + kw <= self.src_limit[s] and self.pdb_a[p] + amps <= self.pdb_limit[p]
-        if take:
-            self.src_kw[s] += kw
-            self.pdb_a[p] += amps
-        return fits
-
-    def release(self, u: int, reason: str) -> None:
-        """Hand unit u's bridging DES back to the grid where its feed has room for what comes back: the DES's
-        present output and its recharge (recharge_c_rate x capacity). Where it has not, the DES stays online
-        at the token power (a shaving DES is set back to it now). A unit whose data is stale is held too."""
+    def release(self, u: int, reason: str) -> bool:
+        """Hand unit u's bridging DES back to the grid where its feed has room, under the planning limit, for
+        what comes back: a shaving DES's output and the recharge (recharge_c_rate x capacity). Where it has not,
+        or the unit's data is stale, the DES stays online at the token power (a shaving DES is set back to it
+        now); one that cannot (below its arming floor) is stopped anyway. True when it stays online."""
         t, cfg = self.topo, self.cfg
-        name = t.unit_names[u]
         token = min(cfg.prearm_power_kw, float(t.des_rated_kw[u]))
         out_kw = max(float(self.des_p[u]), 0.0)
         shaving = out_kw > token + 0.05  # discharging at real power; a token output is within the noise
         back_kw = (out_kw if shaving else 0.0) + cfg.recharge_c_rate * float(t.des_capacity_kwh[u])
-        if self.unit_ok(u) and self._feed_room(u, back_kw, take=False):
-            self._feed_room(u, back_kw, take=True)
+        a = int(self.active[u])
+        s, p = a - 1, int(t.pdb_of[u, max(a, 1) - 1])
+        on_feed = a in (1, 2)
+        room = not on_feed or back_kw <= 0.0 or (self.src_kw[s] + back_kw <= self.src_limit[s]
+                                                 and self.pdb_a[p] + back_kw * self.amps_per_kw <= self.pdb_limit[p])
+        kept = not (room and self.unit_ok(u)) and self.arm(
+            u, "no room on its feed for the recharge: DES kept online", t.unit_names[u], protect=False, force=shaving)
+        if not kept:
             self.actions.append(StopBridging(t.des_names[u], reason))
-            return
-        if self.arm(u, "no room on its feed for the recharge: DES kept online", name, protect=False,
-                    force=shaving):
-            if shaving:
-                self._feed_room(u, out_kw - token, take=True)
-            return
-        # it cannot stay online (below its arming floor): stop it as before, whatever the room
-        self._feed_room(u, back_kw, take=True)
-        self.actions.append(StopBridging(t.des_names[u], reason))
+        returned_kw = (out_kw - token if shaving else 0.0) if kept else back_kw
+        if on_feed:
+            self.src_kw[s] += returned_kw
+            self.pdb_a[p] += returned_kw * self.amps_per_kw
+        return kept
 
     def arm(self, u: int, reason: str, component: str = "", protect: bool = True, force: bool = False) -> bool:
         """Keep unit u's DES online (bridging at a token power); True when it is or will be armed.
@@ -640,8 +627,7 @@ def decide(obs: Observation, state: PolicyState, config: PolicyConfig) -> list[A
         state.armed.discard(u)
         if plan.des is not None and int(plan.des["Mode"][u]) == StorageMode.BRIDGING and fresh["des"][u] \
                 and float(plan.des["BridgeTimeRemaining"][u]) > 0:
-            plan.release(u, "risk released")
-            if u in state.armed:  # kept online at the token power
+            if plan.release(u, "risk released"):  # kept online at the token power
                 keep_armed.add(u)
     state.armed |= keep_armed
 

@@ -329,15 +329,31 @@ def test_unit_in_fault_still_carrying_its_load_gets_its_des_online(site):
     assert plant.des_mode[u] == StorageMode.BRIDGING
 
 
-def test_des_kept_online_through_a_load_peak_at_re_arming(site):
-    """Hysteresis: a DES the policy keeps online is re-armed while its power is >= keep_carry_ratio x the
-    load (a batch job's peak at the moment of re-arming does not take it offline); one that is not online
-    yet is armed only from arm_carry_ratio x the load."""
+def _quiet_plant_and_config(site):
+    """A fresh demo plant at t = 60 s and an eager policy config without balancing (no debounce, no safe start)."""
     topo = Topology.from_site(site)
     plant = Plant(site, Scenario(duration_s=600.0, seed=3))
     plant.advance_to(60.0)
     cfg = PolicyConfig(topology=topo, thresholds={k: 0.5 for k in ("source", "pdb", "ats", "des")},
                        confirm_cycles=1, safe_start_cycles=0, balance=False)
+    return topo, plant, cfg
+
+
+def _snapshot_copy(plant) -> dict:
+    """The plant's snapshot with its own arrays, to be edited into a hand-made observation."""
+    return {k: {kk: np.array(vv, copy=True) for kk, vv in v.items()} for k, v in plant.snapshot().items()}
+
+
+def _running_state(**kw) -> PolicyState:
+    """Policy memory past its safe start."""
+    return PolicyState(fresh_cycles=10, fresh_since_t=-1e6, **kw)
+
+
+def test_des_kept_online_through_a_load_peak_at_re_arming(site):
+    """Hysteresis: a DES the policy keeps online is re-armed while its power is >= keep_carry_ratio x the
+    load (a batch job's peak at the moment of re-arming does not take it offline); one that is not online
+    yet is armed only from arm_carry_ratio x the load."""
+    topo, plant, cfg = _quiet_plant_and_config(site)
     u = topo.unit_names.index("MATS-02-04")
     p = int(topo.pdb_of[u, int(plant.active[u]) - 1])
     risk = _zero_risk(topo)
@@ -346,7 +362,7 @@ def test_des_kept_online_through_a_load_peak_at_re_arming(site):
     risk["pdb"][twin] = 0.9  # both segments at risk: no transfer, the DES is the protection
 
     def obs(bridging: bool):
-        snap = {k: {kk: np.array(vv, copy=True) for kk, vv in v.items()} for k, v in plant.snapshot().items()}
+        snap = _snapshot_copy(plant)
         pmax = float(snap["des"]["MaxDischargePower"][u])
         snap["ats"]["LoadPower"][u] = pmax / 0.8  # between keep_carry_ratio (0.75) and arm_carry_ratio (0.9)
         if bridging:
@@ -357,11 +373,8 @@ def test_des_kept_online_through_a_load_peak_at_re_arming(site):
     def armed(actions):
         return any(isinstance(a, StartBridging) and a.des == topo.des_names[u] for a in actions)
 
-    def running(**kw):  # past the safe start
-        return PolicyState(fresh_cycles=10, fresh_since_t=-1e6, **kw)
-
-    assert armed(decide(obs(True), running(armed={u}), cfg))
-    assert not armed(decide(obs(False), running(), cfg))
+    assert armed(decide(obs(True), _running_state(armed={u}), cfg))
+    assert not armed(decide(obs(False), _running_state(), cfg))
 
 
 def _hall_on_one_source_then_release(site, recharge_c_rate: float):
@@ -381,7 +394,7 @@ def _hall_on_one_source_then_release(site, recharge_c_rate: float):
     plant.des_soc[with_des] = 0.6
     cfg = PolicyConfig(topology=topo, thresholds={k: 0.5 for k in ("source", "pdb", "ats", "des")},
                        balance=False, recharge_c_rate=recharge_c_rate)
-    state = PolicyState(fresh_cycles=10, fresh_since_t=-1e6, armed=set(with_des))
+    state = _running_state(armed=set(with_des))
     released, peak = set(), 0.0
     for t in np.arange(710.0, 2400.0, 10.0):
         acts = decide(_obs(plant, t, _zero_risk(topo)), state, cfg)
@@ -410,21 +423,17 @@ def test_a_shaving_des_without_room_to_hand_back_returns_to_the_token_power_at_o
     """A DES discharging at real power (shaving for an at-risk twin) whose work is done: where its feed has
     room for what comes back (its output and its recharge) it is stopped; where it has not, it is set back to
     the token power at once (not left discharging until its bridging time runs out), and stays online."""
-    topo = Topology.from_site(site)
-    plant = Plant(site, Scenario(duration_s=600.0, seed=3))
-    plant.advance_to(60.0)
-    cfg = PolicyConfig(topology=topo, thresholds={k: 0.5 for k in ("source", "pdb", "ats", "des")},
-                       confirm_cycles=1, safe_start_cycles=0, balance=False)
+    topo, plant, cfg = _quiet_plant_and_config(site)
     u = topo.unit_names.index("MATS-01-01")
     s = int(plant.active[u]) - 1
 
     def decide_with(source_loading):
-        snap = {k: {kk: np.array(vv, copy=True) for kk, vv in v.items()} for k, v in plant.snapshot().items()}
+        snap = _snapshot_copy(plant)
         snap["des"]["Mode"][u] = int(StorageMode.BRIDGING)
         snap["des"]["ActivePower"][u] = 4.0
         snap["des"]["BridgeTimeRemaining"][u] = 600.0
         snap["source"]["ActivePower"][s] = source_loading * float(snap["source"]["RatedPower"][s])
-        state = PolicyState(fresh_cycles=10, fresh_since_t=-1e6, armed={u}, shaving={u: 0})
+        state = _running_state(armed={u}, shaving={u: 0})
         acts = [a for a in decide(Observation(t_s=60.0, values=snap, risk=_zero_risk(topo)), state, cfg)
                 if getattr(a, "des", None) == topo.des_names[u]]
         return acts, state
