@@ -458,7 +458,8 @@ class LiveCmcs:
                 if nid is not None and np.isfinite(v):
                     writes.append((nid, float(max(v, 0.0)), ua.VariantType.Double))
         writes.append((nodes.cmcs_var.get("CycleTime"), float(self.last_cycle_ms), ua.VariantType.Double))
-        writes.append((nodes.cmcs_var.get("ActiveMitigations"), len(self.policy_state.at_risk), ua.VariantType.UInt32))
+        writes.append((nodes.cmcs_var.get("ActiveMitigations"), self.policy_state.active_mitigations(),
+                       ua.VariantType.UInt32))
         await self._write(client, writes)
 
     async def _write(self, client: Client, writes) -> None:

@@ -33,7 +33,16 @@ What it does, in order of priority:
    has a single path left and gets its DES online like any other.
    Every moved unit gets SetPreferredSource so that it does not return by itself onto the
    at-risk path, and balancing never moves a unit onto an at-risk component.
-3. Balancing: when a segment's or source's forecast loading exceeds `balance_high_pct`, one unit
+3. Overload relief: a source or segment whose loading (measured, or forecast if higher) passes
+   `relief_start_pct` with no transfer to help (one source out and the hall above the other's
+   rating; an aisle on one segment) is brought back under `relief_target_pct`: DES recharging on
+   it are held online at the token power (no stored energy spent), then DES of the units it feeds
+   discharge at real power (segments first, from their own units; a source from units on its least
+   loaded segments; units protecting nothing first, the fullest first), down to
+   `relief_min_soc_pct`; its breaker's inverse-time trip would drop every load on it. They are
+   kept while the feed would be above the target without them, then handed back like any DES (as
+   far as the feed has room for the recharge).
+4. Balancing: when a segment's or source's forecast loading exceeds `balance_high_pct`, one unit
    per aisle and cycle moves to the lighter feed if that brings the two closer and keeps the
    target under `balance_target_pct`; a unit moved by the balancer is left alone for
    `balance_hold_s`, an aisle for `balance_cooldown_s` (hysteresis: it never flaps); slow units
@@ -189,6 +198,13 @@ class PolicyConfig:
     shave_fraction: float = 0.8  # of min(MaxDischargePower, LoadPower)
     shave_min_soc_pct: float = 50.0  # a shaving DES stops below this SoC (it keeps enough to protect its own
     # unit), and starts only 10 points above it
+    relieve: bool = True  # a source or segment heading past its rating with no transfer to help (the whole hall
+    # on one source during an outage, at a load above one source's rating): DES of the units it feeds discharge
+    relief_start_pct: float = 90.0  # ... when its loading (measured, or forecast if higher) passes this ...
+    relief_target_pct: float = 85.0  # ... until it is back under this; they stay on while, without them, it
+    # would be above this (hysteresis: a load just under the start does not switch them on and off)
+    relief_min_soc_pct: float = 35.0  # a relieving DES stops below this SoC: a reserve for its own unit, lower than
+    # shaving's (50 %), as the alternative is a trip that drops every load on the feed
     max_mitigation_moves: int = 64  # per cycle
     recharge_c_rate: float = 0.3  # a DES handed back to the grid recharges from its unit's feed at up to this
     # many kW per kWh of capacity (the simulated units: 0.3 C x health, simulator/constants.py; set it to the
@@ -219,8 +235,14 @@ class PolicyState:
     aisle_cooldown_until: dict[int, float] = field(default_factory=dict)
     armed: set[int] = field(default_factory=set)  # units whose DES the policy keeps bridging
     shaving: dict[int, int] = field(default_factory=dict)  # unit -> at-risk segment its DES makes room for
+    relieving: dict[int, tuple[int, int, str]] = field(default_factory=dict)  # unit -> (source, segment) its DES
+    # was on when it started relieving an overload, and the source or segment it relieves
     worn_pole: dict[int, int] = field(default_factory=dict)  # unit -> contact set (pole) once found at risk: it
     # stays suspect after the latch is released (a worn contact set does not heal; only maintenance resets it)
+
+    def active_mitigations(self) -> int:
+        """Components latched at risk, plus sources and segments DES are relieving of an overload now."""
+        return len(self.at_risk) + len({component for _, _, component in self.relieving.values()})
 
     def ensure(self, n: int) -> None:
         if self.last_transfer_t is None or len(self.last_transfer_t) != n:
@@ -425,6 +447,46 @@ class _Plan:
             self.pdb_a[p] += returned_kw * self.amps_per_kw
         return kept
 
+    def discharge(self, u: int, reason: str, component: str) -> float:
+        """Unit u's DES bridging at real power (shave_fraction of what it can give, at most its unit's load), to
+        take load off its feed; the power commanded (0: none)."""
+        t, cfg = self.topo, self.cfg
+        power = round(cfg.shave_fraction * min(float(self.des_pmax[u]), float(self.load_kw[u])), 2)
+        if power < 0.5 or u in self.bridging_started:
+            return 0.0
+        if self.unit_rows[u]["State"] in (AtsState.FAULT, AtsState.OFFLINE):
+            return 0.0
+        if not check_start_bridging(self.des_rows[u], power, cfg.prearm_duration_s,
+                                    rated_power_kw=float(t.des_rated_kw[u])).ok:
+            return 0.0
+        self.actions.append(StartBridging(t.des_names[u], power, cfg.prearm_duration_s, reason, component))
+        self.bridging_started.add(u)
+        self.state.armed.add(u)
+        return power
+
+    def _token(self, u: int, reason: str, component: str) -> bool:
+        """Command unit u's DES online at the token power (if the service would accept it)."""
+        t, cfg = self.topo, self.cfg
+        power = min(cfg.prearm_power_kw, float(t.des_rated_kw[u]))
+        if not check_start_bridging(self.des_rows[u], power, cfg.prearm_duration_s,
+                                    rated_power_kw=float(t.des_rated_kw[u])).ok:
+            return False
+        self.actions.append(StartBridging(t.des_names[u], power, cfg.prearm_duration_s, reason, component))
+        self.bridging_started.add(u)
+        self.state.armed.add(u)
+        return True
+
+    def hold(self, u: int, reason: str, component: str) -> bool:
+        """Unit u's DES online at the token power only to stop its recharge (as long as it can give that)."""
+        t = self.topo
+        if not self.has_des_list[u] or not self.des_fresh_list[u] or u in self.bridging_started:
+            return False
+        if self.unit_rows[u]["State"] == AtsState.OFFLINE:
+            return False
+        if float(self.des_rows[u]["StateOfCharge"]) < float(t.des_soc_min_pct[u]) + 3.0:
+            return False  # the device refuses to bridge within 1 point of its lower limit (margin for the noise)
+        return self._token(u, reason, component)
+
     def arm(self, u: int, reason: str, component: str = "", protect: bool = True, force: bool = False) -> bool:
         """Keep unit u's DES online (bridging at a token power); True when it is or will be armed.
         protect=False: only to keep it from recharging (no need that it can carry the unit); force: command the
@@ -434,7 +496,9 @@ class _Plan:
             return False
         row = self.des_rows[u]
         remaining = float(row.get("BridgeTimeRemaining", 0.0))
-        if row["Mode"] == StorageMode.BRIDGING and remaining > cfg.rearm_before_s and not force:
+        if row["Mode"] == StorageMode.BRIDGING and not force and (remaining > cfg.rearm_before_s
+                                                                    or u in self.state.relieving):
+            # online; a DES relieving an overload is re-armed at its discharge power by the relief (_relieve)
             self.state.armed.add(u)
             return True
         unit = self.unit_rows[u]
@@ -447,14 +511,7 @@ class _Plan:
             return False  # too small (or derated) for the load: online, it would protect nothing
         if float(row["StateOfCharge"]) < float(t.des_soc_min_pct[u]) + cfg.arm_soc_margin_pct:
             return False
-        power = min(cfg.prearm_power_kw, float(t.des_rated_kw[u]))
-        if not check_start_bridging(self.des_rows[u], power, cfg.prearm_duration_s,
-                                    rated_power_kw=float(t.des_rated_kw[u])).ok:
-            return False
-        self.actions.append(StartBridging(t.des_names[u], power, cfg.prearm_duration_s, reason, component))
-        self.bridging_started.add(u)
-        self.state.armed.add(u)
-        return True
+        return self._token(u, reason, component)
 
 
 def _update_memory(topo: Topology, obs: Observation, state: PolicyState, cfg: PolicyConfig, fresh: dict) -> None:
@@ -620,6 +677,10 @@ def decide(obs: Observation, state: PolicyState, config: PolicyConfig) -> list[A
     for u, p in list(state.shaving.items()):
         if u not in keep_armed:
             del state.shaving[u]
+    if config.relieve:
+        _relieve(plan, topo, obs, config, state, keep_armed)
+    else:
+        state.relieving.clear()
     # bridging no longer needed: hand the load back to the grid, as far as the feeds have room for the
     # DES's recharge (smallest first: more of them fit); the others stay online at the token power
     release = sorted(state.armed - keep_armed, key=lambda u: (float(topo.des_capacity_kwh[u]), u))
@@ -677,7 +738,8 @@ def _shave(plan: _Plan, topo: Topology, cfg: PolicyConfig, state: PolicyState, p
         return
     cands = [int(u) for u in np.flatnonzero((on_pdb == twin) & (active == target) & plan.has_des & plan.fresh["des"]
                                             & plan.fresh["ats"] & ~plan.slow)
-             if int(u) not in state.shaving and int(u) not in plan.bridging_started and soc[int(u)] >= floor[int(u)] + 10.0]
+             if int(u) not in state.shaving and int(u) not in state.relieving and int(u) not in plan.bridging_started
+             and soc[int(u)] >= floor[int(u)] + 10.0]
     cands.sort(key=lambda u: -min(plan.des_pmax[u], plan.load_kw[u]))
     for u in cands:
         if got_a >= 1.1 * need_a and got_kw >= 1.1 * need_kw:
@@ -692,21 +754,153 @@ def _shave(plan: _Plan, topo: Topology, cfg: PolicyConfig, state: PolicyState, p
 
 
 def _start_shave(plan: _Plan, topo: Topology, cfg: PolicyConfig, state: PolicyState, u: int, p: int) -> float:
-    power = round(cfg.shave_fraction * min(float(plan.des_pmax[u]), float(plan.load_kw[u])), 2)
-    if power < 0.5 or u in plan.bridging_started:
-        return 0.0
-    if plan.unit_rows[u]["State"] in (AtsState.FAULT, AtsState.OFFLINE):
-        return 0.0
-    if not check_start_bridging(plan.des_rows[u], power, cfg.prearm_duration_s,
-                                rated_power_kw=float(topo.des_rated_kw[u])).ok:
-        return 0.0
-    plan.actions.append(StartBridging(topo.des_names[u], power, cfg.prearm_duration_s,
-                                      f"DES shaves {topo.pdb_names[int(topo.pdb_of[u, int(plan.active[u]) - 1])]} to make "
-                                      f"room for units of at-risk {topo.pdb_names[p]} their own DES cannot carry",
-                                      topo.pdb_names[p]))
-    plan.bridging_started.add(u)
-    state.shaving[u] = p
-    state.armed.add(u)
+    seg = topo.pdb_names[int(topo.pdb_of[u, int(plan.active[u]) - 1])]
+    power = plan.discharge(u, f"DES shaves {seg} to make room for units of at-risk {topo.pdb_names[p]} their own "
+                              f"DES cannot carry", topo.pdb_names[p])
+    if power > 0:
+        state.shaving[u] = p
+    return power
+
+
+def _relieve(plan: _Plan, topo: Topology, obs: Observation, cfg: PolicyConfig, state: PolicyState,
+             keep_armed: set) -> None:
+    """Overload relief: a source or PDB segment whose loading (measured, or the forecast if higher) passes
+    relief_start_pct has DES of the units it feeds discharge at real power (bridging, shave_fraction of what
+    each can give) until it is projected back under relief_target_pct. No transfer is involved: it is what
+    is left when the other feed is gone or full (a source outage at a load above one source's rating, an
+    aisle on one segment after a joint failure); the breaker's inverse-time trip would drop every load on it.
+    Segments come first, as only their own units can relieve them; a source is relieved by units on its
+    least loaded segments, keeping the DES of a heavy segment for when it needs them. A relieving DES stays on
+    while its feed, without the relief, would be above relief_target_pct (as few as that needs), above
+    relief_min_soc_pct; then it is handed back like any other (release: as far as the feed has room for its
+    recharge, else kept online at the token power)."""
+    des = plan.des
+    if des is None:
+        state.relieving.clear()
+        return
+    n = topo.n
+    active = plan.active
+    on = (active > 0) & plan.fresh["ats"]
+    src = np.where(on, np.maximum(active, 1) - 1, -1)
+    seg = np.where(on, topo.pdb_of[np.arange(n), np.maximum(active, 1) - 1], -1)
+    lp = np.asarray(plan.ats["LoadPower"], float)
+    fc = lp if obs.forecast_kw is None else np.where(np.isfinite(obs.forecast_kw), obs.forecast_kw, lp)
+    a_per_kw = np.where(lp > 0.1, np.asarray(plan.ats["LoadCurrent"], float) / np.maximum(lp, 0.1), plan.amps_per_kw)
+    a_per_kw = np.where(np.isfinite(a_per_kw), a_per_kw, plan.amps_per_kw)
+    d_kw = np.where(on & np.isfinite(fc), fc - lp, 0.0)
+    n_src, n_pdb = len(topo.source_names), len(topo.pdb_names)
+    rated_kw = np.asarray(plan.src["RatedPower"], float)
+    rated_a = np.maximum(np.asarray(plan.pdb["RatedCurrent"], float), 1e-9)
+    soc = np.asarray(des["StateOfCharge"], float)
+    floor = np.maximum(cfg.relief_min_soc_pct, np.asarray(topo.des_soc_min_pct, float) + cfg.arm_soc_margin_pct)
+    energy = (soc - floor) * np.asarray(topo.des_capacity_kwh, float)
+    out = np.maximum(plan.des_p, 0.0)
+    ok_s, ok_p = src >= 0, seg >= 0
+
+    def per_src(w):
+        return np.bincount(src[ok_s], weights=w[ok_s], minlength=n_src)
+
+    def per_seg(w):
+        return np.bincount(seg[ok_p], weights=w[ok_p], minlength=n_pdb)
+
+    # forecast growth per feed (only upwards: relief is for peaks)
+    grow_kw, grow_a = np.maximum(per_src(d_kw), 0.0), np.maximum(per_seg(d_kw * a_per_kw), 0.0)
+    target_kw = cfg.relief_target_pct / 100.0 * rated_kw
+    target_a = cfg.relief_target_pct / 100.0 * rated_a
+    # the present relievers that may go on (still on the feed they relieve, their data fresh, above their floor)
+    live = [u for u, f in state.relieving.items()
+            if src[u] == f[0] and seg[u] == f[1] and plan.fresh["des"][u] and soc[u] >= floor[u]
+            and int(plan.des_mode[u]) == StorageMode.BRIDGING]
+    # a reliever whose data is stale is neither kept nor handed back: it is decided on once it is fresh again
+    stale = {u for u in state.relieving if not (plan.fresh["des"][u] and plan.fresh["ats"][u])}
+    rel = np.zeros(n)
+    rel[live] = out[live]
+    # each feed's load without the relief
+    base_kw = plan.src_kw + per_src(rel) + grow_kw
+    base_a = plan.pdb_a + per_seg(rel * a_per_kw) + grow_a
+    seg_pct = base_a / rated_a
+    # keep as few as the feeds still need: each segment's own first (fullest first), then for the source those
+    # on its least loaded segments
+    keep: set[int] = set()
+    got_kw, got_a = np.zeros(n_src), np.zeros(n_pdb)
+    for u in sorted(live, key=lambda u: -energy[u]):
+        if base_a[seg[u]] - got_a[seg[u]] > target_a[seg[u]]:
+            keep.add(u)
+            got_a[seg[u]] += out[u] * a_per_kw[u]
+            got_kw[src[u]] += out[u]
+    for u in sorted(live, key=lambda u: (seg_pct[seg[u]], -energy[u])):
+        if u not in keep and base_kw[src[u]] - got_kw[src[u]] > target_kw[src[u]]:
+            keep.add(u)
+            got_kw[src[u]] += out[u]
+    left_kw = plan.src_kw + grow_kw  # the loading after this cycle's decisions
+    left_a = plan.pdb_a + grow_a
+    for u in list(state.relieving):
+        if u in stale:
+            keep_armed.add(u)
+            continue
+        if u in keep:
+            keep_armed.add(u)
+            if float(plan.des_rows[u].get("BridgeTimeRemaining", 0.0)) <= cfg.rearm_before_s:
+                component = state.relieving[u][2]
+                _start_relief(plan, topo, cfg, state, u, f"overload relief: {component}: DES kept discharging",
+                              component)
+            continue
+        del state.relieving[u]
+        back = out[u] - min(cfg.prearm_power_kw, float(topo.des_rated_kw[u]))
+        if src[u] >= 0 and back > 0:  # what comes back to the feed (a DES handed back adds its recharge: release)
+            left_kw[src[u]] += back
+            left_a[seg[u]] += back * a_per_kw[u]
+            plan.src_kw[src[u]] += back
+            plan.pdb_a[seg[u]] += back * a_per_kw[u]
+        if u in keep_armed and u not in plan.bridging_started and not plan.arm(
+                u, "overload relieved: DES back to the token power", topo.unit_names[u], protect=False, force=True):
+            plan.actions.append(StopBridging(topo.des_names[u], "overload relieved; below its arming floor"))
+    start = cfg.relief_start_pct / 100.0
+    hot_p = (left_a > start * rated_a) & plan.fresh["pdb"]
+    hot_s = (left_kw > start * rated_kw) & plan.fresh["source"]
+    if not (hot_p.any() or hot_s.any()):
+        return
+    # DES recharging on a feed past the start (handed back before, or back from carrying a unit that lost its
+    # feeds) are held online at the token power first: that relief costs no stored energy
+    for u in np.flatnonzero(on & plan.has_des & plan.fresh["des"] & (plan.des_p < -0.05)):
+        u = int(u)
+        if (hot_s[src[u]] or hot_p[seg[u]]) and plan.hold(u, "overload: DES recharge held", topo.unit_names[u]):
+            keep_armed.add(u)
+            left_kw[src[u]] += plan.des_p[u]
+            left_a[seg[u]] += plan.des_p[u] * a_per_kw[u]
+    # feeds past the start: more relievers, units protecting nothing first, the fullest first; segments first
+    cands = [int(u) for u in np.flatnonzero(on & plan.has_des & plan.fresh["des"] & ~plan.slow
+                                            & (soc >= floor + 5.0) & (plan.des_mode != StorageMode.FAULT))
+             if int(u) not in state.relieving and int(u) not in state.shaving and int(u) not in plan.bridging_started]
+    cands.sort(key=lambda u: (u in keep_armed, -energy[u]))
+
+    def start_on(u: int, component: str, reason: str) -> None:
+        power = _start_relief(plan, topo, cfg, state, u, reason, component)
+        if power > 0:
+            keep_armed.add(u)
+            extra = power - out[u]
+            left_kw[src[u]] -= extra
+            left_a[seg[u]] -= extra * a_per_kw[u]
+
+    for u in cands:
+        p = int(seg[u])
+        if hot_p[p] and left_a[p] > target_a[p]:
+            start_on(u, topo.pdb_names[p], f"overload relief: {topo.pdb_names[p]} above {cfg.relief_start_pct:.0f} % "
+                                           f"of its rating")
+    cands.sort(key=lambda u: (round(float(left_a[seg[u]] / rated_a[seg[u]]), 2), u in keep_armed, -energy[u]))
+    for u in cands:
+        s_ = int(src[u])
+        if u not in state.relieving and hot_s[s_] and left_kw[s_] > target_kw[s_]:
+            start_on(u, topo.source_names[s_], f"overload relief: {topo.source_names[s_]} above "
+                                               f"{cfg.relief_start_pct:.0f} % of its rating")
+
+
+def _start_relief(plan: _Plan, topo: Topology, cfg: PolicyConfig, state: PolicyState, u: int, reason: str,
+                  component: str) -> float:
+    power = plan.discharge(u, reason, component)
+    if power > 0:
+        a = int(plan.active[u])
+        state.relieving[u] = (a - 1, int(topo.pdb_of[u, a - 1]), component)
     return power
 
 

@@ -443,3 +443,120 @@ def test_a_shaving_des_without_room_to_hand_back_returns_to_the_token_power_at_o
     acts, state = decide_with(0.76)  # under the planning limit, but not with 4 kW and the recharge on top
     assert len(acts) == 1 and isinstance(acts[0], StartBridging) and acts[0].power_kw <= cfg.prearm_power_kw
     assert u in state.armed
+
+
+def _outage_above_one_source_rating(site, relieve: bool):
+    """Source A out for 15 min at 150 % load: the whole hall on B is about 114 % of its rating, and no transfer
+    can help. The policy runs every 10 s (no risk, no balancing). Returns the highest true loading of any source
+    or segment second by second from 20 s after the outage began (one cycle to see it), the feed-seconds above
+    100 %, the dropped loads and the overload-relief commands."""
+    topo = Topology.from_site(site)
+    sc = Scenario(duration_s=2400.0, seed=5, load=LoadProfile(scale=1.5, diurnal_amplitude=0.0, batch_probability=0.0),
+                  faults=(Fault("source_outage", "SourceA", onset_s=300.0, precursor_s=0.0, severity=1.0,
+                                duration_s=900.0),))
+    plant = Plant(site, sc)
+    cfg = PolicyConfig(topology=topo, thresholds={k: 0.5 for k in ("source", "pdb", "ats", "des")}, balance=False,
+                       relieve=relieve)
+    state = _running_state()
+    peak, over, relief, soc_low = 0.0, 0, [], 1.0
+    for t in np.arange(10.0, 2100.0, 10.0):
+        acts = decide(_obs(plant, t, _zero_risk(topo)), state, cfg)
+        assert all(r == "" for r in _apply_all(plant, topo, acts))
+        relief += [a for a in acts if isinstance(a, StartBridging) and a.reason.startswith("overload relief")]
+        for s in range(1, 11):
+            plant.advance_to(t + s)
+            e = plant._elec
+            loading = max(float((e["src_kw"] / plant.src_rated_kw).max()),
+                          float((e["pdb_i"].max(axis=1) / plant.pdb_rated_a).max()))
+            over += loading > 1.0
+            if t + s >= 320.0:
+                peak = max(peak, loading)
+        if state.relieving:
+            soc_low = min(soc_low, float(plant.des_soc[list(state.relieving)].min()))
+    if relieve:
+        # the outage ended at 1200 s, the units were back on their preferred source 300 s later: by 2100 s every
+        # DES is handed back (none discharging above the token power)
+        assert not state.relieving and (plant._elec["des_kw"] <= cfg.prearm_power_kw + 1e-6).all()
+        assert soc_low >= cfg.relief_min_soc_pct / 100.0 - 0.02  # none drained below the relief's floor
+    return peak, over, int(plant.totals()["dropped_loads"]), relief
+
+
+def test_des_relieve_a_source_that_no_transfer_can_keep_under_its_rating(site):
+    """With one source out and the hall above the other's rating, the breaker's inverse-time trip would drop
+    every load on it. DES of the units it feeds discharge until it is under the relief target, within one
+    cycle of the overload; without the relief the same case passes 100 % and drops loads."""
+    peak, over, dropped, relief = _outage_above_one_source_rating(site, relieve=False)
+    assert peak > 1.05 and over > 60 and dropped > 0, "the test case does not overload the source: it proves nothing"
+    assert not relief
+    peak, over, dropped, relief = _outage_above_one_source_rating(site, relieve=True)
+    assert peak < 0.95  # back at the relief target (85 %) give or take the load's noise
+    assert over <= 10 and dropped == 0  # at most the seconds before the next cycle
+    assert relief and all(a.power_kw > PolicyConfig.prearm_power_kw for a in relief)
+
+
+def test_des_recharging_on_an_overloaded_feed_are_held_before_any_stored_energy_is_spent(site):
+    """The whole hall on source B at about 98 % of its rating, eight DES recharging on it (handed back earlier,
+    or back from carrying their unit): they are held online at the token power, which takes their recharge
+    (about 2 kW each) off the source without spending stored energy; only what is still missing is asked of
+    DES at real power. One at its lower SoC limit is left alone (the device would refuse), and every command
+    is accepted."""
+    topo = Topology.from_site(site)
+    sc = Scenario(duration_s=1800.0, seed=5, load=LoadProfile(scale=1.37, diurnal_amplitude=0.0, batch_probability=0.0),
+                  faults=(Fault("source_outage", "SourceA", onset_s=30.0, precursor_s=0.0, severity=1.0,
+                                duration_s=1200.0),))
+    plant = Plant(site, sc)
+    recharging = [topo.unit_names.index(f"MATS-0{a}-0{k}") for a in (1, 2, 3, 4) for k in (2, 5)]
+    low = recharging[-1]
+    plant.des_soc[recharging] = 0.5
+    plant.des_soc[low] = plant.des_soc_min[low] + 0.005
+    plant.advance_to(60.0)
+    e = plant._elec
+    assert (e["des_kw"][recharging] < -1.0).all(), "the DES are not recharging: the test proves nothing"
+    rated = float(plant.src_rated_kw[1])
+    before_kw = float(e["src_kw"][1])
+    assert before_kw > PolicyConfig.relief_start_pct / 100.0 * rated
+    recharge_kw = -float(e["des_kw"][[u for u in recharging if u != low]].sum())
+    cfg = PolicyConfig(topology=topo, thresholds={k: 0.5 for k in ("source", "pdb", "ats", "des")}, balance=False)
+    acts = decide(_obs(plant, 60.0, _zero_risk(topo)), _running_state(), cfg)
+    held = {a.des for a in acts if isinstance(a, StartBridging) and a.reason.startswith("overload: DES recharge held")}
+    assert held == {topo.des_names[u] for u in recharging if u != low}
+    assert all(a.power_kw <= cfg.prearm_power_kw for a in acts if isinstance(a, StartBridging) and a.des in held)
+    relief_kw = sum(a.power_kw for a in acts if isinstance(a, StartBridging) and a.des not in held)
+    # real power only for what the holds leave above the target (with a DES's worth of rounding up)
+    assert relief_kw <= max(0.0, before_kw - recharge_kw - cfg.relief_target_pct / 100.0 * rated) + 12.0
+    assert all(r == "" for r in _apply_all(plant, topo, acts))
+    plant.advance_to(65.0)
+    held_units = [topo.des_names.index(d) for d in held]
+    assert (plant._elec["des_kw"][held_units] >= 0.0).all()  # no longer recharging
+    assert (plant._elec["des_kw"][low] < 0.0)  # still recharging
+
+
+def test_a_relieving_des_that_also_protects_its_unit_is_re_armed_once_and_never_stopped(site):
+    """A DES relieving an overloaded source whose unit is also protected by it (both its segments at risk: no
+    transfer, the DES is the protection), with 30 s of bridging left: while the source is still overloaded it
+    is re-armed at its discharge power (not cut to the token power by the protection); once the source is
+    back under the target, set back to the token power, and never stopped in either case."""
+    topo, plant, cfg = _quiet_plant_and_config(site)
+    u = topo.unit_names.index("MATS-01-01")
+    s = int(plant.active[u]) - 1
+    p = int(topo.pdb_of[u, s])
+    risk = _zero_risk(topo)
+    risk["pdb"][topo.pdb_of[u]] = 0.9
+
+    def decide_with(source_loading):
+        snap = _snapshot_copy(plant)
+        snap["des"]["Mode"][u] = int(StorageMode.BRIDGING)
+        snap["des"]["ActivePower"][u] = 6.0
+        snap["des"]["BridgeTimeRemaining"][u] = 30.0
+        snap["source"]["ActivePower"][s] = source_loading * float(snap["source"]["RatedPower"][s])
+        state = _running_state(armed={u}, relieving={u: (s, p, topo.source_names[s])})
+        acts = [a for a in decide(Observation(t_s=60.0, values=snap, risk=risk), state, cfg)
+                if getattr(a, "des", None) == topo.des_names[u]]
+        return acts, state
+
+    acts, state = decide_with(0.95)
+    assert len(acts) == 1 and isinstance(acts[0], StartBridging) and acts[0].power_kw > cfg.prearm_power_kw
+    assert u in state.relieving and u in state.armed
+    acts, state = decide_with(0.40)
+    assert len(acts) == 1 and isinstance(acts[0], StartBridging) and acts[0].power_kw <= cfg.prearm_power_kw
+    assert u not in state.relieving and u in state.armed
