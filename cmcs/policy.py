@@ -341,9 +341,15 @@ class _Plan:
         self.des_keep_carry = self.has_des & self.fresh["des"] & (self.des_pmax >= cfg.keep_carry_ratio
                                                                   * np.maximum(self.load_kw, 0.0))
         self.load_a_list = np.asarray(self.ats["LoadCurrent"], float).tolist()
-        # the site's current per kW of unit load (to project a DES's recharge onto its segment)
+        # the site's current per kW of unit load (to project a DES's recharge onto its segment), and each unit's
+        # (that site-wide figure where the unit's own is unknown)
         with np.errstate(invalid="ignore", divide="ignore"):
             self.amps_per_kw = float(np.nan_to_num(np.nansum(self.ats["LoadCurrent"]) / np.nansum(self.load_kw)))
+            a_per_kw = np.asarray(self.ats["LoadCurrent"], float) / np.maximum(self.load_kw, 0.1)
+        self.a_per_kw = np.where((self.load_kw > 0.1) & np.isfinite(a_per_kw), a_per_kw, self.amps_per_kw)
+        # each unit's forecast load (LoadPower where there is none)
+        fc = obs.forecast_kw
+        self.forecast_kw = self.load_kw if fc is None else np.where(np.isfinite(fc), fc, self.load_kw)
         self.has_des_list = self.has_des.tolist()
         self.des_fresh_list = self.fresh["des"].tolist()
         self.draw_list = self.draw.tolist()
@@ -678,7 +684,7 @@ def decide(obs: Observation, state: PolicyState, config: PolicyConfig) -> list[A
         if u not in keep_armed:
             del state.shaving[u]
     if config.relieve:
-        _relieve(plan, topo, obs, config, state, keep_armed)
+        _relieve(plan, topo, config, state, keep_armed)
     else:
         state.relieving.clear()
     # bridging no longer needed: hand the load back to the grid, as far as the feeds have room for the
@@ -733,7 +739,7 @@ def _shave(plan: _Plan, topo: Topology, cfg: PolicyConfig, state: PolicyState, p
             continue
         keep_armed.add(u)
         if float(plan.des_rows[u].get("BridgeTimeRemaining", 0.0)) <= cfg.rearm_before_s:
-            _start_shave(plan, topo, cfg, state, u, p)
+            _start_shave(plan, topo, state, u, p)
     if need_a <= 0 and need_kw <= 0:
         return
     cands = [int(u) for u in np.flatnonzero((on_pdb == twin) & (active == target) & plan.has_des & plan.fresh["des"]
@@ -744,16 +750,15 @@ def _shave(plan: _Plan, topo: Topology, cfg: PolicyConfig, state: PolicyState, p
     for u in cands:
         if got_a >= 1.1 * need_a and got_kw >= 1.1 * need_kw:
             break
-        power = _start_shave(plan, topo, cfg, state, u, p)
+        power = _start_shave(plan, topo, state, u, p)
         if power > 0:
             keep_armed.add(u)
-            a_per_kw = plan.load_a_list[u] / max(plan.load_kw[u], 0.1)
             extra = power - max(float(des["ActivePower"][u]), 0.0)
-            got_a += extra * a_per_kw
+            got_a += extra * plan.a_per_kw[u]
             got_kw += extra
 
 
-def _start_shave(plan: _Plan, topo: Topology, cfg: PolicyConfig, state: PolicyState, u: int, p: int) -> float:
+def _start_shave(plan: _Plan, topo: Topology, state: PolicyState, u: int, p: int) -> float:
     seg = topo.pdb_names[int(topo.pdb_of[u, int(plan.active[u]) - 1])]
     power = plan.discharge(u, f"DES shaves {seg} to make room for units of at-risk {topo.pdb_names[p]} their own "
                               f"DES cannot carry", topo.pdb_names[p])
@@ -762,8 +767,7 @@ def _start_shave(plan: _Plan, topo: Topology, cfg: PolicyConfig, state: PolicySt
     return power
 
 
-def _relieve(plan: _Plan, topo: Topology, obs: Observation, cfg: PolicyConfig, state: PolicyState,
-             keep_armed: set) -> None:
+def _relieve(plan: _Plan, topo: Topology, cfg: PolicyConfig, state: PolicyState, keep_armed: set) -> None:
     """Overload relief: a source or PDB segment whose loading (measured, or the forecast if higher) passes
     relief_start_pct has DES of the units it feeds discharge at real power (bridging, shave_fraction of what
     each can give) until it is projected back under relief_target_pct. No transfer is involved: it is what
@@ -783,11 +787,9 @@ def _relieve(plan: _Plan, topo: Topology, obs: Observation, cfg: PolicyConfig, s
     on = (active > 0) & plan.fresh["ats"]
     src = np.where(on, np.maximum(active, 1) - 1, -1)
     seg = np.where(on, topo.pdb_of[np.arange(n), np.maximum(active, 1) - 1], -1)
-    lp = np.asarray(plan.ats["LoadPower"], float)
-    fc = lp if obs.forecast_kw is None else np.where(np.isfinite(obs.forecast_kw), obs.forecast_kw, lp)
-    a_per_kw = np.where(lp > 0.1, np.asarray(plan.ats["LoadCurrent"], float) / np.maximum(lp, 0.1), plan.amps_per_kw)
-    a_per_kw = np.where(np.isfinite(a_per_kw), a_per_kw, plan.amps_per_kw)
-    d_kw = np.where(on & np.isfinite(fc), fc - lp, 0.0)
+    a_per_kw = plan.a_per_kw
+    d_kw = plan.forecast_kw - plan.load_kw
+    d_kw = np.where(on & np.isfinite(d_kw), d_kw, 0.0)
     n_src, n_pdb = len(topo.source_names), len(topo.pdb_names)
     rated_kw = np.asarray(plan.src["RatedPower"], float)
     rated_a = np.maximum(np.asarray(plan.pdb["RatedCurrent"], float), 1e-9)
@@ -842,7 +844,7 @@ def _relieve(plan: _Plan, topo: Topology, obs: Observation, cfg: PolicyConfig, s
             keep_armed.add(u)
             if float(plan.des_rows[u].get("BridgeTimeRemaining", 0.0)) <= cfg.rearm_before_s:
                 component = state.relieving[u][2]
-                _start_relief(plan, topo, cfg, state, u, f"overload relief: {component}: DES kept discharging",
+                _start_relief(plan, topo, state, u, f"overload relief: {component}: DES kept discharging",
                               component)
             continue
         del state.relieving[u]
@@ -875,7 +877,7 @@ def _relieve(plan: _Plan, topo: Topology, obs: Observation, cfg: PolicyConfig, s
     cands.sort(key=lambda u: (u in keep_armed, -energy[u]))
 
     def start_on(u: int, component: str, reason: str) -> None:
-        power = _start_relief(plan, topo, cfg, state, u, reason, component)
+        power = _start_relief(plan, topo, state, u, reason, component)
         if power > 0:
             keep_armed.add(u)
             extra = power - out[u]
@@ -895,8 +897,7 @@ def _relieve(plan: _Plan, topo: Topology, obs: Observation, cfg: PolicyConfig, s
                                                f"{cfg.relief_start_pct:.0f} % of its rating")
 
 
-def _start_relief(plan: _Plan, topo: Topology, cfg: PolicyConfig, state: PolicyState, u: int, reason: str,
-                  component: str) -> float:
+def _start_relief(plan: _Plan, topo: Topology, state: PolicyState, u: int, reason: str, component: str) -> float:
     power = plan.discharge(u, reason, component)
     if power > 0:
         a = int(plan.active[u])
@@ -908,8 +909,7 @@ def _balance(plan: _Plan, topo: Topology, obs: Observation, state: PolicyState, 
              avoid_pdb: set[int], avoid_src: set[int]) -> None:
     """Relieve feeds whose forecast loading passes balance_high_pct, one unit per aisle and cycle."""
     n = topo.n
-    lp = np.asarray(plan.ats["LoadPower"], float)
-    fc = lp if obs.forecast_kw is None else np.where(np.isfinite(obs.forecast_kw), obs.forecast_kw, lp)
+    lp, fc = plan.load_kw, plan.forecast_kw
     growth = np.where(lp > 0.1, np.clip(fc / np.maximum(lp, 0.1), 0.5, 2.0), 1.0)
     amps = np.asarray(plan.ats["LoadCurrent"], float) * growth
     amps = np.where(np.isfinite(amps), amps, 0.0)

@@ -344,6 +344,16 @@ def _snapshot_copy(plant) -> dict:
     return {k: {kk: np.array(vv, copy=True) for kk, vv in v.items()} for k, v in plant.snapshot().items()}
 
 
+def _bridging_snapshot(plant, u: int, des_kw: float, remaining_s: float, s: int, source_loading: float) -> dict:
+    """A snapshot with unit u's DES bridging at des_kw with remaining_s left, and source s at source_loading."""
+    snap = _snapshot_copy(plant)
+    snap["des"]["Mode"][u] = int(StorageMode.BRIDGING)
+    snap["des"]["ActivePower"][u] = des_kw
+    snap["des"]["BridgeTimeRemaining"][u] = remaining_s
+    snap["source"]["ActivePower"][s] = source_loading * float(snap["source"]["RatedPower"][s])
+    return snap
+
+
 def _running_state(**kw) -> PolicyState:
     """Policy memory past its safe start."""
     return PolicyState(fresh_cycles=10, fresh_since_t=-1e6, **kw)
@@ -428,11 +438,7 @@ def test_a_shaving_des_without_room_to_hand_back_returns_to_the_token_power_at_o
     s = int(plant.active[u]) - 1
 
     def decide_with(source_loading):
-        snap = _snapshot_copy(plant)
-        snap["des"]["Mode"][u] = int(StorageMode.BRIDGING)
-        snap["des"]["ActivePower"][u] = 4.0
-        snap["des"]["BridgeTimeRemaining"][u] = 600.0
-        snap["source"]["ActivePower"][s] = source_loading * float(snap["source"]["RatedPower"][s])
+        snap = _bridging_snapshot(plant, u, 4.0, 600.0, s, source_loading)
         state = _running_state(armed={u}, shaving={u: 0})
         acts = [a for a in decide(Observation(t_s=60.0, values=snap, risk=_zero_risk(topo)), state, cfg)
                 if getattr(a, "des", None) == topo.des_names[u]]
@@ -544,11 +550,7 @@ def test_a_relieving_des_that_also_protects_its_unit_is_re_armed_once_and_never_
     risk["pdb"][topo.pdb_of[u]] = 0.9
 
     def decide_with(source_loading):
-        snap = _snapshot_copy(plant)
-        snap["des"]["Mode"][u] = int(StorageMode.BRIDGING)
-        snap["des"]["ActivePower"][u] = 6.0
-        snap["des"]["BridgeTimeRemaining"][u] = 30.0
-        snap["source"]["ActivePower"][s] = source_loading * float(snap["source"]["RatedPower"][s])
+        snap = _bridging_snapshot(plant, u, 6.0, 30.0, s, source_loading)
         state = _running_state(armed={u}, relieving={u: (s, p, topo.source_names[s])})
         acts = [a for a in decide(Observation(t_s=60.0, values=snap, risk=risk), state, cfg)
                 if getattr(a, "des", None) == topo.des_names[u]]
