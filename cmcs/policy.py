@@ -341,8 +341,8 @@ class _Plan:
         self.des_keep_carry = self.has_des & self.fresh["des"] & (self.des_pmax >= cfg.keep_carry_ratio
                                                                   * np.maximum(self.load_kw, 0.0))
         self.load_a_list = np.asarray(self.ats["LoadCurrent"], float).tolist()
-        # the site's current per kW of unit load (to project a DES's recharge onto its segment), and each unit's
-        # (that site-wide figure where the unit's own is unknown)
+        # each unit's current per kW of load, to project what its DES takes off or puts back onto its segment
+        # (the site's figure where the unit's own is unknown)
         with np.errstate(invalid="ignore", divide="ignore"):
             self.amps_per_kw = float(np.nan_to_num(np.nansum(self.ats["LoadCurrent"]) / np.nansum(self.load_kw)))
             a_per_kw = np.asarray(self.ats["LoadCurrent"], float) / np.maximum(self.load_kw, 0.1)
@@ -441,8 +441,11 @@ class _Plan:
         a = int(self.active[u])
         s, p = a - 1, int(t.pdb_of[u, max(a, 1) - 1])
         on_feed = a in (1, 2)
-        room = not on_feed or back_kw <= 0.0 or (self.src_kw[s] + back_kw <= self.src_limit[s]
-                                                 and self.pdb_a[p] + back_kw * self.amps_per_kw <= self.pdb_limit[p])
+        # a feed under overload relief has no room, whatever its measured loading: that is the relievers'
+        # output, and a recharge taken from it would only move energy from one DES to another
+        relieved = on_feed and any(f[2] in (t.source_names[s], t.pdb_names[p]) for f in self.state.relieving.values())
+        room = not on_feed or back_kw <= 0.0 or (not relieved and self.src_kw[s] + back_kw <= self.src_limit[s]
+                                                 and self.pdb_a[p] + back_kw * self.a_per_kw[u] <= self.pdb_limit[p])
         kept = not (room and self.unit_ok(u)) and self.arm(
             u, "no room on its feed for the recharge: DES kept online", t.unit_names[u], protect=False, force=shaving)
         if not kept:
@@ -450,7 +453,7 @@ class _Plan:
         returned_kw = (out_kw - token if shaving else 0.0) if kept else back_kw
         if on_feed:
             self.src_kw[s] += returned_kw
-            self.pdb_a[p] += returned_kw * self.amps_per_kw
+            self.pdb_a[p] += returned_kw * self.a_per_kw[u]
         return kept
 
     def discharge(self, u: int, reason: str, component: str) -> float:

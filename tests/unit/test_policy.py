@@ -562,3 +562,35 @@ def test_a_relieving_des_that_also_protects_its_unit_is_re_armed_once_and_never_
     acts, state = decide_with(0.40)
     assert len(acts) == 1 and isinstance(acts[0], StartBridging) and acts[0].power_kw <= cfg.prearm_power_kw
     assert u not in state.relieving and u in state.armed
+
+
+def test_a_des_kept_online_is_not_handed_back_to_a_feed_under_overload_relief(site):
+    """A batch job is starting on a segment (forecast 60 % up), so a DES of one of its units relieves it, and
+    another DES there is kept online at the token power. The segment's measured current (60 %) leaves room
+    for that DES's recharge, but only because the reliever is discharging: handed back, it would recharge
+    from the reliever's output (energy moved from one DES to another) and the segment would need more
+    relief the next cycle. It stays online until the relief is over."""
+    topo, plant, cfg = _quiet_plant_and_config(site)
+    u1 = topo.unit_names.index("MATS-01-01")
+    s = int(plant.active[u1]) - 1
+    p = int(topo.pdb_of[u1, s])
+    on_p = [u for u in range(topo.n) if int(plant.active[u]) - 1 == s and int(topo.pdb_of[u, s]) == p]
+    u2 = next(u for u in on_p if u != u1)
+    snap = _bridging_snapshot(plant, u1, 8.0, 600.0, s, 0.5)
+    snap["des"]["Mode"][u2] = int(StorageMode.BRIDGING)
+    snap["des"]["ActivePower"][u2] = cfg.prearm_power_kw
+    snap["des"]["BridgeTimeRemaining"][u2] = 600.0
+    snap["pdb"]["Current"][p] = 0.60 * float(snap["pdb"]["RatedCurrent"][p])
+    forecast = np.array(snap["ats"]["LoadPower"], float)
+    forecast[on_p] *= 1.6
+
+    def decide_with(relieving: dict):
+        state = _running_state(armed={u1, u2}, relieving=relieving)
+        acts = decide(Observation(t_s=60.0, values=snap, risk=_zero_risk(topo), forecast_kw=forecast), state, cfg)
+        return [a for a in acts if isinstance(a, StopBridging) and a.des == topo.des_names[u2]], state
+
+    # the same DES on a feed that is not being relieved is handed back: the case has room for it
+    stops, _ = decide_with({})
+    assert stops, "no room for the recharge even without a relief: the test proves nothing"
+    stops, state = decide_with({u1: (s, p, topo.pdb_names[p])})
+    assert stops == [] and u2 in state.armed and u1 in state.relieving
