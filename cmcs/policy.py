@@ -41,7 +41,7 @@ What it does, in order of priority:
    loaded segments; units protecting nothing first, the fullest first), down to
    `relief_min_soc_pct`; its breaker's inverse-time trip would drop every load on it. They are
    kept while the feed would be above the target without them, then handed back like any DES (as
-   far as the feed has room for the recharge).
+   far as the feed has room for the recharge; a feed still under relief has none).
 4. Balancing: when a segment's or source's forecast loading exceeds `balance_high_pct`, one unit
    per aisle and cycle moves to the lighter feed if that brings the two closer and keeps the
    target under `balance_target_pct`; a unit moved by the balancer is left alone for
@@ -430,7 +430,8 @@ class _Plan:
 
     def release(self, u: int, reason: str) -> bool:
         """Hand unit u's bridging DES back to the grid where its feed has room, under the planning limit, for
-        what comes back: a shaving DES's output and the recharge (recharge_c_rate x capacity). Where it has not,
+        what comes back: a shaving DES's output and the recharge (recharge_c_rate x capacity); a feed under
+        overload relief has none. Where it has not,
         or the unit's data is stale, the DES stays online at the token power (a shaving DES is set back to it
         now); one that cannot (below its arming floor) is stopped anyway. True when it stays online."""
         t, cfg = self.topo, self.cfg
@@ -442,8 +443,10 @@ class _Plan:
         s, p = a - 1, int(t.pdb_of[u, max(a, 1) - 1])
         on_feed = a in (1, 2)
         # a feed under overload relief has no room, whatever its measured loading: that is the relievers'
-        # output, and a recharge taken from it would only move energy from one DES to another
-        relieved = on_feed and any(f[2] in (t.source_names[s], t.pdb_names[p]) for f in self.state.relieving.values())
+        # output, and a recharge taken from it would only move energy from one DES to another (a reliever whose
+        # data is stale is not counted: nothing says it still discharges, and it would block the feed for good)
+        relieved = on_feed and any(f[2] in (t.source_names[s], t.pdb_names[p]) and self.fresh["des"][v]
+                                   and self.fresh["ats"][v] for v, f in self.state.relieving.items())
         room = not on_feed or back_kw <= 0.0 or (not relieved and self.src_kw[s] + back_kw <= self.src_limit[s]
                                                  and self.pdb_a[p] + back_kw * self.a_per_kw[u] <= self.pdb_limit[p])
         kept = not (room and self.unit_ok(u)) and self.arm(

@@ -565,11 +565,12 @@ def test_a_relieving_des_that_also_protects_its_unit_is_re_armed_once_and_never_
 
 
 def test_a_des_kept_online_is_not_handed_back_to_a_feed_under_overload_relief(site):
-    """A batch job is starting on a segment (forecast 60 % up), so a DES of one of its units relieves it, and
-    another DES there is kept online at the token power. The segment's measured current (60 %) leaves room
-    for that DES's recharge, but only because the reliever is discharging: handed back, it would recharge
-    from the reliever's output (energy moved from one DES to another) and the segment would need more
-    relief the next cycle. It stays online until the relief is over."""
+    """A heavy aisle segment (its units draw 69 % of its rating) has a batch job starting (forecast +32 %), so
+    a DES of one of its units discharges 8 kW to relieve it, and another DES there is kept online at the token
+    power. The measured current (60 %) leaves room for that DES's recharge, but only because the reliever
+    is discharging: handed back, it would recharge from the reliever's output (energy moved from one DES to
+    another) and the segment would need more relief the next cycle. It stays online while the relief runs;
+    with no relief, or a reliever whose data is stale (nothing says it still discharges), it is handed back."""
     topo, plant, cfg = _quiet_plant_and_config(site)
     u1 = topo.unit_names.index("MATS-01-01")
     s = int(plant.active[u1]) - 1
@@ -580,17 +581,28 @@ def test_a_des_kept_online_is_not_handed_back_to_a_feed_under_overload_relief(si
     snap["des"]["Mode"][u2] = int(StorageMode.BRIDGING)
     snap["des"]["ActivePower"][u2] = cfg.prearm_power_kw
     snap["des"]["BridgeTimeRemaining"][u2] = 600.0
-    snap["pdb"]["Current"][p] = 0.60 * float(snap["pdb"]["RatedCurrent"][p])
+    # the segment's units scaled up so that their currents, less the reliever's output, make its 60 %
+    rated = float(snap["pdb"]["RatedCurrent"][p])
+    a_kw = float(snap["ats"]["LoadCurrent"][u1] / snap["ats"]["LoadPower"][u1])
+    k = (0.60 * rated + 8.0 * a_kw) / float(np.sum(snap["ats"]["LoadCurrent"][on_p]))
+    for point in ("LoadCurrent", "LoadPower"):
+        snap["ats"][point][on_p] *= k
+    snap["pdb"]["Current"][p] = 0.60 * rated
     forecast = np.array(snap["ats"]["LoadPower"], float)
-    forecast[on_p] *= 1.6
+    forecast[on_p] *= 1.32
 
-    def decide_with(relieving: dict):
+    def decide_with(relieving: dict, stale_reliever: bool = False):
         state = _running_state(armed={u1, u2}, relieving=relieving)
-        acts = decide(Observation(t_s=60.0, values=snap, risk=_zero_risk(topo), forecast_kw=forecast), state, cfg)
+        fresh = {"des": np.ones(topo.n, bool)}
+        fresh["des"][u1] = not stale_reliever
+        acts = decide(Observation(t_s=60.0, values=snap, risk=_zero_risk(topo), forecast_kw=forecast, fresh=fresh),
+                      state, cfg)
         return [a for a in acts if isinstance(a, StopBridging) and a.des == topo.des_names[u2]], state
 
-    # the same DES on a feed that is not being relieved is handed back: the case has room for it
-    stops, _ = decide_with({})
-    assert stops, "no room for the recharge even without a relief: the test proves nothing"
-    stops, state = decide_with({u1: (s, p, topo.pdb_names[p])})
+    relief = {u1: (s, p, topo.pdb_names[p])}
+    stops, state = decide_with({})
+    assert stops and not state.relieving, "no room for the recharge without a relief: the test proves nothing"
+    stops, state = decide_with(dict(relief))
     assert stops == [] and u2 in state.armed and u1 in state.relieving
+    stops, state = decide_with(dict(relief), stale_reliever=True)
+    assert stops and u1 in state.relieving  # the stale reliever is neither kept nor dropped, and blocks nothing
