@@ -248,21 +248,47 @@ def _num(value: float) -> int | float:
     return int(value) if float(value).is_integer() else value
 
 
+def bind_free_port(host: str = "127.0.0.1"):
+    """A TCP socket bound to a free port on `host`, below the kernel's ephemeral range; the caller closes it
+    just before the port's real user binds it. A port the kernel picks for bind(0) comes from the ephemeral
+    range, so any outgoing connection (a Modbus client, an OPC UA client) can be given it as its local port
+    in between, and the server then fails with "address already in use"; a port below that range is never
+    handed out that way. Falls back to a kernel-picked port where that range cannot be read or is empty."""
+    import random
+    import socket
+
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range", encoding="ascii") as f:
+            ephemeral_low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768
+    low, high = 10000, ephemeral_low - 1
+    pick = random.SystemRandom()
+    for _ in range(200 if high > low else 0):
+        probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            probe.bind((host, pick.randint(low, high)))
+            return probe
+        except OSError:
+            probe.close()
+    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    probe.bind((host, 0))
+    return probe
+
+
 def relocate_site(site: Site, host: str = "127.0.0.1") -> Site:
     """The same site with every distinct device address moved to a free port on `host`.
 
     For tests and benchmarks that must not collide with a running demo (fixed ports)."""
     import dataclasses
-    import socket
 
     new_port: dict[tuple[str, int], int] = {}
-    held: list[socket.socket] = []  # keep each probe bound until all are chosen: no port twice
+    held: list = []  # keep each probe bound until all are chosen: no port twice
 
     def moved(endpoint):
         key = (endpoint.host, endpoint.port)
         if key not in new_port:
-            probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            probe.bind((host, 0))
+            probe = bind_free_port(host)
             held.append(probe)
             new_port[key] = probe.getsockname()[1]
         return dataclasses.replace(endpoint, host=host, port=new_port[key])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import socket
 
 import pytest
 
@@ -12,11 +11,20 @@ from siteconfig.model import Site
 LOCALHOST = "127.0.0.1"
 
 
+_given: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port nothing listens on right now (the kernel picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOCALHOST, 0))
-        return s.getsockname()[1]
+    """A TCP port nothing listens on right now, below the ephemeral range (siteconfig.demo.bind_free_port: no
+    outgoing connection can take it before the test's server binds it), and not given out before."""
+    from siteconfig.demo import bind_free_port
+
+    while True:
+        with bind_free_port(LOCALHOST) as s:
+            port = s.getsockname()[1]
+        if port not in _given:
+            _given.add(port)
+            return port
 
 
 def relocate_site(site: Site, host: str = LOCALHOST) -> Site:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import pickle
-import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -69,9 +68,9 @@ def make_site(name: str = "Test", aisles: int = 2, units: int = 3, storage_every
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from tests.integration.conftest import free_port
+
+    return free_port()
 
 
 @dataclass

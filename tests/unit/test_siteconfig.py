@@ -281,3 +281,24 @@ def test_a_key_missing_from_a_block_mapping_is_reported_at_the_mapping_key():
     text = SMALL.replace("        device: {port: 15021, unit_id: 12, profile: micro_ats_v1}",
                          "        device:\n          port: 15021\n          unit_id: 12")
     assert [str(e) for e in errors_of(text)] == ["t.yaml:41: aisles[0].units[1].device.profile: required key is missing"]
+
+
+def test_relocated_ports_are_below_the_ephemeral_range_and_distinct():
+    """Ports given to test and benchmark servers come from below the kernel's ephemeral range, so that no
+    outgoing connection opened before the server binds can hold one (a CI run failed with "address already in
+    use" on a kernel-picked port); each distinct device address gets its own port."""
+    from siteconfig.demo import bind_free_port, demo_site, relocate_site
+
+    with open("/proc/sys/net/ipv4/ip_local_port_range", encoding="ascii") as f:
+        ephemeral_low = int(f.read().split()[0])
+    site = demo_site()
+    endpoints = {(u.device.host, u.device.port) for u in site.units} | {(p.device.host, p.device.port) for p in site.pdbs}
+    moved = relocate_site(site)
+    ports = [u.device.port for u in moved.units] + [p.device.port for p in moved.pdbs]
+    assert all(10000 <= port < ephemeral_low for port in ports)
+    assert len(set(ports)) == len(endpoints)
+    probe = bind_free_port()
+    try:
+        assert 10000 <= probe.getsockname()[1] < ephemeral_low
+    finally:
+        probe.close()
