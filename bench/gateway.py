@@ -23,7 +23,6 @@ import json
 import math
 import os
 import signal
-import socket
 import statistics
 import sys
 import tempfile
@@ -45,8 +44,9 @@ ITEMS_PER_SUBSCRIPTION = 7000
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+    from siteconfig.demo import bind_free_port
+
+    with bind_free_port("127.0.0.1") as s:
         return s.getsockname()[1]
 
 
