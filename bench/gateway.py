@@ -36,18 +36,12 @@ from asyncua.common.subscription import Subscription
 
 from bench.report import markdown_table, write_json
 from bench.workers import BENCH_PASSWORD, BENCH_USER
+from siteconfig.demo import free_port
 from siteconfig.points import POINTS
 
 TARGETS_1000 = {"startup_s": 20.0, "latency_p99_s": 1.5, "switch_rtt_ms_median": 50.0, "poll_overruns": 0}
 SUBSCRIBE_CHUNK = 1000
 ITEMS_PER_SUBSCRIPTION = 7000
-
-
-def _free_port() -> int:
-    from siteconfig.demo import bind_free_port
-
-    with bind_free_port("127.0.0.1") as s:
-        return s.getsockname()[1]
 
 
 class _Meter:
@@ -118,7 +112,7 @@ async def _stop(proc: asyncio.subprocess.Process) -> dict:
 async def measure(site, site_file: Path, mode: str, window_s: float) -> dict:
     py = sys.executable
     sim, sim_info = await _start([py, "-m", "bench.workers", "sim", str(site_file)])
-    port = _free_port()
+    port = free_port()
     result: dict = {"units": len(site.units), "mode": mode}
     gw = None
     client = None

@@ -276,6 +276,12 @@ def bind_free_port(host: str = "127.0.0.1"):
     return probe
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now, below the ephemeral range (bind_free_port)."""
+    with bind_free_port(host) as probe:
+        return probe.getsockname()[1]
+
+
 def relocate_site(site: Site, host: str = "127.0.0.1") -> Site:
     """The same site with every distinct device address moved to a free port on `host`.
 
@@ -283,7 +289,7 @@ def relocate_site(site: Site, host: str = "127.0.0.1") -> Site:
     import dataclasses
 
     new_port: dict[tuple[str, int], int] = {}
-    held: list = []  # keep each probe bound until all are chosen: no port twice
+    held = []  # keep each probe bound until all are chosen: no port twice
 
     def moved(endpoint):
         key = (endpoint.host, endpoint.port)

@@ -17,11 +17,10 @@ _given: set[int] = set()
 def free_port() -> int:
     """A TCP port nothing listens on right now, below the ephemeral range (siteconfig.demo.bind_free_port: no
     outgoing connection can take it before the test's server binds it), and not given out before."""
-    from siteconfig.demo import bind_free_port
+    from siteconfig.demo import free_port as port_below_ephemeral_range
 
     while True:
-        with bind_free_port(LOCALHOST) as s:
-            port = s.getsockname()[1]
+        port = port_below_ephemeral_range(LOCALHOST)
         if port not in _given:
             _given.add(port)
             return port

@@ -24,6 +24,7 @@ from information_model.instantiate import (
     load_information_model,
     write_values,
 )
+from siteconfig.demo import free_port
 from siteconfig.model import (
     AisleConfig,
     DeviceEndpoint,
@@ -67,12 +68,6 @@ def make_site(name: str = "Test", aisles: int = 2, units: int = 3, storage_every
     return Site(name, 415.0, 50.0, sources, tuple(out))
 
 
-def _free_port() -> int:
-    from tests.integration.conftest import free_port
-
-    return free_port()
-
-
 @dataclass
 class Running:
     server: Server
@@ -84,7 +79,7 @@ class Running:
 async def running() -> AsyncIterator[Running]:
     server = Server()
     await server.init()
-    url = f"opc.tcp://127.0.0.1:{_free_port()}/cmcs"
+    url = f"opc.tcp://127.0.0.1:{free_port()}/cmcs"
     server.set_endpoint(url)
     model = await build_site(server, make_site(storage_every=2))
     async with server:
@@ -301,7 +296,7 @@ async def test_method_handler_learns_the_calling_user() -> None:
 
     server = Server(user_manager=Users())
     await server.init()
-    url = f"opc.tcp://127.0.0.1:{_free_port()}/cmcs"
+    url = f"opc.tcp://127.0.0.1:{free_port()}/cmcs"
     server.set_endpoint(url)
     server.set_security_policy([ua.SecurityPolicyType.NoSecurity], permission_ruleset=Rules())
     model = await build_site(server, make_site(aisles=1, units=1))
