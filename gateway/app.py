@@ -13,7 +13,7 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
-from drivers.modbus.driver import ModbusDriver
+from drivers.base import DriverSet
 from drivers.pointtable import PointTable
 from gateway.cli import CliError
 from gateway.commands import AuditLog, CommandService
@@ -45,7 +45,7 @@ class Gateway:
 
     def __post_init__(self) -> None:
         self.table = PointTable()
-        self.driver = ModbusDriver(self.site, self.table)
+        self.driver = DriverSet(self.site, self.table)
         self.audit = AuditLog(Path(self.data_dir) / "audit.log")
         self.commands = CommandService(self.site, self.table, self.driver, self.audit)
         self.server = GatewayServer(self.site, self.table, self.commands, host=self.opcua_host, port=self.opcua_port,

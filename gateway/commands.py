@@ -29,8 +29,8 @@ from pathlib import Path
 
 from asyncua import ua
 
-from drivers.modbus.driver import (DeviceRefused, DeviceRejectedArgument, DeviceUnreachable,
-                                   DeviceError)
+from drivers.base import (DeviceRefused, DeviceRejectedArgument, DeviceUnreachable,
+                          DeviceError)
 from drivers.pointtable import Change, PointTable, Quality
 from siteconfig.interlocks import Verdict, check_preferred, check_start_bridging, check_switch, selection
 from siteconfig.model import AtsState, Site, StorageMode

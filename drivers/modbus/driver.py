@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pymodbus.client import AsyncModbusTcpClient, AsyncModbusTlsClient
 from pymodbus.exceptions import ConnectionException, ModbusException
 
+from drivers.base import (ConnectionHealth, DeviceError, DeviceProtocolError, DeviceRefused,  # noqa: F401
+                          DeviceRejectedArgument, DeviceUnreachable)
 from drivers.modbus import tls
 from drivers.pointtable import PointTable, Quality
 from siteconfig.model import DeviceEndpoint, Site
@@ -56,26 +58,6 @@ SERVER_DEVICE_FAILURE = 0x04
 PLAIN_DEVICES_NAMED = 5  # the start-up warning names this many plain Modbus TCP devices
 
 
-class DeviceError(Exception):
-    """A device command or read did not succeed."""
-
-
-class DeviceUnreachable(DeviceError):
-    """No answer: not connected, timed out, connection lost."""
-
-
-class DeviceRefused(DeviceError):
-    """The device answered with exception 0x04: it refuses (its own interlock)."""
-
-
-class DeviceRejectedArgument(DeviceError):
-    """The device answered with exception 0x03: an argument out of its range."""
-
-
-class DeviceProtocolError(DeviceError):
-    """Any other exception response (address not mapped, function not supported)."""
-
-
 @dataclass
 class DeviceBinding:
     name: str
@@ -87,25 +69,6 @@ class DeviceBinding:
     next_due: float = 0.0
     last_good: float = 0.0
     good: bool = False
-
-
-@dataclass
-class ConnectionHealth:
-    host: str
-    port: int
-    connected: bool = False
-    last_error: str = ""
-    poll_duration_ms: float = 0.0
-    polls: int = 0
-    overruns: int = 0
-    reconnects: int = 0
-    devices: int = 0
-    errors: int = 0
-    label: str = ""
-    tls: str = ""  # the TLS session when connected over Modbus/TCP Security, e.g. 'TLSv1.3 TLS_AES_256_GCM_SHA384'
-
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
 
 
 @dataclass
@@ -394,6 +357,7 @@ class ModbusDriver:
 
     site: Site
     table: PointTable
+    only: frozenset[str] | None = None  # the devices to serve (None: every modbus/modbus-tls device)
     connections: dict[tuple[str, int, int], ModbusConnection] = field(default_factory=dict)
     device_connection: dict[str, ModbusConnection] = field(default_factory=dict)
     _ssl_contexts: dict[tuple[str, str, str], ssl.SSLContext] = field(default_factory=dict, repr=False)
@@ -403,7 +367,7 @@ class ModbusDriver:
         scan = self.site.gateway.scan_groups_s
         plain: list[str] = []
         for name, kind, ep in self.site.devices():
-            if ep.driver not in ("modbus", "modbus-tls"):
+            if ep.driver not in ("modbus", "modbus-tls") or (self.only is not None and name not in self.only):
                 continue
             if ep.driver == "modbus":
                 plain.append(name)
@@ -429,6 +393,11 @@ class ModbusDriver:
                                                               if len(plain) > PLAIN_DEVICES_NAMED else "")
             log.warning("%d device%s on plain Modbus TCP (no encryption): %s", len(plain),
                         "s" if len(plain) != 1 else "", shown)
+
+    @classmethod
+    def for_devices(cls, site: Site, table: PointTable, devices: list[str]) -> "ModbusDriver":
+        """The registry's factory (drivers.base): a driver for these Modbus and Modbus/TLS devices."""
+        return cls(site, table, only=frozenset(devices))
 
     def _ssl_context(self, device: DeviceBinding) -> ssl.SSLContext | None:
         """The client context of a Modbus/TCP Security endpoint (one per distinct set of files), else None."""
