@@ -57,12 +57,12 @@ async def _gateway(site_file: str, mode: str, port: int, data_dir: str) -> None:
         driver, stop = gw.driver, gw.stop
     else:
         from bench.naive_server import NaiveServer
-        from drivers.modbus.driver import ModbusDriver
+        from drivers.base import DriverSet
         from drivers.pointtable import PointTable
         from gateway.commands import AuditLog, CommandService
 
         table = PointTable()
-        driver = ModbusDriver(site, table)
+        driver = DriverSet(site, table)  # the same drivers as the gateway, from the registry
         commands = CommandService(site, table, driver, AuditLog(Path(data_dir) / "audit.log"))
         naive = NaiveServer(site, table, commands, "127.0.0.1", port)
         await driver.start()

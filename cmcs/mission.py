@@ -11,7 +11,7 @@ Policies: "hardware_only" (no CMCS: only the micro-ATS local logic), "threshold"
 static DCIM thresholds of cmcs.baselines, alarm at score >= 1, i.e. at the nominal limits),
 "ml" (risk = Predictor output, alarm at the bundle's operating thresholds).
 
-Figures per run (the `P` of INTERFACE.md section 7, plus details):
+Figures per run (the `P` of docs/interface.md section 7, plus details):
 - dropped_loads, unserved_kwh, losses_kwh, des_throughput_kwh: the plant's ledger and totals;
 - feed_seconds_over_80 / _over_100: per source and PDB segment, seconds whose true loading
   (not the noisy measurement) was above 80 % / 100 % of rating, summed, at 1 s resolution;

@@ -1,4 +1,4 @@
-"""Engineering constants of the plant model, each with its source (see ../shared/docs/DOMAIN.md)."""
+"""Engineering constants of the plant model, each with its source (see docs/domain.md)."""
 
 from __future__ import annotations
 

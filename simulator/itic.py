@@ -1,6 +1,6 @@
 """ITIC (CBEMA) ride-through envelope and the ledger of supply disturbances per IT load.
 
-ITIC curve (Information Technology Industry Council, 2000), as in DOMAIN.md: an IT load rides
+ITIC curve (Information Technology Industry Council, 2000), as in docs/domain.md: an IT load rides
 through 0 % voltage for 20 ms, 70 % for 0.5 s, 80 % for 10 s and >= 90 % indefinitely; on the
 high side 140 % for 3 ms, 120 % for 0.5 s, 110 % indefinitely.
 """

@@ -1,4 +1,4 @@
-"""Scenarios: what the plant replays (INTERFACE.md section 6). A scenario is data.
+"""Scenarios: what the plant replays (docs/interface.md section 6). A scenario is data.
 
 ```yaml
 name: joint-failure-aisle2

@@ -206,7 +206,7 @@ def site_to_yaml(site: Site) -> str:
         for aisle in site.aisles
     ]
     header = (f"# cmcs site file: {len(site.aisles)} aisles, {len(site.units)} micro-ATS units.\n"
-              "# Check it with `cmcs config check FILE`; the format is in INTERFACE.md section 5.\n")
+              "# Check it with `cmcs config check FILE`; the format is in docs/interface.md section 5.\n")
     # default_flow_style=None writes the innermost mappings (devices, opcua) on one line each.
     return header + yaml.safe_dump(document, sort_keys=False, default_flow_style=None, width=120)
 

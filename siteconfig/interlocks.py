@@ -1,4 +1,4 @@
-"""The interlock rules of INTERFACE.md's "Method results", as pure functions of point values.
+"""The interlock rules of docs/interface.md's "Method results", as pure functions of point values.
 
 The command service applies them to Good values from the point table before it writes to a
 device; the CMCS policy applies the very same functions to what it observes, so it never
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from siteconfig.model import AtsState, StorageMode
 
-# ITIC steady-state band: a source outside it is "out of tolerance" (DOMAIN.md)
+# ITIC steady-state band: a source outside it is "out of tolerance" (docs/domain.md)
 TOLERANCE_LOW_PU, TOLERANCE_HIGH_PU = 0.90, 1.10
 MAX_BRIDGE_DURATION_S = 3600.0
 

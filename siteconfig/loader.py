@@ -1,4 +1,4 @@
-"""Read and validate a site file (INTERFACE.md section 5) into the typed `Site`.
+"""Read and validate a site file (docs/interface.md section 5) into the typed `Site`.
 
 Validation is strict because a wrong rating or a swapped feed in this file becomes a wrong
 interlock in the command service: every problem is reported, each as one line naming the
@@ -13,6 +13,7 @@ import ssl
 from pathlib import Path
 from typing import Any
 
+from drivers.base import registered_drivers
 from siteconfig.model import (
     SOURCE_NAMES,
     AisleConfig,
@@ -37,13 +38,17 @@ from siteconfig.yamlpos import (
     read_file_text,
 )
 
-__all__ = ["DEFAULT_PROFILES_DIR", "DRIVERS", "NAME_PATTERN", "TLS_FIELDS", "load_site", "parse_site"]
+__all__ = ["DEFAULT_PROFILES_DIR", "INTERFACE_DRIVERS", "NAME_PATTERN", "TLS_FIELDS", "accepted_drivers", "load_site",
+           "parse_site"]
 
 DEFAULT_PROFILES_DIR = Path(__file__).resolve().parent.parent / "drivers" / "profiles"
 
 # The name also becomes part of the OPC UA namespace URI and of BrowseNames: keep it URI-safe.
 NAME_PATTERN = r"[A-Za-z0-9_.-]+"
-DRIVERS = ("modbus", "modbus-tls", "tsn", "sim")
+# The `driver:` values docs/interface.md section 5 defines. A file may use one only when this build
+# has a driver registered for it (drivers.base.registered_drivers()); a defined value with no driver
+# yet is refused with "driver X is not built in this version", never skipped.
+INTERFACE_DRIVERS = ("modbus", "modbus-tls", "tsn")
 BACKUPS = ("ups", "generator", "none")
 FEEDS = {name: SourceSelection(i + 1) for i, name in enumerate(SOURCE_NAMES)}
 NOMINAL_FREQUENCIES_HZ = (50, 60)
@@ -95,6 +100,21 @@ def parse_site(text: str, filename: str = "<site>", *, profiles_dir: Path | None
     errors.raise_if_any()
     assert site is not None  # no errors means the whole file was read
     return site
+
+
+def accepted_drivers() -> tuple[str, ...]:
+    """The `driver:` values a site file may use in this build: exactly the registered drivers."""
+    return registered_drivers()
+
+
+def _driver(r: MapReader, default: Any) -> str | None:
+    """The device's `driver:`, refused (None, one error) unless a driver is registered for it."""
+    accepted = accepted_drivers()
+    value = r.choice("driver", tuple(dict.fromkeys(accepted + INTERFACE_DRIVERS)), default)
+    if value is None or value in accepted:
+        return value
+    r.error(f"driver {value} is not built in this version (this build has: {', '.join(accepted)})", "driver")
+    return None
 
 
 def _known_profiles(profiles_dir: Path | None) -> set[str] | None:
@@ -205,7 +225,7 @@ class _SiteReader:
     def _device_fields(self, r: MapReader, inherited: dict[str, Any], only_present: bool = False) -> dict[str, Any]:
         r.reject_unknown(_DEVICE_KEYS)
         readers = {
-            "driver": lambda d: r.choice("driver", DRIVERS, d),
+            "driver": lambda d: _driver(r, d),
             "profile": lambda d: self._profile(r, d),
             "host": lambda d: r.string("host", d),
             "port": lambda d: r.integer("port", d, ge=1, le=65535),

@@ -1,4 +1,4 @@
-"""Typed site description: what the site file (INTERFACE.md section 5) turns into.
+"""Typed site description: what the site file (docs/interface.md section 5) turns into.
 
 Pure data: the simulator, the drivers and the gateway all read it; nothing here knows
 about OPC UA, Modbus or the plant physics.
@@ -11,7 +11,7 @@ from enum import IntEnum
 
 
 class SourceSelection(IntEnum):
-    """INTERFACE.md enumeration `SourceSelection`."""
+    """docs/interface.md enumeration `SourceSelection`."""
 
     NONE = 0
     SOURCE_A = 1
@@ -48,7 +48,7 @@ SOURCE_NAMES = ("SourceA", "SourceB")
 class DeviceEndpoint:
     """Where and how a device is reached."""
 
-    driver: str  # "modbus" | "modbus-tls" | "tsn" | "sim"
+    driver: str  # a registered driver (drivers.base): "modbus" | "modbus-tls"; "tsn" once built
     profile: str  # register-map profile name: drivers/profiles/<profile>.yaml
     host: str = "127.0.0.1"
     port: int = 1502

@@ -55,6 +55,10 @@ ILLEGAL_DATA_ADDRESS = 0x02
 ILLEGAL_DATA_VALUE = 0x03
 SERVER_DEVICE_FAILURE = 0x04
 
+# The site file's `driver:` values this driver serves (registered in drivers.base): Modbus TCP, and
+# Modbus/TCP Security (TLS).
+MODBUS_DRIVERS = ("modbus", "modbus-tls")
+
 PLAIN_DEVICES_NAMED = 5  # the start-up warning names this many plain Modbus TCP devices
 
 
@@ -367,7 +371,11 @@ class ModbusDriver:
         scan = self.site.gateway.scan_groups_s
         plain: list[str] = []
         for name, kind, ep in self.site.devices():
-            if ep.driver not in ("modbus", "modbus-tls") or (self.only is not None and name not in self.only):
+            if self.only is not None and name not in self.only:
+                continue
+            if ep.driver not in MODBUS_DRIVERS:
+                if self.only is not None:  # the registry sent a device that is not ours: say so, never skip it
+                    raise ValueError(f"{name}: driver {ep.driver} is not a Modbus driver")
                 continue
             if ep.driver == "modbus":
                 plain.append(name)

@@ -46,7 +46,7 @@ UNTOUCHED = "MATS-01-02"
 
 def make_site(name: str = "Test", aisles: int = 2, units: int = 3, storage_every: int = 1) -> Site:
     """A site of `aisles` x `units` micro-ATS units, two PDB segments per aisle, dummy endpoints."""
-    ep = DeviceEndpoint(driver="sim", profile="dummy")
+    ep = DeviceEndpoint(driver="modbus", profile="dummy")  # never connected: no driver runs here
     sources = (
         SourceConfig("SourceA", SourceSelection.SOURCE_A, 2000.0, "ups", 415.0, 50.0, ep),
         SourceConfig("SourceB", SourceSelection.SOURCE_B, 2000.0, "generator", 415.0, 50.0, ep),
