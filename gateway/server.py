@@ -181,7 +181,10 @@ class GatewayServer:
                    ("PollDuration", ua.VariantType.Double, "duration of the last poll cycle, ms"),
                    ("Overruns", ua.VariantType.UInt32, "device reads that came a whole scan period late (a missed scan)"),
                    ("Reconnects", ua.VariantType.UInt32, "connections made since start"),
-                   ("Devices", ua.VariantType.UInt32, "devices polled over this connection"))
+                   ("Devices", ua.VariantType.UInt32, "devices polled over this connection"),
+                   ("Errors", ua.VariantType.UInt32, "failed device reads since start"),
+                   ("DecodeErrors", ua.VariantType.UInt32, "answers that could not be decoded (garbage, wrong length "
+                                                           "or transaction id); each drops the connection"))
 
     async def _build_health_nodes(self) -> None:
         ns = self.model.ns_index
@@ -205,7 +208,8 @@ class GatewayServer:
             for h in self.health():
                 key = f"Modbus {h.label}"
                 values = {"Connected": h.connected, "LastError": h.last_error, "PollDuration": h.poll_duration_ms,
-                          "Overruns": h.overruns, "Reconnects": h.reconnects, "Devices": h.devices}
+                          "Overruns": h.overruns, "Reconnects": h.reconnects, "Devices": h.devices,
+                          "Errors": h.errors, "DecodeErrors": h.decode_errors}
                 for name, value in values.items():
                     nodeid, vt = self._health_nodes[(key, name)]
                     updates.append((nodeid, ua.DataValue(ua.Variant(_coerce(value, vt), vt), SourceTimestamp=now)))

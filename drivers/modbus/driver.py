@@ -9,6 +9,18 @@ Quality per device: Good after a successful read; UncertainLastUsableValue as so
 fails; BadCommunicationError once the last good read is older than the stale time; Good again
 on recovery. Lost connections come back with bounded exponential backoff.
 
+The log says when a connection (or one device behind a working connection) becomes unavailable,
+with the reason, and when it is back online: one line each, as Home Assistant's coordinator
+does, never one per failed poll. The counts are in the connection's health (Diagnostics).
+
+A device that answers garbage (an undecodable frame, a wrong length, an answer to another
+transaction, bytes that are not Modbus TCP) is a decode error: counted in the health's
+`decode_errors`, the connection dropped and made again, since the stream can no longer be
+trusted to be in step. pymodbus would raise out of `data_received` for some of these (asyncio
+logs "Fatal error: protocol.data_received() call failed" with a traceback) and silently skip or
+wait on the others; `_guard_framing` wraps the client's `callback_data`, where pymodbus hands the
+received bytes to its framer, to catch and report all of them instead.
+
 Devices with driver "modbus-tls" are polled over Modbus/TCP Security (drivers/modbus/tls.py):
 TLS with mutual certificates, never falling back to plain TCP; a failed handshake is reported in
 the connection's health (LastError 'TLS: ...') and the devices go Uncertain then Bad like any
@@ -27,6 +39,7 @@ from dataclasses import dataclass, field
 
 from pymodbus.client import AsyncModbusTcpClient, AsyncModbusTlsClient
 from pymodbus.exceptions import ConnectionException, ModbusException
+from pymodbus.pdu import ModbusPDU
 
 from drivers.base import (ConnectionHealth, DeviceError, DeviceProtocolError, DeviceRefused,  # noqa: F401
                           DeviceRejectedArgument, DeviceUnreachable)
@@ -60,6 +73,21 @@ SERVER_DEVICE_FAILURE = 0x04
 MODBUS_DRIVERS = ("modbus", "modbus-tls")
 
 PLAIN_DEVICES_NAMED = 5  # the start-up warning names this many plain Modbus TCP devices
+# MBAP header (Modbus Messaging on TCP/IP Implementation Guide v1.0b, 3.1.3): transaction id (2
+# bytes), protocol id (2, always 0 for Modbus), length (2), unit id (1); the function code follows.
+MBAP_HEADER_BYTES = 7
+FUNCTION_CODES = {"holding": 0x03, "input": 0x04, "coil": 0x01, "discrete": 0x02}
+
+
+class UndecodableAnswer(ModbusException):
+    """The device's bytes are not a well-formed answer to the request (pymodbus would log or skip them)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return self.reason
 
 
 @dataclass
@@ -73,6 +101,7 @@ class DeviceBinding:
     next_due: float = 0.0
     last_good: float = 0.0
     good: bool = False
+    unavailable: bool = False  # its own failure (the connection up) has been logged; cleared on recovery
 
 
 @dataclass
@@ -109,6 +138,8 @@ class ModbusConnection:
         self._backoff = _Backoff()
         self._stopping = False
         self._tls_unproven = False  # a TLS session that has not carried an answer yet
+        self._available: bool | None = None  # None until the first read or failure: nothing to report yet
+        self._undecodable: str = ""  # why the last answer could not be decoded ('' if it could)
 
     # ---- life cycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -161,6 +192,7 @@ class ModbusConnection:
                                           f"not a Modbus/TCP Security endpoint?)")
             self.health.last_error = self.health.last_error or "connect refused"
             return False
+        _guard_framing(client, self._answer_undecodable)
         self._client = client
         self.health.connected = True
         self.health.tls = tls.session_description(client.ctx.transport)
@@ -174,6 +206,7 @@ class ModbusConnection:
         while not self._stopping:
             if self._client is None or not self._client.connected:
                 if not await self._connect():
+                    self._went_down(self.health.last_error)
                     self._mark_unreachable(time.time())
                     await self._wait_backoff()
                     continue
@@ -192,16 +225,19 @@ class ModbusConnection:
                 try:
                     values = await self._read_device(dev)
                 except DeviceUnreachable as exc:
-                    self._device_failed(dev, self._unreachable_reason(exc))
+                    reason = self._unreachable_reason(exc)
+                    self._device_failed(dev, reason)
+                    self._went_down(reason)
                     broken = True
                     break
                 except DeviceError as exc:
                     self._device_failed(dev, str(exc))
+                    self._came_up()  # the connection carried an answer: only this device is in trouble
+                    if not dev.unavailable:
+                        dev.unavailable = True
+                        log.warning("%s (%s) is unavailable: %s", dev.name, self.health.key, exc)
                     continue
-                self._tls_unproven = False
-                wall = time.time()
-                self.table.update_device(dev.name, values, wall)
-                dev.last_good, dev.good = time.monotonic(), True
+                self._device_answered(dev, values)
             if due:
                 self.health.polls += 1
                 self.health.poll_duration_ms = (time.monotonic() - started) * 1000.0
@@ -219,6 +255,37 @@ class ModbusConnection:
         n = len(self.devices)
         for k, dev in enumerate(self.devices):
             dev.next_due = now + dev.period_s * k / n
+
+    def _device_answered(self, dev: DeviceBinding, values: dict) -> None:
+        self._tls_unproven = False
+        self.table.update_device(dev.name, values, time.time())
+        dev.last_good, dev.good = time.monotonic(), True
+        self._came_up()
+        if dev.unavailable:
+            dev.unavailable = False
+            log.info("%s (%s) is back online", dev.name, self.health.key)
+
+    # ---- state in the log: one line down (with the reason), one line back ---------------------------
+    def _describe(self) -> str:
+        names = [d.name for d in self.devices]
+        shown = ", ".join(names[:PLAIN_DEVICES_NAMED]) + (f" and {len(names) - PLAIN_DEVICES_NAMED} more"
+                                                          if len(names) > PLAIN_DEVICES_NAMED else "")
+        return f"{self.health.key} ({shown})"
+
+    def _went_down(self, reason: str) -> None:
+        if self._available is not False:
+            log.warning("%s is unavailable: %s", self._describe(), reason)
+        self._available = False
+
+    def _came_up(self) -> None:
+        if self._available is False:
+            log.info("%s is back online", self._describe())
+        self._available = True
+
+    def _answer_undecodable(self, reason: str) -> None:
+        """Called by the framing guard: count it; the request in flight (if any) fails with it."""
+        self.health.decode_errors += 1
+        self._undecodable = reason
 
     def _unreachable_reason(self, exc: DeviceUnreachable) -> str:
         # Under TLS 1.3 a device checks the gateway's certificate after the gateway's side of the
@@ -247,6 +314,8 @@ class ModbusConnection:
             raise DeviceUnreachable("not connected")
         unit = dev.endpoint.unit_id
         async with self._lock:
+            self._undecodable = ""
+            asked = time.monotonic()
             try:
                 if block.table == "input":
                     rr = await client.read_input_registers(block.address, count=block.count, device_id=unit)
@@ -256,12 +325,25 @@ class ModbusConnection:
                     rr = await client.read_coils(block.address, count=block.count, device_id=unit)
                 else:
                     rr = await client.read_discrete_inputs(block.address, count=block.count, device_id=unit)
-            except (ConnectionException, asyncio.TimeoutError, OSError) as exc:
-                raise DeviceUnreachable(f"{dev.name}: {exc or 'timeout'}") from None
-            except ModbusException as exc:
+            except UndecodableAnswer as exc:
                 raise DeviceUnreachable(f"{dev.name}: {exc}") from None
+            except (ConnectionException, asyncio.TimeoutError, OSError) as exc:
+                raise DeviceUnreachable(f"{dev.name}: {self._undecodable or exc or 'timeout'}") from None
+            except ModbusException as exc:
+                # no answer in time; bytes that arrived but never made a whole frame are a decode error
+                partial = len(getattr(client.ctx, "recv_buffer", b""))
+                if partial and not self._undecodable:
+                    self._answer_undecodable(f"incomplete answer ({partial} bytes, no whole frame in "
+                                             f"{self.timeout_s:g} s: wrong length?)")
+                silent = not partial and time.monotonic() - asked >= self.timeout_s
+                reason = self._undecodable or (f"no answer within {self.timeout_s:g} s" if silent else str(exc))
+                raise DeviceUnreachable(f"{dev.name}: {reason}") from None
         if rr.isError():
             raise _exception_error(dev.name, getattr(rr, "exception_code", 0))
+        problem = _answer_problem(rr, block)
+        if problem:
+            self._answer_undecodable(problem)
+            raise DeviceUnreachable(f"{dev.name}: {problem}")
         data = rr.registers if block.table in ("input", "holding") else rr.bits
         return block.decode(data)
 
@@ -290,9 +372,7 @@ class ModbusConnection:
         """Read every block of a device now (out of its scan), update the table, return the values."""
         dev = self.by_name[device]
         values = await self._read_device(dev)
-        self._tls_unproven = False
-        self.table.update_device(dev.name, values, time.time())
-        dev.last_good, dev.good = time.monotonic(), True
+        self._device_answered(dev, values)
         return values
 
     async def write_command(self, device: str, command: str, **args) -> None:
@@ -310,6 +390,60 @@ class ModbusConnection:
                 raise DeviceUnreachable(f"{device}: {exc or 'timeout'}") from None
         if rr.isError():
             raise _exception_error(device, getattr(rr, "exception_code", 0))
+
+
+def _answer_problem(rr: ModbusPDU, block: ReadBlock) -> str:
+    """Why a decoded answer does not answer the read of `block` ('' when it does)."""
+    expected = FUNCTION_CODES[block.table]
+    if rr.function_code != expected:
+        return f"answer with function code 0x{rr.function_code:02x} to a request with 0x{expected:02x}"
+    got = len(rr.registers) if block.table in ("input", "holding") else len(rr.bits)
+    if got < block.count:
+        return f"answer with {got} {'registers' if block.table in ('input', 'holding') else 'bits'}, " \
+               f"{block.count} asked for (wrong length)"
+    return ""
+
+
+def _guard_framing(client: AsyncModbusTcpClient, undecodable) -> None:
+    """Catch what the client's framer makes of bad bytes, call `undecodable(reason)`, fail the request.
+
+    pymodbus passes every received chunk to `TransactionManager.callback_data` (from the
+    transport's `data_received`), which frames and decodes it and resolves the pending request's
+    `response_future`. On bytes it cannot decode it raises out of `data_received` (asyncio then
+    logs "Fatal error: protocol.data_received() call failed" with a traceback and closes the
+    transport); frames for another transaction or unit id it logs and skips; a header whose
+    protocol id is not 0 it leaves in the buffer. Each of these is a device out of step: the
+    request in flight fails now with UndecodableAnswer (instead of timing out), and unsolicited
+    garbage closes the connection, which the poll loop makes again.
+    """
+    ctx = getattr(client, "ctx", None)
+    framed = getattr(ctx, "callback_data", None)
+    if framed is None:  # another pymodbus layout: its own handling (and logging) stays
+        return
+
+    def guarded(data: bytes, addr: tuple | None = None) -> int:
+        reason = ""
+        try:
+            used = framed(data, addr)
+        except Exception as exc:  # noqa: BLE001 - any decoder failure on a device's bytes is the device's
+            reason, used = f"undecodable answer ({exc})", len(data)
+        else:
+            if ctx.last_pdu is None and len(data) > MBAP_HEADER_BYTES:
+                if used:
+                    reason = "answer to another request (wrong transaction or unit id)"
+                elif data[2:4] != b"\x00\x00":
+                    reason = f"not a Modbus TCP frame (protocol id {int.from_bytes(data[2:4], 'big')})"
+        if not reason:
+            return used
+        undecodable(reason)
+        future = getattr(ctx, "response_future", None)
+        if future is not None and not future.done():
+            future.set_exception(UndecodableAnswer(reason))
+        elif ctx.transport is not None:  # nothing asked: drop the connection, the poll loop makes it again
+            ctx.transport.abort()
+        return len(data)
+
+    ctx.callback_data = guarded
 
 
 def _check_same_security(host: str, port: int, devices: list[DeviceBinding]) -> None:

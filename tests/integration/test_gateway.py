@@ -213,6 +213,7 @@ async def test_device_killed_and_restarted(tmp_path):
         await asyncio.sleep(1.2)
         assert (await rig.node(f"{health}.Connected").read_value()) is True
         assert (await rig.node(f"{health}.Reconnects").read_value()) >= 2
+        assert (await rig.node(f"{health}.DecodeErrors").read_value()) == 0  # a dead device is not a garbled one
 
 
 async def test_role_below_operator_is_refused(tmp_path):
