@@ -40,8 +40,8 @@ import numpy as np
 
 from cmcs.features import SAMPLE_INTERVAL_S
 
-from cmcs.policy import (Observation, _row, PolicyConfig, PolicyState, SetPreferredSource, StartBridging,
-                         StopBridging, SwitchSource, Topology, decide)
+from cmcs.policy import (Observation, PolicyConfig, PolicyState, SetPreferredSource, StartBridging, StopBridging,
+                         SwitchSource, Topology, decide, device_row)
 from siteconfig.interlocks import check_preferred, check_start_bridging, check_switch
 
 POLICIES = ("hardware_only", "threshold", "ml")
@@ -92,7 +92,6 @@ def run_mission(site, scenario, policy: str, predictor=None, config: PolicyConfi
     from simulator.plant import InterlockRefused, Plant
 
     plant = Plant(site, scenario)
-    drops = _watch_drops(plant)
     unit_unserved = np.zeros(plant.n)
     nopath_kwh = np.zeros(plant.n)  # demand while the unit had no live path at all (exogenous faults only)
     nopath_bound_kwh = np.zeros(plant.n)  # ... less what its DES could have bridged: no policy serves it
@@ -124,15 +123,14 @@ def run_mission(site, scenario, policy: str, predictor=None, config: PolicyConfi
             h = (t - t_prev) / sub
             # units with no live path over this step (the state at its start holds for the step, as
             # the plant's own energy integration takes it)
-            nopath = ~_exogenous_feed_ok(plant).any(axis=1)
+            nopath = ~plant.paths_alive(breakers=False).any(axis=1)
             if nopath.any():
-                demand = plant._elec["demand_kw"]
+                flows = plant.true_flows()
+                demand = flows.demand_kw
                 start = nopath & ~was_nopath
                 if start.any():
-                    can = (plant.has_des & ~plant.des_fault & (plant._des_pmax_now() >= plant._elec["unit_kw"]))
-                    usable = np.maximum(plant.des_soc - plant.des_soc_min, 0.0) * plant.des_cap_kwh * plant.des_soh \
-                        * C_DES_EFF
-                    des_budget_kwh[start] = np.where(can, usable, 0.0)[start]
+                    can = plant.has_des & ~plant.des_fault & (plant.des_available_kw() >= flows.unit_kw)
+                    des_budget_kwh[start] = np.where(can, plant.des_deliverable_kwh(), 0.0)[start]
                 # single-corded racks lose their load; dual-corded ones only where the partner unit
                 # (their second cord) has no path either
                 dual = plant.dual_frac
@@ -144,12 +142,12 @@ def run_mission(site, scenario, policy: str, predictor=None, config: PolicyConfi
                 nopath_bound_kwh += need - credit
             was_nopath = nopath
             plant.advance_to(tj)
-            e = plant._elec  # ground truth for the benchmark's figures (never shown to the policy)
-            ls = e["src_kw"] / src_rated
-            lp = e["pdb_i"].max(axis=1) / pdb_rated
+            e = plant.true_flows()  # ground truth for the benchmark's figures (never shown to the policy)
+            ls = e.src_kw / src_rated
+            lp = e.pdb_i.max(axis=1) / pdb_rated
             over80 += h * (int((ls > 0.8).sum()) + int((lp > 0.8).sum()))
             over100 += h * (int((ls > 1.0).sum()) + int((lp > 1.0).sum()))
-            unit_unserved += h * e["unserved_kw"]
+            unit_unserved += h * e.unserved_kw
         t_prev = t
         if cfg is None:
             continue
@@ -190,7 +188,7 @@ def run_mission(site, scenario, policy: str, predictor=None, config: PolicyConfi
     tot = float(totals["unserved_kwh"])
     s_u = float(unit_unserved.sum())
     result.unit_unserved_kwh = list(unit_unserved * (tot / s_u) if s_u > 0 else unit_unserved)
-    result.drops = drops
+    result.drops = [d.as_dict() for d in plant.dropped_loads]
     figs = {
         "dropped_loads": int(totals["dropped_loads"]),
         "unserved_kwh": float(totals["unserved_kwh"]),
@@ -222,52 +220,6 @@ def run_mission(site, scenario, policy: str, predictor=None, config: PolicyConfi
     return result
 
 
-C_DES_EFF = 0.96 * 0.995  # converter x coulombic efficiency (simulator.constants)
-
-
-def _exogenous_feed_ok(plant) -> np.ndarray:
-    """(n, 2): is each path of each unit alive as far as faults go (source in tolerance, segment's
-    joint not open, contact set not failed)? Breaker trips are left out: an overload is a policy's
-    (or the local logic's) doing, not a fault no policy could avoid."""
-    src = (plant.src_v_pu >= 0.90) & (plant.src_v_pu <= 1.10)
-    seg = src[plant.pdb_feed - 1] & ~plant.pdb_failed
-    return seg[plant.pdb_of] & ~plant.pole_failed
-
-
-def _watch_drops(plant) -> list:
-    """Wrap the plant's ITIC ledger (this instance only) so that every dropped load is recorded with
-    the state of its unit at that moment: the benchmark's ground truth for attributing losses."""
-    ledger = plant.ledger
-    record = ledger.record
-    out: list = []
-    index = {name: i for i, name in enumerate(plant.unit_names)}
-
-    def watched(t_s, load, residual_pu, duration_ms, cause, protected=False):
-        dropped = record(t_s, load, residual_pu, duration_ms, cause, protected)
-        if dropped:
-            unit = load.split("/")[0]
-            u = index.get(unit, -1)
-            row = {"t_s": float(t_s), "load": load, "unit": unit, "cause": cause,
-                   "duration_ms": float(duration_ms), "residual_pu": float(residual_pu)}
-            if u >= 0:
-                feed_ok = plant._feed_ok()[u]
-                row.update({
-                    "active": int(plant.active[u]), "feed_ok": [bool(feed_ok[0]), bool(feed_ok[1])],
-                    "des": bool(plant.has_des[u]), "des_mode": int(plant.des_mode[u]),
-                    "des_soc": float(plant.des_soc[u]), "des_soc_min": float(plant.des_soc_min[u]),
-                    "des_fault": bool(plant.des_fault[u]),
-                    "des_pmax_kw": float(plant._des_pmax_now()[u]), "load_kw": float(plant._unit_load_now(u)),
-                    "slow_ms": float(plant.slow_transfer_ms[u]), "unit_fault": bool(plant.unit_fault[u]),
-                })
-                if not feed_ok.any():  # the local logic's verdict when the unit lost its last path
-                    row["des_could_carry_at_loss"] = bool(plant.des_could_carry_at_loss[u])
-            out.append(row)
-        return dropped
-
-    ledger.record = watched
-    return out
-
-
 def _apply(plant, topo: Topology, a, unit_index, des_index, InterlockRefused) -> str:
     """The command service's checks on the plant's current values, then the command; '' or the refusal."""
     snap = plant.snapshot()
@@ -275,9 +227,9 @@ def _apply(plant, topo: Topology, a, unit_index, des_index, InterlockRefused) ->
         if isinstance(a, SwitchSource):
             u = unit_index[a.unit]
             s, p = a.target - 1, int(topo.pdb_of[u, a.target - 1])
-            storage = _row(snap["des"], u) if topo.des_names[u] else None
-            verdict = check_switch(_row(snap["ats"], u), a.target, source=_row(snap["source"], s),
-                                   pdb=_row(snap["pdb"], p), storage=storage,
+            storage = device_row(snap["des"], u) if topo.des_names[u] else None
+            verdict = check_switch(device_row(snap["ats"], u), a.target, source=device_row(snap["source"], s),
+                                   pdb=device_row(snap["pdb"], p), storage=storage,
                                    nominal_voltage_v=topo.nominal_voltage_v, derating=topo.derating,
                                    since_last_transfer_s=plant.t_s - float(plant.last_transfer_t[u]),
                                    dwell_time_s=topo.dwell_time_s)
@@ -286,13 +238,13 @@ def _apply(plant, topo: Topology, a, unit_index, des_index, InterlockRefused) ->
             plant.command(a.unit, "SwitchSource", Target=a.target)
         elif isinstance(a, SetPreferredSource):
             u = unit_index[a.unit]
-            verdict = check_preferred(_row(snap["ats"], u), a.source)
+            verdict = check_preferred(device_row(snap["ats"], u), a.source)
             if not verdict.ok:
                 return f"{verdict.status}: {verdict.reason}"
             plant.command(a.unit, "SetPreferredSource", Source=a.source)
         elif isinstance(a, StartBridging):
             u = des_index[a.des]
-            verdict = check_start_bridging(_row(snap["des"], u), a.power_kw, a.duration_s,
+            verdict = check_start_bridging(device_row(snap["des"], u), a.power_kw, a.duration_s,
                                            rated_power_kw=float(topo.des_rated_kw[u]))
             if not verdict.ok:
                 return f"{verdict.status}: {verdict.reason}"

@@ -253,7 +253,9 @@ class PolicyState:
 
 # ---- the decision ---------------------------------------------------------------------------------
 
-def _row(d: dict[str, np.ndarray], i: int) -> dict:
+def device_row(d: dict[str, np.ndarray], i: int) -> dict:
+    """Device i's values out of one kind's columns of a snapshot ({point: array}), as plain Python
+    numbers: the shape the interlock checks (siteconfig.interlocks) take."""
     return {k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in d.items()}
 
 

@@ -9,6 +9,14 @@ than real time. Deterministic for a given scenario seed and step.
 The plant knows nothing of Modbus or OPC UA: device endpoints read it with `read_device` and
 command it with `command`, which refuses what the hardware itself would refuse.
 
+Ground truth, for benchmarks and tests only (never shown to the CMCS, which sees `snapshot()`,
+the noisy measurements a client reads): what really flows (`true_flows()`), which paths are
+alive (`paths_alive()`), what each DES can deliver now (`des_available_kw()`,
+`des_deliverable_kwh()`) and each unit's load (`unit_load_kw()`), when each failure really
+happened (`failure_times`, `worn_contact_sets()`), every dropped IT load with why and the unit's
+state at that moment (`dropped_loads`), and the energy totals (`totals()`). These names are the
+plant's contract with `cmcs.mission` and the tests; what sits behind an underscore may change.
+
 Physics choices worth knowing:
 - A worn contact set (`contact_wear`) wears only while it carries current (I^2 R heating, fretting
   and film growth are driven by the load current; an open set is cold and idle): its precursor is
@@ -54,6 +62,57 @@ class InterlockRefused(Exception):
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
+
+
+@dataclass(frozen=True)
+class TrueFlows:
+    """The plant's true electrical state now (ground truth, not the noisy measurements).
+
+    Arrays per unit (n), per PDB segment (np_) or per source (2); the plant's own arrays, valid
+    until it next advances: read them, do not modify or keep them."""
+
+    demand_kw: np.ndarray  # (n,) IT demand of each unit's racks, whether served or not
+    unit_kw: np.ndarray  # (n,) power each unit delivers (its single-corded load and its dual-corded share)
+    des_kw: np.ndarray  # (n,) DES power: > 0 discharging into the unit, < 0 charging
+    grid_kw: np.ndarray  # (n,) what each unit draws from its feed (unit_kw - des_kw; 0 when unsupplied)
+    it_kw: np.ndarray  # (n,) IT load served
+    unserved_kw: np.ndarray  # (n,) IT demand not served (dropped or dark racks)
+    contact_loss_kw: np.ndarray  # (n,) I^2 R loss in each unit's closed contact set
+    pdb_i: np.ndarray  # (np_, 3) phase currents of each PDB segment, A
+    pdb_kw: np.ndarray  # (np_,) power each segment carries, its joint losses included
+    seg_loss_kw: np.ndarray  # (np_,) I^2 R loss in each segment's joints
+    src_kw: np.ndarray  # (2,) power each source delivers
+
+
+@dataclass(frozen=True)
+class DroppedLoad:
+    """One IT load (a unit's single- or dual-corded racks) that dropped, and its unit's state then."""
+
+    t_s: float
+    load: str  # "<unit>/single" or "<unit>/dual"
+    unit: str
+    cause: str  # the ledger's cause: "source outage", "joint failure PDB-..", "overload trip", ...
+    duration_ms: float  # how long the load was dark or sagged (inf: until restored)
+    residual_pu: float  # the voltage it saw, per unit of nominal
+    active: int  # the unit's active source (0: none)
+    feed_ok: tuple[bool, bool]  # were its paths from SourceA and SourceB alive?
+    des: bool  # has a DES
+    des_mode: int  # StorageMode
+    des_soc: float
+    des_soc_min: float
+    des_fault: bool
+    des_pmax_kw: float  # the power its DES could deliver then
+    load_kw: float  # the unit's load then
+    slow_ms: float  # its transfer time when slowed by a fault (0: nominal)
+    unit_fault: bool
+    des_could_carry_at_loss: bool | None  # with no path left: the local logic's verdict when it lost the last one
+
+    def as_dict(self) -> dict:
+        """The record as a plain dict (des_could_carry_at_loss only when the unit had no path)."""
+        row = {**self.__dict__, "feed_ok": list(self.feed_ok)}
+        if row["des_could_carry_at_loss"] is None:
+            del row["des_could_carry_at_loss"]
+        return row
 
 
 @dataclass
@@ -235,6 +294,7 @@ class Plant:
         # failures as they happened: (fault kind, target, scheduled onset) -> time (ground truth for
         # labels; a worn contact set that sat open fails later than its scheduled onset, or not at all)
         self.failure_times: dict[tuple[str, str, float], float] = {}
+        self.dropped_loads: list[DroppedLoad] = []  # every IT load that dropped, in order (ground truth)
 
         # ---- faults -------------------------------------------------------------------------
         self._degradations: dict[str, list[_Degradation]] = {k: [] for k in
@@ -561,7 +621,7 @@ class Plant:
         """Account a disturbance on unit u's loads in the ledger and drop what leaves ITIC."""
         name = self.unit_names[u]
         if self.single_up[u] and self.dual_frac[u] < 1.0:
-            if self.ledger.record(t, f"{name}/single", residual_pu, dark_ms, cause, protected):
+            if self._ledger_record(t, u, f"{name}/single", residual_pu, dark_ms, cause, protected):
                 self._drop(t, u, "single")
         if self.dual_up[u] and self.dual_frac[u] > 0.0:
             # dual-corded racks ride on their second cord, unless that one is dark at the same time
@@ -569,8 +629,26 @@ class Plant:
             second_cord_ok = p != u and bool(self.supplied[p] or self.des_auto[p])
             both_dark_ms = min(dark_ms, partner_dark_ms) if second_cord_ok else dark_ms
             if both_dark_ms > 0.0:
-                if self.ledger.record(t, f"{name}/dual", residual_pu, both_dark_ms, cause, protected):
+                if self._ledger_record(t, u, f"{name}/dual", residual_pu, both_dark_ms, cause, protected):
                     self._drop(t, u, "dual")
+
+    def _ledger_record(self, t: float, u: int, load: str, residual_pu: float, duration_ms: float, cause: str,
+                       protected: bool = False) -> bool:
+        """Account one disturbance of unit u's load in the ITIC ledger; a drop is also kept, with the
+        unit's state at this moment, in `dropped_loads`. True when the load dropped."""
+        dropped = self.ledger.record(t, load, residual_pu, duration_ms, cause, protected)
+        if dropped:
+            feed_ok = self._feed_ok()[u]
+            self.dropped_loads.append(DroppedLoad(
+                t_s=float(t), load=load, unit=self.unit_names[u], cause=cause, duration_ms=float(duration_ms),
+                residual_pu=float(residual_pu), active=int(self.active[u]),
+                feed_ok=(bool(feed_ok[0]), bool(feed_ok[1])), des=bool(self.has_des[u]),
+                des_mode=int(self.des_mode[u]), des_soc=float(self.des_soc[u]),
+                des_soc_min=float(self.des_soc_min[u]), des_fault=bool(self.des_fault[u]),
+                des_pmax_kw=float(self._des_pmax_now()[u]), load_kw=float(self._unit_load_now(u)),
+                slow_ms=float(self.slow_transfer_ms[u]), unit_fault=bool(self.unit_fault[u]),
+                des_could_carry_at_loss=None if feed_ok.any() else bool(self.des_could_carry_at_loss[u])))
+        return dropped
 
     def _drop(self, t: float, u: int, group: str) -> None:
         if group == "single":
@@ -612,8 +690,8 @@ class Plant:
         if math.isfinite(self.dark_since[u]):
             ms = (t - self.dark_since[u]) * 1000.0
             if ms <= C.ITIC_ZERO_VOLT_RIDE_THROUGH_S * 1000.0:
-                self.ledger.record(self.dark_since[u], f"{self.unit_names[u]}/single", 0.0, ms,
-                                   self.dark_cause[u])
+                self._ledger_record(self.dark_since[u], u, f"{self.unit_names[u]}/single", 0.0, ms,
+                                    self.dark_cause[u])
             self.dark_since[u] = math.inf
 
     def _resolve_supply(self, t: float, cause: str, arcing: dict[int, tuple[float, float]] | None = None) -> None:
@@ -1132,6 +1210,48 @@ class Plant:
         return idx
 
     # ------------------------------------------------------------------------------------------
+    # ground truth (benchmarks and tests; see the module docstring)
+    def true_flows(self) -> TrueFlows:
+        """What really flows now: powers, currents, losses and unserved demand (no measurement noise)."""
+        e = self._elec
+        return TrueFlows(demand_kw=e["demand_kw"], unit_kw=e["unit_kw"], des_kw=e["des_kw"], grid_kw=e["grid_kw"],
+                         it_kw=e["it_kw"], unserved_kw=e["unserved_kw"], contact_loss_kw=e["contact_loss_kw"],
+                         pdb_i=e["pdb_i"], pdb_kw=e["pdb_kw"], seg_loss_kw=e["seg_loss_kw"], src_kw=e["src_kw"])
+
+    def paths_alive(self, *, breakers: bool = True) -> np.ndarray:
+        """(n, 2) bool: is each unit's path from SourceA / SourceB alive now (source in its ITIC
+        steady-state band, segment's joint not open, contact set not failed, breakers closed)?
+
+        breakers=False leaves tripped breakers out (counts them closed): then only faults kill a
+        path, which no policy could have avoided; an overload trip is a policy's (or the local
+        logic's) doing."""
+        if breakers:
+            return self._feed_ok()
+        v = self.src_v_pu
+        src = (v >= C.ATS_TOLERANCE_LOW_PU) & (v <= C.ATS_TOLERANCE_HIGH_PU)
+        seg = src[self.pdb_feed - 1] & ~self.pdb_failed
+        return seg[self.pdb_of] & ~self.pole_failed
+
+    def des_available_kw(self) -> np.ndarray:
+        """(n,) the power each DES could deliver now (0 without one, failed, or at its SoC floor;
+        less as its internal resistance grows with battery fade)."""
+        return self._des_pmax_now()
+
+    def des_deliverable_kwh(self) -> np.ndarray:
+        """(n,) the energy each DES could still deliver to its unit now: its charge above the SoC
+        floor at its state of health, after converter and coulombic losses (0 without a DES)."""
+        return (np.maximum(self.des_soc - self.des_soc_min, 0.0) * self.des_cap_kwh * self.des_soh
+                * (C.DES_CONVERTER_EFFICIENCY * C.LI_ION_COULOMBIC_EFFICIENCY))
+
+    def batch_job_factor(self, t_s: float) -> np.ndarray:
+        """(aisles,) how far each aisle's scheduled batch job raises its load at plant time t_s,
+        as a fraction of its base load (0 while none runs): the truth behind the load the CMCS sees."""
+        return self._batch_factor(t_s)
+
+    def unit_load_kw(self, u: int) -> float:
+        """Unit u's load now: what it delivers, or its demand while it delivers nothing (dark)."""
+        return self._unit_load_now(u)
+
     def worn_contact_sets(self) -> dict[tuple[str, float], int]:
         """Ground truth for benchmarks: (unit, scheduled onset) of each contact_wear fault -> the
         contact set (1 | 2, the source it connects) that it wears."""
@@ -1168,4 +1288,4 @@ def _py(v):
     return v
 
 
-__all__ = ["Plant", "InterlockRefused", "within_itic"]
+__all__ = ["DroppedLoad", "InterlockRefused", "Plant", "TrueFlows", "within_itic"]

@@ -173,7 +173,7 @@ def test_batch_job_features_follow_the_aisles_real_jobs():
         t = 10.0 * j
         plant.advance_to(t)
         feats = state.update(t, plant.snapshot())
-        truth = plant._batch_factor(t)[plant.unit_aisle] > 0  # ground truth, per unit's aisle
+        truth = plant.batch_job_factor(t)[plant.unit_aisle] > 0  # ground truth, per unit's aisle
         if prev_truth is not None:
             jobs_seen += int((truth & ~prev_truth).sum())
         prev_truth = truth

@@ -178,7 +178,7 @@ def test_a_drop_with_the_des_online_is_never_counted_as_avoidable_pre_arming(sit
     the load (unavoidable), not "the DES could carry but was not online". The drop of a dark load is only
     recorded when the ITIC ride-through has passed; by then its DES has left bridging and its load no longer
     holds its dual-corded partner's share, so judging from that later state would misjudge it."""
-    from cmcs.mission import _mechanism, _watch_drops
+    from cmcs.mission import _mechanism
     from simulator.plant import Plant
 
     sc = Scenario(name="aisle-lost-bridging", duration_s=1800.0, seed=9,
@@ -186,12 +186,12 @@ def test_a_drop_with_the_des_online_is_never_counted_as_avoidable_pre_arming(sit
                   faults=(Fault("joint_degradation", "PDB-01-A", onset_s=1200.0, precursor_s=600.0, severity=0.9),
                           Fault("joint_degradation", "PDB-01-B", onset_s=1500.0, precursor_s=600.0, severity=0.9)))
     plant = Plant(site, sc)
-    rows = _watch_drops(plant)
     plant.advance_to(1150.0)
     for u in site.units:
         if u.aisle == site.aisles[0].name and u.storage is not None:
             plant.command(u.storage.name, "StartBridging", Power=0.1, Duration=900.0)
     plant.advance_to(1600.0)
+    rows = [d.as_dict() for d in plant.dropped_loads]  # the plant's ground truth: each drop with its unit's state
     at_second = [r for r in rows if r["cause"] == "joint failure PDB-01-B"]
     assert at_second, "no load dropped when the aisle lost both segments: the case tests nothing"
     assert any(r["des_pmax_kw"] >= r["load_kw"] for r in at_second), \

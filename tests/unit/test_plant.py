@@ -41,8 +41,8 @@ def test_power_balance_per_feed(site):
             assert snap["source"]["ActivePower"][s] == pytest.approx(pdb_sum, rel=1e-9)
             units_on = [i for i in range(p.n) if snap["ats"]["ActiveSource"][i] == feed]
             unit_draw = sum(snap["ats"]["LoadPower"][i] - snap["des"]["ActivePower"][i] for i in units_on)
-            losses = sum(p._elec["seg_loss_kw"][i] for i in range(p.np_) if p.pdb_feed[i] == feed) + sum(
-                p._elec["contact_loss_kw"][i] for i in units_on)
+            losses = sum(p.true_flows().seg_loss_kw[i] for i in range(p.np_) if p.pdb_feed[i] == feed) + sum(
+                p.true_flows().contact_loss_kw[i] for i in units_on)
             assert pdb_sum == pytest.approx(unit_draw + losses, rel=1e-9)
             assert 0 < losses < 0.05 * pdb_sum  # distribution losses are real but small
     assert 0.95 < p.efficiency < 1.0
@@ -51,9 +51,9 @@ def test_power_balance_per_feed(site):
 def test_it_load_shares_between_cords_and_is_conserved(site):
     p = plant(site, noise=False)
     p.advance_to(60.0)
-    e = p._elec
+    e = p.true_flows()
     # every kW of IT demand is carried by exactly one unit's LoadPower
-    assert e["unit_kw"].sum() == pytest.approx(e["demand_kw"].sum(), rel=1e-9)
+    assert e.unit_kw.sum() == pytest.approx(e.demand_kw.sum(), rel=1e-9)
 
 
 def test_soc_stays_within_window_while_bridging(site):
@@ -125,6 +125,13 @@ def test_itic_ledger_counts_30ms_outage_on_unprotected_load_as_drop(site):
     assert all(e.duration_ms == pytest.approx(30.0, abs=0.01) or math.isinf(e.duration_ms) or e.duration_ms >= 30.0
                for e in dropped)
     assert p.ledger.unserved_kwh > 0
+    # the ground truth keeps every drop the ledger counts, with why and its unit's state at that moment
+    truth = p.dropped_loads
+    assert [(d.t_s, d.load, d.cause) for d in truth] == [(e.t_s, e.load, e.cause) for e in p.ledger.events if e.dropped]
+    late = [d for d in truth if d.t_s >= 900.0]
+    assert late and all(d.cause == "source outage" and d.feed_ok == (False, False) and not d.des for d in late)
+    assert all(d.des_could_carry_at_loss is False for d in late)  # no DES here: nothing could have carried them
+    assert p.totals()["dropped_loads"] == len(truth)
 
 
 def test_3ms_transfer_is_not_a_drop_but_slow_one_is(site):
@@ -247,6 +254,14 @@ def test_overload_trips_the_surviving_feed(site):
     p.advance_to(700.0)
     assert p.read_device("SourceB")["Available"] is False
     assert p.ledger.dropped_loads > 0
+    assert {d.cause for d in p.dropped_loads} >= {"overload trip"}
+    # SourceB's breaker tripped (a consequence) while SourceA is out (the fault): with breakers counted no
+    # path is alive; leaving trips out, SourceB's paths would be
+    assert not p.paths_alive().any()
+    assert p.paths_alive(breakers=False)[:, 1].all() and not p.paths_alive(breakers=False)[:, 0].any()
+    flows = p.true_flows()  # the racks a DES islands are served, the rest is not: nothing else
+    assert flows.unserved_kw.sum() > 0 and flows.src_kw.sum() == 0.0
+    assert (flows.it_kw + flows.unserved_kw).sum() == pytest.approx(flows.demand_kw.sum(), rel=1e-9)
 
 
 # ---- commands -------------------------------------------------------------------------------------

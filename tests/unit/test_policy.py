@@ -412,7 +412,7 @@ def _hall_on_one_source_then_release(site, recharge_c_rate: float):
         released |= {a.des for a in acts if isinstance(a, StopBridging)}
         for s in range(1, 11):
             plant.advance_to(t + s)
-            peak = max(peak, float((plant._elec["src_kw"] / plant.src_rated_kw).max()))
+            peak = max(peak, float((plant.true_flows().src_kw / plant.src_rated_kw).max()))
     return peak, released, {topo.des_names[u] for u in with_des}
 
 
@@ -471,9 +471,9 @@ def _outage_above_one_source_rating(site, relieve: bool):
         relief += [a for a in acts if isinstance(a, StartBridging) and a.reason.startswith("overload relief")]
         for s in range(1, 11):
             plant.advance_to(t + s)
-            e = plant._elec
-            loading = max(float((e["src_kw"] / plant.src_rated_kw).max()),
-                          float((e["pdb_i"].max(axis=1) / plant.pdb_rated_a).max()))
+            e = plant.true_flows()
+            loading = max(float((e.src_kw / plant.src_rated_kw).max()),
+                          float((e.pdb_i.max(axis=1) / plant.pdb_rated_a).max()))
             over += loading > 1.0
             if t + s >= 320.0:
                 peak = max(peak, loading)
@@ -482,7 +482,7 @@ def _outage_above_one_source_rating(site, relieve: bool):
     if relieve:
         # the outage ended at 1200 s, the units were back on their preferred source 300 s later: by 2100 s every
         # DES is handed back (none discharging above the token power)
-        assert not state.relieving and (plant._elec["des_kw"] <= cfg.prearm_power_kw + 1e-6).all()
+        assert not state.relieving and (plant.true_flows().des_kw <= cfg.prearm_power_kw + 1e-6).all()
         assert soc_low >= cfg.relief_min_soc_pct / 100.0 - 0.02  # none drained below the relief's floor
     return peak, over, int(plant.totals()["dropped_loads"]), relief
 
@@ -516,12 +516,12 @@ def test_des_recharging_on_an_overloaded_feed_are_held_before_any_stored_energy_
     plant.des_soc[recharging] = 0.5
     plant.des_soc[low] = plant.des_soc_min[low] + 0.005
     plant.advance_to(60.0)
-    e = plant._elec
-    assert (e["des_kw"][recharging] < -1.0).all(), "the DES are not recharging: the test proves nothing"
+    e = plant.true_flows()
+    assert (e.des_kw[recharging] < -1.0).all(), "the DES are not recharging: the test proves nothing"
     rated = float(plant.src_rated_kw[1])
-    before_kw = float(e["src_kw"][1])
+    before_kw = float(e.src_kw[1])
     assert before_kw > PolicyConfig.relief_start_pct / 100.0 * rated
-    recharge_kw = -float(e["des_kw"][[u for u in recharging if u != low]].sum())
+    recharge_kw = -float(e.des_kw[[u for u in recharging if u != low]].sum())
     cfg = PolicyConfig(topology=topo, thresholds={k: 0.5 for k in ("source", "pdb", "ats", "des")}, balance=False)
     acts = decide(_obs(plant, 60.0, _zero_risk(topo)), _running_state(), cfg)
     held = {a.des for a in acts if isinstance(a, StartBridging) and a.reason.startswith("overload: DES recharge held")}
@@ -533,8 +533,8 @@ def test_des_recharging_on_an_overloaded_feed_are_held_before_any_stored_energy_
     assert all(r == "" for r in _apply_all(plant, topo, acts))
     plant.advance_to(65.0)
     held_units = [topo.des_names.index(d) for d in held]
-    assert (plant._elec["des_kw"][held_units] >= 0.0).all()  # no longer recharging
-    assert (plant._elec["des_kw"][low] < 0.0)  # still recharging
+    assert (plant.true_flows().des_kw[held_units] >= 0.0).all()  # no longer recharging
+    assert (plant.true_flows().des_kw[low] < 0.0)  # still recharging
 
 
 def test_a_relieving_des_that_also_protects_its_unit_is_re_armed_once_and_never_stopped(site):
