@@ -235,7 +235,8 @@ class ModbusConnection:
                     self._came_up()  # the connection carried an answer: only this device is in trouble
                     if not dev.unavailable:
                         dev.unavailable = True
-                        log.warning("%s (%s) is unavailable: %s", dev.name, self.health.key, exc)
+                        log.warning("%s (%s) is unavailable: %s", dev.name, self.health.key,
+                                    str(exc).removeprefix(f"{dev.name}: "))
                     continue
                 self._device_answered(dev, values)
             if due:

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from asyncua import Client, ua
 
@@ -16,6 +17,8 @@ from cmcs.models import SHIPPED_BUNDLE, Predictor
 from siteconfig.demo import demo_site, site_to_yaml
 
 from .conftest import free_port, relocate_site
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _site_file(tmp_path):
@@ -103,6 +106,18 @@ def test_run_with_a_bad_site_file_is_one_line(tmp_path):
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr + proc.stdout
     assert "bad.yaml:1" in proc.stderr
+
+
+def test_run_refuses_a_driver_this_version_does_not_build_in_one_line(tmp_path):
+    """`driver: tsn` is refused before anything starts (never skipped, leaving its devices unpolled)."""
+    site = REPO / "tests" / "fixtures" / "sites" / "driver_tsn.yaml"
+    proc = subprocess.run([sys.executable, "-m", "gateway", "run", "--config", str(site), "--data-dir",
+                           str(tmp_path / "d")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert proc.stderr.strip().splitlines() == [
+        f"cmcs: error: {site}:28: aisles[0].units[0].device.driver: driver tsn is not built in this version "
+        f"(this build has: modbus, modbus-tls)"]
 
 
 def _client_certificate(tmp_path, uri: str):

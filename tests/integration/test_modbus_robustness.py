@@ -90,6 +90,8 @@ class MisbehavingDevice:
             return frame(tid, body, pid=b"\x12\x34")
         if mode == "stall":
             return b""
+        if mode == "refuse":  # a well-formed Modbus exception: illegal data address
+            return frame(tid, bytes([fc | 0x80, 0x02]))
         raise ValueError(mode)
 
 
@@ -121,14 +123,16 @@ def state_lines(caplog) -> list[str]:
             if r.name == DRIVER_LOGGER and ("is unavailable" in r.getMessage() or "is back online" in r.getMessage())]
 
 
-# (mode, counted as a decode error, what the down line says)
+# (mode, counted as a decode error, the connection made again, what the down line says). Garbage and
+# silence break the connection; a well-formed refusal is the device's alone, over a working connection.
 MISBEHAVIOURS = [
-    ("garbage", True, "undecodable answer"),
-    ("short", True, "wrong length"),
-    ("long", True, "incomplete answer"),
-    ("wrong_tid", True, "wrong transaction or unit id"),
-    ("not_modbus", True, "not a Modbus TCP frame"),
-    ("stall", False, f"no answer within {REQUEST_TIMEOUT_S:g} s"),
+    ("garbage", True, True, "undecodable answer"),
+    ("short", True, True, "wrong length"),
+    ("long", True, True, "incomplete answer"),
+    ("wrong_tid", True, True, "wrong transaction or unit id"),
+    ("not_modbus", True, True, "not a Modbus TCP frame"),
+    ("stall", False, True, f"no answer within {REQUEST_TIMEOUT_S:g} s"),
+    ("refuse", False, False, "exception 0x02"),
 ]
 
 
@@ -145,14 +149,14 @@ async def test_a_misbehaving_device_goes_uncertain_then_bad_is_logged_once_and_r
     try:
         await wait_quality(table, Quality.GOOD, 5.0)
         assert state_lines(caplog) == []  # coming up the first time is not news
-        for mode, decode_error, reason in MISBEHAVIOURS:
+        for mode, decode_error, reconnect, reason in MISBEHAVIOURS:
             caplog.clear()
             decode_errors, reconnects = conn.health.decode_errors, conn.health.reconnects
             device.mode = mode
             seen = await wait_quality(table, Quality.BAD_COMM, STALE_TIME_S + 3.0)
             assert seen[-2:] == [Quality.UNCERTAIN_LAST_USABLE, Quality.BAD_COMM], (mode, seen)
             assert (conn.health.decode_errors > decode_errors) is decode_error, mode
-            assert conn.health.reconnects > reconnects, f"{mode}: the connection is made again"
+            assert (conn.health.reconnects > reconnects) is reconnect, mode
             device.mode = "good"
             answering = time.monotonic()
             await wait_quality(table, Quality.GOOD, 5.0)
@@ -160,9 +164,9 @@ async def test_a_misbehaving_device_goes_uncertain_then_bad_is_logged_once_and_r
             assert took <= 2 * POLL_PERIOD_S + REQUEST_TIMEOUT_S * (mode in ("stall", "long")), (mode, took)
             lines = state_lines(caplog)
             assert len(lines) == 2, (mode, lines)
-            assert lines[0].startswith(f"Modbus 127.0.0.1:{port} ({DEVICE}) is unavailable: ") and reason in lines[0], \
-                (mode, lines)
-            assert lines[1] == f"Modbus 127.0.0.1:{port} ({DEVICE}) is back online"
+            who = f"Modbus 127.0.0.1:{port} ({DEVICE})" if reconnect else f"{DEVICE} (Modbus 127.0.0.1:{port})"
+            assert lines[0].startswith(f"{who} is unavailable: ") and reason in lines[0], (mode, lines)
+            assert lines[1] == f"{who} is back online"
             assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR], \
                 (mode, [r.getMessage() for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR])
             assert "Traceback" not in caplog.text and "Fatal error" not in caplog.text
