@@ -196,7 +196,7 @@ def test_contact_wear_precursor_then_failure(site):
     r0 = _series(p, "MATS-02-01", "ContactResistance", range(600, 1700, 100)).mean()
     r1 = _series(p, "MATS-02-01", "ContactResistance", range(4800, 5300, 100)).mean()
     t_hot = p.read_device("MATS-02-01")["ContactTemperature"]
-    assert r1 > 1.5 * r0  # DOMAIN.md: > 50 % above the lowest reading fails a test
+    assert r1 > 1.5 * r0  # docs/domain.md: > 50 % above the lowest reading fails a test
     assert t_hot > 35.0
     p.advance_to(5401.0)
     v = p.read_device("MATS-02-01")
@@ -216,7 +216,7 @@ def test_battery_fade_precursor_then_failure(site):
     p.advance_to(5300.0)
     v1 = p.read_device("DES-03-01")
     assert v1["StateOfHealth"] < v0["StateOfHealth"] - 5.0
-    assert v1["InternalResistance"] > 1.2 * v0["InternalResistance"]  # DOMAIN.md replacement trigger
+    assert v1["InternalResistance"] > 1.2 * v0["InternalResistance"]  # docs/domain.md replacement trigger
     p.advance_to(5401.0)
     assert p.read_device("DES-03-01")["Mode"] == StorageMode.FAULT
     with pytest.raises(InterlockRefused):
