@@ -16,6 +16,16 @@ from siteconfig.errors import CliError  # noqa: F401  (re-exported: gateway modu
 DEFAULT_DATA_DIR = Path("cmcs-data")
 
 
+def package_version() -> str:
+    """The installed package's version (its metadata, as pip installed it)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("cmcs-gateway")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "0+unknown"
+
+
 def _data_dir_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
                    help="state directory: pki/, users.yaml, history, model bundle, audit log (default ./cmcs-data)")
@@ -24,6 +34,8 @@ def _data_dir_arg(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cmcs", description="cmcs-gateway: data-centre power distribution gateway")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    parser.add_argument("--version", action="version", version=f"cmcs-gateway {package_version()}",
+                        help="print the installed version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
