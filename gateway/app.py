@@ -18,7 +18,7 @@ from drivers.pointtable import PointTable
 from gateway.cli import CliError
 from gateway.commands import AuditLog, CommandService
 from gateway.server import GatewayServer
-from siteconfig.model import Site
+from siteconfig.model import MetricsConfig, Site
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ class Gateway:
     cmcs: bool = False  # run the built-in CMCS (an OPC UA client of this gateway); `cmcs run` turns it on
     cmcs_bundle: Path | None = None  # model bundle (None: <data-dir>/models/current, else the shipped one)
     cmcs_time_scale: float = 1.0  # plant seconds per wall second (simulators run faster than real time)
+    metrics_config: MetricsConfig | None = None  # Prometheus endpoint; None: the site file's gateway.metrics (off if absent)
 
     def __post_init__(self) -> None:
         self.table = PointTable()
@@ -55,6 +56,8 @@ class Gateway:
     live: object = None  # cmcs.live.LiveCmcs once started
     _cmcs_stop: asyncio.Event | None = None
     _cmcs_task: asyncio.Task | None = None
+    metrics: object = None  # gateway.metrics.GatewayMetrics when the endpoint is on
+    summary: object = None  # gateway.summary.LogSummary
 
     async def start(self) -> None:
         from gateway.historian import attach as attach_historian
@@ -67,6 +70,26 @@ class Gateway:
                                                                           period=None)
         if self.cmcs:
             await self.start_cmcs()
+        await self.start_operations()
+
+    async def start_operations(self) -> None:
+        """Ops sinks and loops (issue 21): the Prometheus endpoint and the periodic log summary."""
+        from gateway.summary import LogSummary
+
+        metrics = self.metrics_config or self.site.gateway.metrics
+        if metrics is not None:
+            from gateway.metrics import GatewayMetrics
+
+            self.metrics = GatewayMetrics(self, metrics)
+            await self.metrics.start()
+        self.summary = LogSummary(self, self.site.gateway.log_summary_s)
+        self.summary.start()
+
+    async def stop_operations(self) -> None:
+        if self.summary is not None:
+            await self.summary.stop()
+        if self.metrics is not None:
+            await self.metrics.stop()
 
     def bundle_dir(self) -> Path:
         from cmcs.models import SHIPPED_BUNDLE
@@ -94,6 +117,7 @@ class Gateway:
         self._cmcs_task = asyncio.create_task(self.live.run(self._cmcs_stop), name="cmcs")
 
     async def stop(self) -> None:
+        await self.stop_operations()
         if self._cmcs_task is not None:
             self._cmcs_stop.set()
             try:
@@ -107,7 +131,7 @@ class Gateway:
 
 
 async def run_until_signalled(site: Site, data_dir: Path, simulate: bool, cmcs: bool = True,
-                              bundle: Path | None = None) -> None:
+                              bundle: Path | None = None, metrics: MetricsConfig | None = None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -118,7 +142,7 @@ async def run_until_signalled(site: Site, data_dir: Path, simulate: bool, cmcs: 
 
         host = SimulatorHost(site)
         await host.start()
-    gateway = Gateway(site, data_dir, cmcs=cmcs, cmcs_bundle=bundle)
+    gateway = Gateway(site, data_dir, cmcs=cmcs, cmcs_bundle=bundle, metrics_config=metrics)
     try:
         await gateway.start()
         print(f"cmcs-gateway: site '{site.name}', {len(site.units)} micro-ATS; OPC UA at {gateway.server.endpoint}"
@@ -129,12 +153,30 @@ async def run_until_signalled(site: Site, data_dir: Path, simulate: bool, cmcs: 
 
             print(f"cmcs-gateway: built-in CMCS (user '{CMCS_USER}', model {gateway.live.predictor.version}), "
                   f"mode {gateway.server.cmcs_mode.name.title()}", flush=True)
+        if gateway.metrics is not None:
+            print(f"cmcs-gateway: metrics at {gateway.metrics.http.url}", flush=True)
         await stop.wait()
     finally:
         await gateway.stop()
         if host is not None:
             await host.stop()
         print("cmcs-gateway: stopped", flush=True)
+
+
+def metrics_from_args(args, site: Site) -> MetricsConfig | None:
+    """`--metrics [HOST:]PORT` overrides gateway.metrics' address (keeping its TLS and basic auth)."""
+    text = getattr(args, "metrics", None)
+    if text is None:
+        return None
+    from dataclasses import replace
+
+    from gateway.metrics import parse_metrics_address
+
+    try:
+        host, port = parse_metrics_address(text)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    return replace(site.gateway.metrics or MetricsConfig(), host=host, port=port)
 
 
 def cli_run(args) -> int:
@@ -156,7 +198,8 @@ def cli_run(args) -> int:
     try:
         if args.bundle is not None and not (Path(args.bundle) / "bundle.json").exists():
             raise CliError(f"--bundle {args.bundle}: no bundle.json there")
-        asyncio.run(run_until_signalled(site, data_dir, simulate, cmcs=not args.no_cmcs, bundle=args.bundle))
+        asyncio.run(run_until_signalled(site, data_dir, simulate, cmcs=not args.no_cmcs, bundle=args.bundle,
+                                        metrics=metrics_from_args(args, site)))
     except OSError as exc:
         raise CliError(f"cannot start: {exc}") from None
     except Exception as exc:

@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cmcs", action="store_true", help="do not start the built-in CMCS")
     p.add_argument("--bundle", type=Path, default=None,
                    help="CMCS model bundle (default: <data-dir>/models/current if present, else the shipped one)")
+    p.add_argument("--metrics", metavar="[HOST:]PORT", default=None,
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (HOST default 127.0.0.1; "
+                        "overrides gateway.metrics)")
     p.set_defaults(handler="gateway.app:cli_run")
 
     p = sub.add_parser("agent", help="run the CMCS alone, as an OPC UA client of a (remote) gateway")

@@ -18,6 +18,8 @@ from siteconfig.model import (
     SOURCE_NAMES,
     AisleConfig,
     DeviceEndpoint,
+    GatewayConfig,
+    MetricsConfig,
     MicroAtsConfig,
     PdbConfig,
     Site,
@@ -163,6 +165,16 @@ def _aisle(k: int, units_per_aisle: int) -> AisleConfig:
     return AisleConfig(name=aisle_name, pdbs=pdbs, units=tuple(units))
 
 
+def _metrics_dict(metrics: MetricsConfig) -> dict[str, Any]:
+    """`gateway.metrics` as the site file writes it."""
+    out: dict[str, Any] = {"host": metrics.host, "port": metrics.port}
+    if metrics.tls_cert:
+        out["tls"] = {"cert": metrics.tls_cert, "key": metrics.tls_key}
+    if metrics.basic_auth_user:
+        out["basic_auth"] = {"user": metrics.basic_auth_user, "password_hash": metrics.basic_auth_password_hash}
+    return out
+
+
 def site_to_yaml(site: Site) -> str:
     """The site as a site file that parse_site reads back to an equal Site."""
     endpoints = [endpoint for _, _, endpoint in site.devices()]
@@ -186,6 +198,10 @@ def site_to_yaml(site: Site) -> str:
             "derating": _num(gateway.derating),
         },
     }
+    if gateway.metrics is not None:
+        document["gateway"]["metrics"] = _metrics_dict(gateway.metrics)
+    if gateway.log_summary_s != GatewayConfig.log_summary_s:
+        document["gateway"]["log_summary_s"] = _num(gateway.log_summary_s)
     if shared:
         document["defaults"] = {"device": shared}
     document["sources"] = [

@@ -19,6 +19,7 @@ from siteconfig.model import (
     AisleConfig,
     DeviceEndpoint,
     GatewayConfig,
+    MetricsConfig,
     MicroAtsConfig,
     OpcUaConfig,
     PdbConfig,
@@ -56,7 +57,8 @@ MODBUS_UNIT_IDS = (0, 247)  # MODBUS over Serial Line V1.02, 2.2: 0 broadcast, 2
 
 _TOP_KEYS = ("site", "gateway", "defaults", "sources", "aisles")
 _SITE_KEYS = ("name", "nominal_voltage_v", "frequency_hz")
-_GATEWAY_KEYS = ("opcua", "scan_groups_s", "stale_time_s", "dwell_time_s", "derating")
+_GATEWAY_KEYS = ("opcua", "scan_groups_s", "stale_time_s", "dwell_time_s", "derating", "metrics", "log_summary_s")
+_METRICS_KEYS = ("host", "port", "tls", "basic_auth")
 _OPCUA_KEYS = ("host", "port", "path", "allow_security_none", "allow_anonymous")
 _DEVICE_KEYS = ("driver", "profile", "host", "port", "unit_id", "scan_group", "tls")
 # device.tls key -> DeviceEndpoint field. cert, key, ca: the gateway's client certificate and key and
@@ -196,7 +198,35 @@ class _SiteReader:
             stale_time_s=r.number("stale_time_s", defaults.stale_time_s, gt=0),
             dwell_time_s=r.number("dwell_time_s", defaults.dwell_time_s, ge=0),
             derating=r.number("derating", defaults.derating, gt=0, le=1),
+            metrics=self._metrics(r.mapping("metrics")),
+            log_summary_s=r.number("log_summary_s", defaults.log_summary_s, ge=0),
         )
+
+    def _metrics(self, r: MapReader | None) -> MetricsConfig | None:
+        """`gateway.metrics` (docs/interface.md section 5): {host, port, tls: {cert, key}, basic_auth: {user, password_hash}}."""
+        if r is None:
+            return None
+        r.reject_unknown(_METRICS_KEYS)
+        defaults = MetricsConfig()
+        cert = key = user = password_hash = None
+        tls = r.mapping("tls")
+        if tls is not None:
+            tls.reject_unknown(("cert", "key"))
+            cert, key = self._tls_file(tls, "cert"), self._tls_file(tls, "key")
+            if ("cert" in tls) != ("key" in tls):
+                tls.error("TLS for the metrics endpoint needs both cert and key")
+            elif cert and key and self.base_dir is not None:
+                try:
+                    ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+                except (ssl.SSLError, OSError) as exc:
+                    tls.error(f"cert and key are not a matching PEM certificate and private key ({_ssl_reason(exc)})")
+        auth = r.mapping("basic_auth")
+        if auth is not None:
+            auth.reject_unknown(("user", "password_hash"))
+            user = auth.string("user")
+            password_hash = auth.string("password_hash", pattern=r"scrypt\$\d+\$\d+\$\d+\$[A-Za-z0-9+/=]+\$[A-Za-z0-9+/=]+")
+        return MetricsConfig(host=r.string("host", defaults.host), port=r.integer("port", defaults.port, ge=1, le=65535),
+                             tls_cert=cert, tls_key=key, basic_auth_user=user, basic_auth_password_hash=password_hash)
 
     @staticmethod
     def _opcua(r: MapReader | None) -> OpcUaConfig:

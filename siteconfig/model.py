@@ -128,12 +128,30 @@ class OpcUaConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """`gateway.metrics`: the Prometheus endpoint (docs/interface.md section 9). Absent: off.
+
+    Bound to loopback unless `host` says otherwise; a remote scraper should get TLS (`tls_cert`,
+    `tls_key`) and basic auth (`basic_auth_user` with an scrypt `basic_auth_password_hash`, as
+    `cmcs metrics hash-password` prints it)."""
+
+    host: str = "127.0.0.1"
+    port: int = 9464
+    tls_cert: str | None = None  # PEM, absolute (resolved against the site file's folder)
+    tls_key: str | None = None
+    basic_auth_user: str | None = None
+    basic_auth_password_hash: str | None = None  # scrypt$N$r$p$salt$key (gateway.users.hash_password)
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     opcua: OpcUaConfig = field(default_factory=OpcUaConfig)
     scan_groups_s: dict[str, float] = field(default_factory=lambda: {"fast": 0.5, "normal": 1.0, "slow": 5.0})
     stale_time_s: float = 10.0  # Uncertain -> Bad after this long without a good read
     dwell_time_s: float = 30.0  # anti-flapping: minimum time between transfers of one unit
     derating: float = 0.8  # NEC 210.20(A) 80 % rule for continuous load
+    metrics: MetricsConfig | None = None  # the Prometheus endpoint; None: off
+    log_summary_s: float = 60.0  # period of the one-line summary in the log; 0: none
 
 
 @dataclass(frozen=True)
