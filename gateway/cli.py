@@ -136,6 +136,26 @@ def build_parser() -> argparse.ArgumentParser:
     _data_dir_arg(c)
     c.set_defaults(handler="gateway.users:cli_users_list")
 
+    p = sub.add_parser("status", help="live terminal view of a running gateway, as an OPC UA client")
+    p.add_argument("--endpoint", default="opc.tcp://127.0.0.1:4840/cmcs",
+                   help="the gateway's endpoint (default opc.tcp://127.0.0.1:4840/cmcs)")
+    p.add_argument("--certificate", type=Path, help="this client's application-instance certificate (DER or PEM); "
+                   "also its X509 user token unless --user is given")
+    p.add_argument("--private-key", type=Path, help="its private key (PEM)")
+    p.add_argument("--user", help="log in with this user name; the password is asked on the terminal")
+    p.add_argument("--security", default="Basic256Sha256:SignAndEncrypt",
+                   help="POLICY:MODE as for cmcs agent (default Basic256Sha256:SignAndEncrypt; None where allowed)")
+    p.add_argument("--application-uri", default=None,
+                   help="this client's ApplicationUri (default: the certificate's SubjectAltName URI)")
+    p.set_defaults(handler="gateway.status:cli_status")
+
+    p = sub.add_parser("metrics", help="the Prometheus endpoint: helpers")
+    msub = p.add_subparsers(dest="metrics_command", metavar="ACTION")
+    msub.required = True
+    c = msub.add_parser("hash-password", help="print the scrypt hash of a scraper's password for "
+                        "gateway.metrics.basic_auth.password_hash (password on standard input)")
+    c.set_defaults(handler="gateway.metrics:cli_hash_password")
+
     p = sub.add_parser("bench", help="benchmarks; write a Markdown report, PNG plots and JSON")
     p.add_argument("which", choices=["sim", "mission", "gateway", "tsn", "all"])
     p.add_argument("--json", type=Path, help="write the figures as JSON to this file")

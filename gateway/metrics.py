@@ -43,7 +43,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 from prometheus_client.exposition import ThreadingWSGIServer
 
 from drivers.pointtable import Birth, Quality, Sink
-from gateway.users import verify_password
+from gateway.users import hash_password, verify_password
 from siteconfig.model import MetricsConfig
 
 if TYPE_CHECKING:
@@ -338,3 +338,17 @@ def parse_metrics_address(text: str) -> tuple[str, int]:
     if not 0 <= port <= 65535:
         raise ValueError(f"--metrics {text}: port must be 0..65535")
     return host, port
+
+
+def cli_hash_password(args) -> int:
+    """`cmcs metrics hash-password`: the scrypt hash to put in gateway.metrics.basic_auth.password_hash."""
+    import getpass
+    import sys
+
+    from siteconfig.errors import CliError
+
+    password = getpass.getpass("scraper password: ") if sys.stdin.isatty() else sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        raise CliError("empty password")
+    print(hash_password(password))
+    return 0
