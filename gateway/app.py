@@ -18,6 +18,7 @@ from drivers.pointtable import PointTable
 from gateway.cli import CliError
 from gateway.commands import AuditLog, CommandService
 from gateway.server import GatewayServer
+from gateway.service import ServiceHooks
 from siteconfig.model import MetricsConfig, Site
 
 log = logging.getLogger(__name__)
@@ -143,8 +144,10 @@ async def run_until_signalled(site: Site, data_dir: Path, simulate: bool, cmcs: 
         host = SimulatorHost(site)
         await host.start()
     gateway = Gateway(site, data_dir, cmcs=cmcs, cmcs_bundle=bundle, metrics_config=metrics)
+    service = ServiceHooks(gateway)  # sd_notify, watchdog, SIGHUP reload (gateway/service.py)
     try:
         await gateway.start()
+        service.started()
         print(f"cmcs-gateway: site '{site.name}', {len(site.units)} micro-ATS; OPC UA at {gateway.server.endpoint}"
               + (" (demo: simulators in-process on loopback)" if simulate else "") + "; Ctrl-C to stop", flush=True)
         print(f"cmcs-gateway: {gateway.server.security.summary()}", flush=True)
@@ -157,6 +160,7 @@ async def run_until_signalled(site: Site, data_dir: Path, simulate: bool, cmcs: 
             print(f"cmcs-gateway: metrics at {gateway.metrics.http.url}", flush=True)
         await stop.wait()
     finally:
+        await service.stopping()
         await gateway.stop()
         if host is not None:
             await host.stop()

@@ -149,6 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="this client's ApplicationUri (default: the certificate's SubjectAltName URI)")
     p.set_defaults(handler="gateway.status:cli_status")
 
+    p = sub.add_parser("install-service", help="install the systemd unit (user cmcs, /etc/cmcs, /var/lib/cmcs)")
+    p.add_argument("--config", type=Path, default=None, help="site file to copy to /etc/cmcs/site.yaml (if none is there)")
+    p.add_argument("--tsn", action="store_true", help="also the drop-in granting CAP_NET_RAW (sites with driver: tsn)")
+    p.add_argument("--root", type=Path, default=None, help="write under this folder instead of / (staging; no user, "
+                   "no systemctl)")
+    p.add_argument("--cmcs", default=None, help="path of the cmcs executable for ExecStart (default: this one)")
+    p.set_defaults(handler="gateway.service:cli_install_service")
+
     p = sub.add_parser("metrics", help="the Prometheus endpoint: helpers")
     msub = p.add_subparsers(dest="metrics_command", metavar="ACTION")
     msub.required = True
