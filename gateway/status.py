@@ -237,6 +237,27 @@ def _health(view: SiteView) -> Panel:
 
 
 # ---- the OPC UA side ---------------------------------------------------------------------------------------
+# Event fields shown (OPC UA Part 5 BaseEventType / AuditEventType, Part 9 condition types).
+EVENT_FIELDS = ("EventId", "EventType", "SourceName", "Time", "Message", "Severity", "ConditionName", "Retain",
+                "ActiveState/Id", "AckedState/Id", "ClientUserId", "ActionTimeStamp", "Status")
+
+
+def event_filter() -> ua.EventFilter:
+    """Select clauses for EVENT_FIELDS and the ConditionId (the `NodeId` of an event from a condition)."""
+    evfilter = ua.EventFilter()
+    for path in EVENT_FIELDS:
+        op = ua.SimpleAttributeOperand()
+        op.TypeDefinitionId = ua.NodeId(ua.ObjectIds.BaseEventType)
+        op.BrowsePath = [ua.QualifiedName(part, 0) for part in path.split("/")]
+        op.AttributeId = ua.AttributeIds.Value
+        evfilter.SelectClauses.append(op)
+    condition_id = ua.SimpleAttributeOperand()
+    condition_id.TypeDefinitionId = ua.NodeId(ua.ObjectIds.ConditionType)
+    condition_id.AttributeId = ua.AttributeIds.NodeId
+    evfilter.SelectClauses.append(condition_id)
+    return evfilter
+
+
 class _Handler:
     def __init__(self, status: StatusClient) -> None:
         self.status = status
@@ -296,22 +317,29 @@ class StatusClient:
         await client.connect()
         return client
 
-    async def _type_of(self, node: Node) -> str:
-        typedef = await node.read_type_definition()
+    async def _children(self, node_id: ua.NodeId) -> list[ua.ReferenceDescription]:
+        """Forward hierarchical references of a node: BrowseName, NodeClass and TypeDefinition in one Browse."""
+        return await self.client.get_node(node_id).get_references(refs=ua.ObjectIds.HierarchicalReferences,
+                                                                  direction=ua.BrowseDirection.Forward)
+
+    async def _type_name(self, ref: ua.ReferenceDescription) -> str:
+        typedef = ua.NodeId(ref.TypeDefinition.Identifier, ref.TypeDefinition.NamespaceIndex)
         if typedef not in self._type_names:
             self._type_names[typedef] = (await self.client.get_node(typedef).read_browse_name()).Name
         return self._type_names[typedef]
 
-    async def _bind(self, obj: Node, names: tuple[str, ...], store: dict, prefix: str = "") -> list[Node]:
-        """The variables `names` of `obj` (found by browsing), to be subscribed into `store`."""
+    async def _bind(self, refs: list[ua.ReferenceDescription], names: tuple[str, ...], store: dict,
+                    prefix: str = "") -> list[Node]:
+        """The variables `names` among `refs`, to be subscribed into `store`."""
         nodes = []
-        for ref in await obj.get_references(refs=ua.ObjectIds.HierarchicalReferences):
+        for ref in refs:
             if ref.BrowseName.Name in names and ref.NodeClass == ua.NodeClass.Variable:
                 self.targets[ref.NodeId] = (store, prefix + ref.BrowseName.Name)
                 nodes.append(self.client.get_node(ref.NodeId))
         return nodes
 
     async def discover(self) -> list[Node]:
+        """Find the site's instances by TypeDefinition; return the variables to subscribe to."""
         client, view = self.client, self.view
         namespaces = await client.get_namespace_array()
         site_uri = next((u for u in namespaces if u.startswith(SITE_URI_PREFIX)), None)
@@ -321,48 +349,53 @@ class StatusClient:
         view.site = site_uri[len(SITE_URI_PREFIX):]
         site = await client.nodes.objects.get_child(f"{ns}:{view.site}")
         nodes: list[Node] = []
-        for child in await site.get_children():
-            name = (await child.read_browse_name()).Name
-            if name == "Diagnostics":
-                for conn in await child.get_children():
-                    store = view.health.setdefault((await conn.read_browse_name()).Name, {})
-                    for ref in await conn.get_references(refs=ua.ObjectIds.HierarchicalReferences):
-                        if ref.BrowseName.Name in HEALTH_VARS:
-                            self.health_nodes.append((store, ref.BrowseName.Name, client.get_node(ref.NodeId)))
-            elif name == "Cmcs" or (await child.read_node_class() == ua.NodeClass.Object and
-                                    await self._type_of(child) == "CmcsType"):
-                self.cmcs_node = child
-                nodes += await self._bind(child, CMCS_VARS, view.cmcs)
-        await self._walk(site, nodes, aisle=None, depth=0)
+        await self._walk(site.nodeid, nodes, aisle=None, depth=0)
         return nodes
 
-    async def _walk(self, folder: Node, nodes: list[Node], aisle: str | None, depth: int) -> None:
-        """Instances by TypeDefinition, under the site's folders (Sources, Aisles/<aisle>)."""
+    async def _walk(self, folder: ua.NodeId, nodes: list[Node], aisle: str | None, depth: int,
+                    folder_name: str = "") -> None:
+        """Instances by TypeDefinition, under the site's folders (Sources, Aisles/<aisle>, Diagnostics)."""
         view = self.view
-        for child in await folder.get_children(nodeclassmask=ua.NodeClass.Object):
-            name = (await child.read_browse_name()).Name
-            kind = await self._type_of(child)
-            if kind == "PowerSourceType":
-                nodes += await self._bind(child, SOURCE_VARS, view.sources.setdefault(name, {}))
-            elif kind == "DistributionBusType":
-                nodes += await self._bind(child, PDB_VARS, view.pdbs.setdefault(name, {"aisle": aisle}))
-            elif kind == "MicroAtsType":
-                store = view.units.setdefault(name, {"aisle": aisle})
-                nodes += await self._bind(child, UNIT_VARS, store)
-                for part in await child.get_children(refs=ua.ObjectIds.HasComponent, nodeclassmask=ua.NodeClass.Object):
-                    if await self._type_of(part) == "EnergyStorageType":
-                        nodes += await self._bind(part, STORAGE_VARS, store, prefix="Storage.")
+        for ref in await self._children(folder):
+            if ref.NodeClass != ua.NodeClass.Object:
+                continue
+            name = ref.BrowseName.Name
+            kind = await self._type_name(ref)
+            if kind in ("PowerSourceType", "DistributionBusType", "MicroAtsType", "CmcsType"):
+                refs = await self._children(ref.NodeId)
+                if kind == "PowerSourceType":
+                    nodes += await self._bind(refs, SOURCE_VARS, view.sources.setdefault(name, {}))
+                elif kind == "DistributionBusType":
+                    nodes += await self._bind(refs, PDB_VARS, view.pdbs.setdefault(name, {"aisle": aisle}))
+                elif kind == "CmcsType":
+                    self.cmcs_node = self.client.get_node(ref.NodeId)
+                    nodes += await self._bind(refs, CMCS_VARS, view.cmcs)
+                else:
+                    store = view.units.setdefault(name, {"aisle": aisle})
+                    nodes += await self._bind(refs, UNIT_VARS, store)
+                    for part in refs:
+                        if part.NodeClass == ua.NodeClass.Object and await self._type_name(part) == "EnergyStorageType":
+                            nodes += await self._bind(await self._children(part.NodeId), STORAGE_VARS, store,
+                                                      prefix="Storage.")
+            elif folder_name == "Diagnostics":
+                store = view.health.setdefault(name, {})
+                for var in await self._children(ref.NodeId):
+                    if var.BrowseName.Name in HEALTH_VARS:
+                        self.health_nodes.append((store, var.BrowseName.Name, self.client.get_node(var.NodeId)))
             elif kind == "FolderType" and depth < 3:
-                is_aisle = depth == 1 and (await folder.read_browse_name()).Name == "Aisles"
+                is_aisle = folder_name == "Aisles"
                 if is_aisle and name not in view.aisles:
                     view.aisles.append(name)
-                await self._walk(child, nodes, aisle=name if is_aisle else aisle, depth=depth + 1)
+                await self._walk(ref.NodeId, nodes, aisle=name if is_aisle else aisle, depth=depth + 1,
+                                 folder_name=name)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Connect, discover, subscribe; on a lost connection try again every 2 s."""
         while not stop.is_set():
             try:
+                t0 = time.monotonic()
                 self.client = await self._connect()
+                log.debug("connected in %.2f s", time.monotonic() - t0)
                 try:
                     await self._session(stop)
                 finally:
@@ -383,19 +416,22 @@ class StatusClient:
     async def _session(self, stop: asyncio.Event) -> None:
         self.targets.clear()
         self.health_nodes.clear()
+        t0 = time.monotonic()
         nodes = await self.discover()
+        log.debug("discovered %d variables in %.2f s", len(nodes), time.monotonic() - t0)
         handler = _Handler(self)
         sub = await self.client.create_subscription(500, handler)
         for i in range(0, len(nodes), 500):
             await sub.subscribe_data_change(nodes[i:i + 500])
-        await sub.subscribe_events(self.client.nodes.server, [ua.ObjectIds.AlarmConditionType,
-                                                              ua.ObjectIds.AuditUpdateMethodEventType,
-                                                              ua.ObjectIds.BaseEventType])
+        # every event (no where clause), with the fields this view shows: asyncua's own filter
+        # builder browses the whole event type tree first, hundreds of round trips
+        await sub.subscribe_events(self.client.nodes.server, evfilter=event_filter())
         await self.client.get_node(ua.ObjectIds.ConditionType).call_method(
             ua.NodeId(ua.ObjectIds.ConditionType_ConditionRefresh),
             ua.Variant(sub.subscription_id, ua.VariantType.UInt32))
         self.view.connected = True
         self.view.line = ""
+        log.debug("subscribed in %.2f s", time.monotonic() - t0)
         while not stop.is_set():
             if self.health_nodes:
                 values = await self.client.read_values([n for _, _, n in self.health_nodes])

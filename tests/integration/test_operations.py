@@ -1,10 +1,11 @@
 """Operations of a running gateway: `cmcs status` under tmux, and its metrics scraped by a real Prometheus.
 
 One gateway serves both tests (module scope): the demo site's simulators run in-process (real
-Modbus TCP on loopback) 90x faster than real time with SourceB lost 15 s (plant time) after start,
-the gateway polls them, the built-in CMCS cycles and warms up (1800 s of plant time) in 20 s.
+Modbus TCP on loopback) 150x faster than real time with SourceB lost 15 s (plant time) after start,
+the gateway polls them, the built-in CMCS cycles and warms up (1800 s of plant time) in 12 s.
 
-- `cmcs status` runs in a tmux session as an Operator; the screen must show both feeds with their
+- `cmcs status` runs in a tmux session as an Operator (a trusted client certificate,
+  Aes256_Sha256_RsaPss SignAndEncrypt, user name and password typed at its prompt); the screen must show both feeds with their
   loading, an aisle's units and the SourceLoss alarm; the Operator acknowledges it with `a`, and
   `2` (CMCS Automatic, an Engineer's right) is refused on screen, not with a crash.
 - The metrics endpoint is served over TLS with basic auth, as for a remote scraper; a Debian
@@ -21,6 +22,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import ssl
 import subprocess
 import sys
@@ -43,7 +45,7 @@ from tests.integration.conftest import free_port, relocate_site
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-SPEED = 90.0  # plant seconds per wall second: the CMCS warms up (1800 s of plant time) in 20 s
+SPEED = 150.0  # plant seconds per wall second: the CMCS warms up (1800 s of plant time) in 12 s
 SCRAPER, SCRAPER_PASSWORD = "prometheus", "scrape-me-not-guess-me"
 OPERATOR, OPERATOR_PASSWORD = "olga", "olga-operator-pw"
 SECTION_9 = ("cmcs_device_up", "cmcs_poll_duration_seconds_bucket", "cmcs_poll_overruns_total", "cmcs_opcua_sessions",
@@ -60,6 +62,8 @@ class Running:
     metrics_port: int
     opcua_url: str
     tmp: Path
+    client_cert: Path
+    client_key: Path
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
@@ -78,15 +82,36 @@ async def running(tmp_path_factory):
                                                                 duration_s=80000.0),))
     data_dir = tmp / "data"
     set_user(data_dir, OPERATOR, "Operator", password=OPERATOR_PASSWORD)
+    client_cert, client_key = _client_certificate(tmp, "urn:test:cmcs-status")
+    trusted = data_dir / "pki" / "trusted"
+    trusted.mkdir(parents=True, exist_ok=True)
+    shutil.copy(client_cert, trusted / client_cert.name)  # what `cmcs certs trust` does
     host = SimulatorHost(site, scenario=scenario, speed=SPEED)
     gateway = Gateway(site, data_dir, cmcs=True, cmcs_time_scale=SPEED)
     await host.start()
     await gateway.start()
     try:
-        yield Running(site, gateway, cert, metrics_port, f"opc.tcp://127.0.0.1:{site.gateway.opcua.port}/cmcs", tmp)
+        yield Running(site, gateway, cert, metrics_port, f"opc.tcp://127.0.0.1:{site.gateway.opcua.port}/cmcs", tmp,
+                      client_cert, client_key)
     finally:
         await gateway.stop()
         await host.stop()
+
+def _client_certificate(folder: Path, uri: str) -> tuple[Path, Path]:
+    """An OPC UA application-instance certificate for `cmcs status` (SubjectAltName URI = its ApplicationUri)."""
+    from asyncua.crypto import cert_gen
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    key = cert_gen.generate_private_key()
+    cert = cert_gen.generate_self_signed_app_certificate(
+        key, "cmcs-status", {}, [x509.UniformResourceIdentifier(uri)], [ExtendedKeyUsageOID.CLIENT_AUTH], days=30)
+    cert_path, key_path = folder / "status.der", folder / "status.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.DER))
+    key_path.write_bytes(cert_gen.dump_private_key_as_pem(key))
+    return cert_path, key_path
+
 
 def _tls_pair(folder: Path) -> tuple[Path, Path]:
     cert, key = folder / "metrics.pem", folder / "metrics.key"
@@ -130,8 +155,9 @@ async def _screen_until(socket_name: str, predicate, timeout_s: float, what: str
 
 async def test_cmcs_status_under_tmux_shows_feeds_units_and_an_alarm_and_acts_by_role(running: Running):
     socket_name = f"cmcs-status-{os.getpid()}"
-    command = (f"cd {REPO} && env -u COLUMNS -u LINES PYTHONPATH={os.environ.get('PYTHONPATH', REPO)} {sys.executable} -m gateway status "
-               f"--endpoint {running.opcua_url} --security None --user {OPERATOR} 2>{running.tmp / 'status.err'}")
+    command = (f"cd {REPO} && env -u COLUMNS -u LINES PYTHONPATH={os.environ.get('PYTHONPATH', REPO)} {sys.executable} -m gateway -vv status "
+               f"--endpoint {running.opcua_url} --certificate {running.client_cert} --private-key {running.client_key} "
+               f"--security Aes256_Sha256_RsaPss:SignAndEncrypt --user {OPERATOR} 2>{running.tmp / 'status.err'}")
     started = _tmux(socket_name, "new-session", "-d", "-s", "status", "-x", "200", "-y", "60", command)
     assert started.returncode == 0, started.stderr
     try:
