@@ -120,40 +120,47 @@ def _bar(pct: float | None, width: int = 20) -> Text:
 def render(view: SiteView, width: int = 120) -> Layout:
     """The whole screen from the current view, laid out for a terminal `width` columns wide."""
     layout = Layout()
-    layout.split_column(Layout(name="top", size=max(7, 2 + 2 * len(view.sources))), Layout(name="aisles", ratio=3),
-                        Layout(name="bottom", ratio=2),
-                        Layout(name="line", size=1))
-    layout["top"].split_row(Layout(_feeds(view), name="feeds", ratio=3), Layout(_cmcs(view), name="cmcs", size=30))
+    wide = width >= 140
+    alarm_rows = min(max(len(view.alarms), 1), 12) + 3  # the alarm list is never squeezed out
+    parts = [Layout(name="top", size=max(7, 2 + 2 * len(view.sources))), Layout(name="aisles", ratio=1)]
+    if wide:
+        parts.append(Layout(name="bottom", size=max(alarm_rows, RECENT_EVENTS + 2)))
+    else:  # a narrow terminal: the alarms get the whole width, commands and health share a row
+        parts += [Layout(name="alarms", size=alarm_rows), Layout(name="more", size=RECENT_EVENTS // 2 + 2)]
+    parts.append(Layout(name="line", size=1))
+    layout.split_column(*parts)
+    layout["top"].split_row(Layout(_feeds(view, bar_width=20 if width >= 120 else 10), name="feeds", ratio=3),
+                            Layout(_cmcs(view), name="cmcs", size=30 if width >= 120 else 24))
     layout["aisles"].update(_aisles(view, per_row=max(1, (width - 4) // AISLE_WIDTH)))
-    if width >= 140:
+    if wide:
         layout["bottom"].split_row(Layout(_alarms(view), ratio=3), Layout(_events(view), ratio=3),
                                    Layout(_health(view), ratio=2))
-    else:  # a narrow terminal: the alarms get the whole width
-        layout["bottom"].split_column(Layout(_alarms(view)), Layout(name="more"))
-        layout["bottom"]["more"].split_row(Layout(_events(view), ratio=3), Layout(_health(view), ratio=2))
+    else:
+        layout["alarms"].update(_alarms(view))
+        layout["more"].split_row(Layout(_events(view), ratio=3), Layout(_health(view), ratio=2))
     state = "connected" if view.connected else "reconnecting"
     keys = "keys: up/down select alarm, a acknowledge, 0/1/2 CMCS Manual/Advisory/Automatic, q quit"
     layout["line"].update(Text(f"[{state} as {view.user}] {view.line or keys}", overflow="ellipsis", no_wrap=True))
     return layout
 
 
-def _feeds(view: SiteView) -> Panel:
-    table = Table.grid(padding=(0, 1))
-    for ratio in (None, None, None, 1, None):
-        table.add_column(no_wrap=True, overflow="ellipsis", ratio=ratio)
+def _feeds(view: SiteView, bar_width: int = 20) -> Panel:
+    table = Table.grid(padding=(0, 1), expand=True)
+    for ratio, min_width in ((None, 6), (None, 7), (None, bar_width), (1, None), (None, 9)):
+        table.add_column(no_wrap=True, overflow="ellipsis", ratio=ratio, min_width=min_width)
     for i, (name, v) in enumerate(sorted(view.sources.items())):
         letter = "AB"[i] if i < 2 else str(i)
         power, rated = v.get("ActivePower"), v.get("RatedPower")
         pct = 100.0 * power / rated if power is not None and rated else None
         available = v.get("Available")
-        table.add_row(Text(f"Feed {letter}", style="bold"), name, _bar(pct),
+        table.add_row(Text(f"Feed {letter}", style="bold"), name, _bar(pct, bar_width),
                       f"{_num(pct)} % of {_num(rated)} kW ({_num(power)} kW, {_num(v.get('Voltage'))} V)",
                       Text("available" if available else "LOST" if available is not None else "?",
                            style="green" if available else "bold red"))
         by_pdb = [(p, pv) for p, pv in sorted(view.pdbs.items()) if pv.get("Feed") == i + 1]
         worst = max(by_pdb, key=lambda item: item[1].get("Loading") or 0.0, default=None)
         if worst is not None:
-            table.add_row("", "busiest PDB", _bar(worst[1].get("Loading")),
+            table.add_row("", "busiest PDB", _bar(worst[1].get("Loading"), bar_width),
                           f"{_num(worst[1].get('Loading'))} % {worst[0]} ({_num(worst[1].get('Current'))} A of "
                           f"{_num(worst[1].get('RatedCurrent'))} A)", "")
     return Panel(table, title=f"Feeds - loading against {DERATED_LOADING_PCT:.0f} % ({view.site})")

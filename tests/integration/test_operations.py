@@ -275,3 +275,34 @@ scrape_configs:
         if prometheus is not None:
             prometheus.terminate()
             prometheus.wait(10)
+
+
+async def test_sighup_reload_restarts_the_cmcs_on_a_new_model_bundle(running: Running):
+    """Last in the module: it restarts the built-in CMCS. A `cmcs train` since start left another
+    bundle in <data-dir>/models/current; the reload runs the CMCS on it, without a gateway restart."""
+    from cmcs.models import SHIPPED_BUNDLE
+
+    from gateway.reload import reload_gateway
+
+    gateway = running.gateway
+    before = gateway.live.predictor.version
+    assert (await reload_gateway(gateway)).cmcs_bundle == ""  # nothing new: the CMCS keeps running
+    assert gateway.live.predictor.version == before
+    current = gateway.data_dir / "models" / "current"
+    shutil.copytree(SHIPPED_BUNDLE, current)
+    meta = json.loads((current / "bundle.json").read_text())
+    meta["version"] = before + ".retrained"
+    (current / "bundle.json").write_text(json.dumps(meta))
+    report = await reload_gateway(gateway)
+    assert report.cmcs_bundle == before + ".retrained"
+    assert gateway.live.predictor.version == before + ".retrained" and not gateway._cmcs_task.done()
+    assert (report.users, report.trusted) == (2, 2)  # the CMCS and the operator; their two certificates
+    assert report.site_changes == []  # a built-in site: no file to compare
+    async with Client(running.opcua_url, timeout=10) as client:  # what clients see
+        ns = await client.get_namespace_index(f"urn:cmcs-gateway:site:{running.site.name}")
+        tns = await client.get_namespace_index("urn:cmcs-gateway:UA:PowerDistribution")
+        version = await client.nodes.objects.get_child([f"{ns}:{running.site.name}", f"{ns}:Cmcs", f"{tns}:ModelVersion"])
+        deadline = time.monotonic() + 20
+        while await version.read_value() != before + ".retrained" and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        assert await version.read_value() == before + ".retrained"
