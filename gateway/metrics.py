@@ -43,6 +43,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 from prometheus_client.exposition import ThreadingWSGIServer
 
 from drivers.pointtable import Birth, Quality, Sink
+from gateway.cli import package_version
 from gateway.users import hash_password, verify_password
 from siteconfig.model import MetricsConfig
 
@@ -187,10 +188,9 @@ class GatewayMetrics:
     http: MetricsHttpServer | None = None
     mqtt_queue_source: Callable[[], int] | None = None  # set by the MQTT publisher's wiring if it has a better count
     _task: asyncio.Task | None = None
+    _risk_nodes: list | None = None  # (component, RiskScore NodeId), found once
 
     async def start(self) -> None:
-        from gateway.cli import package_version
-
         gw = self.gateway
         self.exporter = MetricsExporter(package_version())
         gw.table.attach(self.exporter)
@@ -237,11 +237,12 @@ class GatewayMetrics:
         model = server.model
         if model is None:
             return
-        for (device, point), nodeid in model.points.items():
-            if point == "RiskScore":
-                risk = address_space_value(iserver, nodeid)
-                if risk is not None:  # the series appears with the CMCS's first write
-                    ex.risk_score.labels(component=device).set(float(risk))
+        if self._risk_nodes is None:
+            self._risk_nodes = [(device, nodeid) for (device, point), nodeid in model.points.items() if point == "RiskScore"]
+        for device, nodeid in self._risk_nodes:
+            risk = address_space_value(iserver, nodeid)
+            if risk is not None:  # the series appears with the CMCS's first write
+                ex.risk_score.labels(component=device).set(float(risk))
         cycle_nodeid = model.points.get(("Cmcs", "CycleTime"))
         if cycle_nodeid is not None:
             cycle_ms = address_space_value(iserver, cycle_nodeid)

@@ -70,9 +70,12 @@ class ServiceHooks:
     """What `cmcs run` adds when it runs as a service: notify, watchdog, SIGHUP -> gateway.reload."""
 
     def __init__(self, gateway: Gateway) -> None:
+        """Call on the running loop before the gateway starts: a SIGHUP during start-up is ignored, not fatal."""
         self.gateway = gateway
         self._tasks: list[asyncio.Task] = []
         self._reloading: asyncio.Task | None = None
+        asyncio.get_running_loop().add_signal_handler(
+            signal.SIGHUP, lambda: log.warning("SIGHUP during start-up: ignored (send it again once started)"))
 
     def started(self) -> None:
         loop = asyncio.get_running_loop()

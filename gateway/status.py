@@ -433,11 +433,14 @@ class StatusClient:
         # every event (no where clause), with the fields this view shows: asyncua's own filter
         # builder browses the whole event type tree first, hundreds of round trips
         await sub.subscribe_events(self.client.nodes.server, evfilter=event_filter())
-        await self.client.get_node(ua.ObjectIds.ConditionType).call_method(
-            ua.NodeId(ua.ObjectIds.ConditionType_ConditionRefresh),
-            ua.Variant(sub.subscription_id, ua.VariantType.UInt32))
-        self.view.connected = True
         self.view.line = ""
+        try:  # the alarms already active (Part 9 ConditionRefresh)
+            await self.client.get_node(ua.ObjectIds.ConditionType).call_method(
+                ua.NodeId(ua.ObjectIds.ConditionType_ConditionRefresh),
+                ua.Variant(sub.subscription_id, ua.VariantType.UInt32))
+        except ua.UaStatusCodeError as exc:
+            self.view.line = f"ConditionRefresh refused ({ua.StatusCode(exc.code).name}): only new alarms are shown"
+        self.view.connected = True
         log.debug("subscribed in %.2f s", time.monotonic() - t0)
         while not stop.is_set():
             if self.health_nodes:
@@ -558,6 +561,7 @@ async def run_dashboard(status: StatusClient, console: Console, refresh_s: float
                         view.line = await status.acknowledge_selected()
                     elif key in ("0", "1", "2") and view.connected:
                         view.line = await status.set_mode(int(key))
+                view.selected = min(view.selected, max(0, len(view.alarms) - 1))
                 live.update(render(view, console.width), refresh=True)
     finally:
         stop.set()

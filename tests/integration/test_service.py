@@ -4,7 +4,7 @@ The unit is checked by systemd itself (`systemd-analyze verify`, and `security -
 hardening and the TSN drop-in). `cmcs run` is then started the way systemd starts it, with a
 NOTIFY_SOCKET the test listens on and a watchdog period, and must say READY=1 and keep the watchdog
 fed; SIGHUP reloads users and checks the changed site file (refused with the change named, as a
-restart is needed); SIGTERM stops it with exit code 0 after STOPPING=1, and the audit event of a
+restart is needed); `--metrics PORT` serves the Prometheus endpoint on loopback; SIGTERM stops it with exit code 0 after STOPPING=1, and the audit event of a
 value written just before is in the history database.
 """
 
@@ -19,6 +19,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 from asyncua import Client, ua
@@ -102,13 +103,19 @@ async def test_cmcs_run_notifies_systemd_reloads_on_sighup_and_flushes_history_o
     log = open(tmp_path / "gateway.log", "w")
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "NOTIFY_SOCKET": str(tmp_path / "notify.sock"),
            "WATCHDOG_USEC": "400000"}
+    metrics_port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "gateway", "run", "--config", str(site_file), "--data-dir",
-                             str(data_dir), "--no-cmcs"], stdout=log, stderr=subprocess.STDOUT, env=env)
+                             str(data_dir), "--no-cmcs", "--metrics", str(metrics_port)],
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
     unit = site.units[0]
     try:
         ready = await listener.wait_for("READY=1", 60)
         first = await listener.wait_for("WATCHDOG=1", 2, after=ready)
         await listener.wait_for("WATCHDOG=1", 2, after=first + 1)  # fed every WATCHDOG_USEC / 2
+        # --metrics PORT: plain HTTP on loopback; the devices are not there, so they are down
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
+            scraped = response.read().decode()
+        assert f'cmcs_device_up{{device="{unit.name}"}} 0.0' in scraped and "cmcs_build_info{" in scraped
 
         # SIGHUP: a new user is taken, a changed site file is refused with what would need a restart
         set_user(data_dir, "ops-engineer", "Engineer", password="ops-engineer-pw")
