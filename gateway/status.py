@@ -412,13 +412,20 @@ class StatusClient:
                         pass
             except CliError:
                 raise
+            except ua.UaStatusCodeError as exc:
+                name = ua.StatusCode(exc.code).name
+                if name in LOGIN_REFUSALS:  # trying again would be refused again: say why and stop
+                    raise CliError(f"{self.options.endpoint} refused this client: {name} ({LOGIN_REFUSALS[name]})") \
+                        from None
+                self._lost(exc)
+                await _wait(stop, 2.0)
             except (OSError, asyncio.TimeoutError, ua.UaError, ConnectionError) as exc:
-                self.view.connected = False
-                self.view.line = f"cannot reach {self.options.endpoint}: {_reason(exc)}; trying again"
-                try:
-                    await asyncio.wait_for(stop.wait(), 2.0)
-                except asyncio.TimeoutError:
-                    pass
+                self._lost(exc)
+                await _wait(stop, 2.0)
+
+    def _lost(self, exc: BaseException) -> None:
+        self.view.connected = False
+        self.view.line = f"cannot reach {self.options.endpoint}: {_reason(exc)}; trying again"
 
     async def _session(self, stop: asyncio.Event) -> None:
         self.targets.clear()
@@ -506,6 +513,26 @@ class StatusClient:
         except ua.UaStatusCodeError as exc:
             return f"SetMode({CMCS_MODES[mode]}) refused: {_status_explained(exc.code)}"
         return f"CMCS mode set to {CMCS_MODES[mode]}"
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except asyncio.TimeoutError:
+        pass
+
+
+LOGIN_REFUSALS = {
+    "BadUserAccessDenied": "wrong user name or password, or this user may not log in",
+    "BadIdentityTokenInvalid": "wrong user name or password",
+    "BadIdentityTokenRejected": "this kind of login is switched off on the gateway",
+    "BadCertificateUntrusted": "the gateway does not trust this client's certificate yet: on the gateway, "
+                               "cmcs certs list, then cmcs certs trust <thumbprint>",
+    "BadSecurityChecksFailed": "the gateway does not trust this client's certificate (cmcs certs trust on the "
+                               "gateway) or the security policy is not offered",
+    "BadSecurityPolicyRejected": "the gateway does not offer this --security policy",
+    "BadCertificateUriInvalid": "--application-uri is not the certificate's SubjectAltName URI",
+}
 
 
 def _status_explained(code: int) -> str:
