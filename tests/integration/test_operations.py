@@ -42,6 +42,7 @@ from simulator.scenario import Fault, Scenario
 from siteconfig.demo import demo_site
 from siteconfig.model import MetricsConfig
 from tests.integration.conftest import free_port, relocate_site
+from tests.ops_certs import tls_pair
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -69,7 +70,7 @@ class Running:
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def running(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ops")
-    cert, key = _tls_pair(tmp)
+    cert, key = tls_pair(tmp)
     site = relocate_site(demo_site())
     g = site.gateway
     metrics_port = free_port()
@@ -111,14 +112,6 @@ def _client_certificate(folder: Path, uri: str) -> tuple[Path, Path]:
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.DER))
     key_path.write_bytes(cert_gen.dump_private_key_as_pem(key))
     return cert_path, key_path
-
-
-def _tls_pair(folder: Path) -> tuple[Path, Path]:
-    cert, key = folder / "metrics.pem", folder / "metrics.key"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-days", "1",
-                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
-    return cert, key
 
 
 def _get(url: str, cafile: Path, auth: tuple[str, str] | None) -> tuple[int, str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ from siteconfig.demo import demo_site, site_to_yaml
 from siteconfig.loader import load_site, parse_site
 from siteconfig.model import MetricsConfig
 from siteconfig.yamlpos import ConfigErrors
+from tests.ops_certs import tls_pair
 
 SMALL = (Path(__file__).resolve().parents[1] / "fixtures" / "sites" / "small.yaml").read_text()
 
@@ -30,15 +30,13 @@ def test_absent_block_is_off_and_a_bare_port_binds_loopback():
 
 
 def test_tls_and_basic_auth_paths_resolve_against_the_site_file(tmp_path):
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                    "-subj", "/CN=gw", "-days", "1", "-keyout", str(tmp_path / "m.key"), "-out", str(tmp_path / "m.pem")],
-                   check=True, capture_output=True)
+    cert, key = tls_pair(tmp_path, "m")
     hashed = hash_password("pw")
     path = tmp_path / "site.yaml"
     path.write_text(_with_gateway_block(f"  metrics:\n    host: 0.0.0.0\n    port: 9464\n    tls: {{cert: m.pem, key: m.key}}\n"
                                         f"    basic_auth: {{user: prom, password_hash: '{hashed}'}}"))
     metrics = load_site(path, profiles_dir=None).gateway.metrics
-    assert metrics == MetricsConfig("0.0.0.0", 9464, str(tmp_path / "m.pem"), str(tmp_path / "m.key"), "prom", hashed)
+    assert metrics == MetricsConfig("0.0.0.0", 9464, str(cert), str(key), "prom", hashed)
 
 
 @pytest.mark.parametrize("block, expected", [
@@ -70,3 +68,13 @@ def test_metrics_address(text, address):
 def test_bad_metrics_address_is_one_line():
     with pytest.raises(ValueError, match=r"expected \[HOST:\]PORT"):
         parse_metrics_address("localhost:http")
+
+
+def test_a_key_that_is_not_the_certificates_is_refused(tmp_path):
+    cert, _ = tls_pair(tmp_path, "one")
+    _, other_key = tls_pair(tmp_path, "two")
+    path = tmp_path / "site.yaml"
+    path.write_text(_with_gateway_block(f"  metrics: {{port: 9464, tls: {{cert: {cert.name}, key: {other_key.name}}}}}"))
+    with pytest.raises(ConfigErrors) as caught:
+        load_site(path, profiles_dir=None)
+    assert any("not a matching PEM certificate and private key" in str(e) for e in caught.value.errors)
