@@ -20,6 +20,9 @@ import dataclasses
 import logging
 from typing import TYPE_CHECKING
 
+from siteconfig.loader import load_site
+from siteconfig.yamlpos import ConfigError, ConfigErrors
+
 if TYPE_CHECKING:
     from gateway.app import Gateway
     from siteconfig.model import Site
@@ -60,7 +63,7 @@ async def _reload_cmcs_bundle(gateway: Gateway) -> str:
     live = gateway.live
     if live is None or gateway.cmcs_bundle is not None:  # no CMCS, or a bundle pinned on the command line
         return ""
-    from cmcs.models import Predictor
+    from cmcs.models import Predictor  # xgboost: loaded only when there is a CMCS to reload
 
     bundle = gateway.bundle_dir()
     try:
@@ -87,9 +90,6 @@ def _check_site_file(gateway: Gateway, report: ReloadReport) -> None:
     if not path:
         log.info("reload: built-in demo site, no site file to re-read")
         return
-    from siteconfig.loader import load_site
-    from siteconfig.yamlpos import ConfigError, ConfigErrors
-
     try:
         new = load_site(path)
     except (ConfigError, ConfigErrors) as exc:

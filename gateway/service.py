@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from gateway.reload import reload_gateway
 from siteconfig.errors import CliError
 
 if TYPE_CHECKING:
@@ -89,8 +90,6 @@ class ServiceHooks:
             self._tasks.append(asyncio.create_task(self._status(summary), name="sd status"))
 
     def _on_sighup(self) -> None:
-        from gateway.reload import reload_gateway
-
         if self._reloading is not None and not self._reloading.done():
             log.warning("SIGHUP: a reload is still running; ignored")
             return
