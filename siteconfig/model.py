@@ -128,12 +128,32 @@ class OpcUaConfig:
 
 
 @dataclass(frozen=True)
+class MqttConfig:
+    """`gateway.mqtt`: the Sparkplug B 3.0 edge node (docs/interface.md sections 5 and 8, docs/sparkplug.md)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8883
+    tls_ca: str | None = None  # PEM paths, absolute once loaded (relative to the site file in it)
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    insecure: bool = False  # plain TCP allowed (warned at start-up)
+    group_id: str = "cmcs"
+    edge_node_id: str | None = None  # None: the site name
+    primary_host_id: str | None = None
+    store_forward_mb: float = 512.0
+    commands: bool = False  # DCMD SwitchSource / StartBridging / StopBridging through the command service
+    command_user: str = "mqtt"  # who DCMD calls are audited as, and the role they are checked under
+    command_role: str = "Operator"
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     opcua: OpcUaConfig = field(default_factory=OpcUaConfig)
     scan_groups_s: dict[str, float] = field(default_factory=lambda: {"fast": 0.5, "normal": 1.0, "slow": 5.0})
     stale_time_s: float = 10.0  # Uncertain -> Bad after this long without a good read
     dwell_time_s: float = 30.0  # anti-flapping: minimum time between transfers of one unit
     derating: float = 0.8  # NEC 210.20(A) 80 % rule for continuous load
+    mqtt: MqttConfig | None = None  # absent: no MQTT publisher
 
 
 @dataclass(frozen=True)
