@@ -74,7 +74,7 @@ class Mosquitto:
             "user root" if _is_root() else "",
             "persistence true", f"persistence_location {self.folder}/", "autosave_interval 1",
             f"log_dest file {self.log}", "log_type error", "log_type warning", "log_type notice",
-            "max_inflight_messages 0", "max_queued_messages 0", "max_queued_bytes 0",
+            "max_inflight_messages 0", "max_queued_messages 0", "max_queued_bytes 0", "queue_qos0_messages true",
             f"listener {self.port} {LOCALHOST}",
             f"cafile {self.pki.ca}", f"certfile {cert}", f"keyfile {key}",
             "require_certificate true", "tls_version tlsv1.2", "allow_anonymous true", ""]))

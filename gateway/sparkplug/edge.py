@@ -499,7 +499,7 @@ class EdgeNode(Sink):
             return False
         except (OSError, ssl.SSLError, ValueError) as exc:
             self._refused(f"MQTT broker {where}: cannot connect ({exc}); retrying with backoff up to "
-                          f"{RECONNECT_BACKOFF_MAX_S:.0f} s, data is kept in the store-and-forward queue")
+                          f"{RECONNECT_BACKOFF_MAX_S:.0f} s, data is kept in the store-and-forward queue", logging.WARNING)
             return False
         s = _Session(client, bdseq)
         self._session = s
@@ -510,9 +510,9 @@ class EdgeNode(Sink):
         client.loop_start()
         return True
 
-    def _refused(self, reason: str) -> None:
+    def _refused(self, reason: str, level: int = logging.ERROR) -> None:
         if reason != self._refused_reason:  # one line per distinct reason, not one per retry
-            log.error("%s", reason)
+            log.log(level, "%s", reason)
             self._refused_reason = reason
 
     def _on_connack(self, client, rc) -> None:
@@ -550,7 +550,7 @@ class EdgeNode(Sink):
             pass
         self.store.mark_historical()
         self.store.commit()
-        if s.live or s.connected:
+        if (s.live or s.connected) and not self._stopping.is_set():
             log.warning("MQTT session ended: %s; data goes to the store-and-forward queue (%d messages)", why,
                         self.store.count)
 
