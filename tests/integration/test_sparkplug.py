@@ -326,3 +326,77 @@ def test_two_gateways_into_one_broker_one_subscriber_sees_both(pki, broker, tmp_
         for node, _t in nodes:
             node.stop()
         sub.stop()
+
+
+async def test_the_gateway_publishes_its_site_with_cmcs_results_alarms_and_dcmd(pki, broker, tmp_path):
+    """`gateway.mqtt` in a site file (TLS paths relative to it): the whole gateway (drivers polling the
+    simulators, OPC UA server, alarms) publishes; a CMCS result written to the address space and a
+    raised alarm become metrics; a DCMD SwitchSource goes through the command service, audited."""
+    import asyncio
+    import shutil
+
+    import yaml
+    from asyncua import ua
+
+    from gateway.app import Gateway
+    from siteconfig.demo import relocate_site, site_to_yaml
+    from simulator.endpoints import SimulatorHost
+
+    from .conftest import free_port
+
+    site_dir = tmp_path / "site"
+    (site_dir / "mqtt").mkdir(parents=True)
+    for f in (pki.ca, pki.gateway_cert, pki.gateway_key):
+        shutil.copy(f, site_dir / "mqtt" / f.name)
+    base = relocate_site(load_site(FIXTURES / "small.yaml"))
+    opcua = dataclasses.replace(base.gateway.opcua, host=LOCALHOST, port=free_port(), allow_security_none=True)
+    base = dataclasses.replace(base, gateway=dataclasses.replace(base.gateway, opcua=opcua))
+    doc = yaml.safe_load(site_to_yaml(base))
+    doc["gateway"]["mqtt"] = {"host": LOCALHOST, "port": broker.port, "group_id": "dc1", "commands": True,
+                              "tls": {"ca": "mqtt/ca.pem", "cert": "mqtt/gateway.pem", "key": "mqtt/gateway.key"}}
+    (site_dir / "site.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    site = load_site(site_dir / "site.yaml")
+    assert site.gateway.mqtt.tls_ca == str(site_dir / "mqtt" / "ca.pem")
+
+    sub = Subscriber(pki, broker.port)
+    sub.start()
+    host = SimulatorHost(site)
+    await host.start()
+    gw = Gateway(site, tmp_path / "data", opcua_port=opcua.port, opcua_host=LOCALHOST)
+    await gw.start()
+    try:
+        def wait(predicate, what, timeout_s=30.0):
+            return asyncio.get_running_loop().run_in_executor(None, lambda: sub.wait_for(predicate, timeout_s, what))
+
+        await wait(lambda ms: any(f"/DDATA/{site.name}/{UNIT}" in m.topic for m in ms), "DDATA from the drivers")
+        born = {m.topic.split("/")[-1] for m in sub.of("DBIRTH")}
+        assert born == {d for d, _k, _e in site.devices()}
+        # a CMCS result, written into the address space as the CMCS's OPC UA write does
+        risk_node = gw.server.model.points[(UNIT, "RiskScore")]
+        await gw.server.server.write_attribute_value(risk_node, ua.DataValue(ua.Variant(0.73, ua.VariantType.Double)))
+        alias = _metrics(next(m for m in sub.of("DBIRTH", UNIT)))["RiskScore"].alias
+        await wait(lambda ms: any(x.alias == alias and abs(x.double_value - 0.73) < 1e-9 for m in ms
+                                  if m.topic.endswith(f"/DDATA/{site.name}/{UNIT}") for x in m.payload.metrics),
+                   "RiskScore in DDATA")
+        # an alarm raised by the CMCS: its metrics appear (a new DBIRTH of that device carries them)
+        gw.server.alarms.raise_predicted_failure(UNIT, "contacts", 600.0, 0.9)
+        await wait(lambda ms: any(m.topic.endswith(f"/DBIRTH/{site.name}/{UNIT}")
+                                  and _metrics(m).get("Alarms/PredictedFailure/Active")
+                                  and _metrics(m)["Alarms/PredictedFailure/Active"].boolean_value for m in ms),
+                   "the alarm as metrics")
+        # DCMD SwitchSource (commands: true): the command service decides, the audit log says who
+        cmd = Payload(timestamp=int(time.time() * 1000))
+        m = cmd.metrics.add()
+        m.name, m.datatype, m.int_value = "SwitchSource", 3, 2
+        sub.client.publish(f"spBv1.0/dc1/DCMD/{site.name}/{UNIT}", cmd.SerializeToString(), qos=1)
+        audit = tmp_path / "data" / "audit.log"
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and '"method": "SwitchSource"' not in (audit.read_text() if audit.exists() else ""):
+            await asyncio.sleep(0.1)
+        line = next(x for x in audit.read_text().splitlines() if '"method": "SwitchSource"' in x)
+        assert '"user": "mqtt"' in line and '"role": "Operator"' in line
+    finally:
+        await gw.stop()
+        await host.stop()
+        sub.stop()
+    assert any(m.topic == f"spBv1.0/dc1/NDEATH/{site.name}" for m in sub.messages)  # a clean stop sends NDEATH too
