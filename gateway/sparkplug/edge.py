@@ -180,8 +180,6 @@ class EdgeNode(Sink):
             log.warning("MQTT: plain TCP to %s:%d (insecure: true): payloads and the broker are not "
                         "authenticated or encrypted", self.config.host, self.config.port)
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.store = MessageStore(self.data_dir / QUEUE_FILE, int(self.config.store_forward_mb * 1e6))
-        self.store.db.close()  # reopened in the publisher thread, which owns it
         self._thread = threading.Thread(target=self._run, name="sparkplug publisher", daemon=True)
         self._thread.start()
 

@@ -400,3 +400,38 @@ async def test_the_gateway_publishes_its_site_with_cmcs_results_alarms_and_dcmd(
         await host.stop()
         sub.stop()
     assert any(m.topic == f"spBv1.0/dc1/NDEATH/{site.name}" for m in sub.messages)  # a clean stop sends NDEATH too
+
+
+def test_births_wait_for_the_primary_host_and_data_is_held_while_it_is_offline(pki, broker, tmp_path):
+    site = _site()
+    sub = Subscriber(pki, broker.port)
+    sub.start()
+    table = _table(site)
+    _all_good(table, site)
+    node = _node(site, table, pki, broker, tmp_path / "data", primary_host_id="scada")
+    state_topic = "spBv1.0/STATE/scada"
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and node.connections == 0:
+            time.sleep(0.05)
+        table.update_device(UNIT, {"LoadPower": 5.0})
+        time.sleep(1.0)
+        assert not sub.of("NBIRTH") and not sub.of("DDATA")  # connected, but the host is not online
+        sub.client.publish(state_topic, b'{"online": true, "timestamp": 1}', qos=1, retain=True)
+        sub.wait_for(lambda ms: any("/DDATA/" in m.topic for m in ms), what="data once the host is online")
+        first = sub.of("DDATA", UNIT)[0].payload.metrics[0]
+        assert first.double_value == 5.0 and first.is_historical  # held while the host was away
+        assert sub.of("NBIRTH")
+        sub.client.publish(state_topic, b'{"online": false, "timestamp": 2}', qos=1, retain=True)
+        sub.wait_for(lambda ms: any("/NDEATH/" in m.topic for m in ms), what="NDEATH when the host goes offline")
+        table.update_device(UNIT, {"LoadPower": 6.0})
+        time.sleep(1.0)
+        assert len(sub.of("NBIRTH")) == 1 and all(m.payload.metrics[0].double_value != 6.0
+                                                   for m in sub.of("DDATA", UNIT))
+        sub.client.publish(state_topic, b'{"online": true, "timestamp": 3}', qos=1, retain=True)
+        sub.wait_for(lambda ms: any(m.payload.metrics[0].double_value == 6.0 for m in ms
+                                    if f"/DDATA/small-hall/{UNIT}" in m.topic), what="the held value")
+        assert len(sub.of("NBIRTH")) == 2
+    finally:
+        node.stop()
+        sub.stop()
