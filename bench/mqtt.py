@@ -28,6 +28,9 @@ from bench.mqtt_broker import LOCALHOST, Mosquitto, Subscriber, make_pki
 from drivers.base import DriverSet
 from drivers.pointtable import PointTable
 from gateway.sparkplug import EdgeNode
+from gateway.sparkplug.catalogue import Payload
+from simulator.endpoints import SimulatorHost
+from siteconfig.demo import relocate_site
 from siteconfig.model import MqttConfig, Site
 from siteconfig.points import POINTS
 
@@ -46,8 +49,6 @@ class _Counter(Subscriber):
         self.births = 0
 
     def _on_message(self, _c, _u, msg):
-        from gateway.sparkplug.catalogue import Payload
-
         now = time.time()
         kind = msg.topic.split("/")[2]
         if kind in ("NBIRTH", "DBIRTH"):
@@ -77,9 +78,6 @@ def measure(site: Site, window_s: float = 30.0, outage_s: float = 300.0) -> dict
 
 
 async def _measure(site: Site, tmp: Path, window_s: float, outage_s: float) -> dict:
-    from simulator.endpoints import SimulatorHost
-    from siteconfig.demo import relocate_site
-
     site = relocate_site(site)
     pki = make_pki(tmp / "pki")
     broker = Mosquitto(tmp / "broker", pki)

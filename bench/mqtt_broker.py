@@ -3,6 +3,7 @@ Sparkplug subscriber; shared by tests/integration/test_sparkplug.py and bench/mq
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -105,8 +106,6 @@ class Mosquitto:
 
 
 def _is_root() -> bool:
-    import os
-
     return os.geteuid() == 0
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from asyncua import ua
 
 from drivers.pointtable import Birth, Change, Quality, Sink
 from gateway.sparkplug.catalogue import (BDSEQ, NAMESPACE, REBIRTH, ALARM_TYPES, Catalogue, MetricDef, Payload,
@@ -150,8 +151,6 @@ class EdgeNode(Sink):
         them as a client, unaudited, so they pass no other hook) and the alarm engine's conditions."""
         model = gateway_server.model
         aspace = gateway_server.server.iserver.aspace
-        from asyncua import ua  # the gateway's OPC UA side; this module stays importable without a server
-
         for (device, point), nodeid in model.points.items():
             if not (point in ("RiskScore", "PredictedLoad") or device == "Cmcs"):
                 continue

@@ -12,9 +12,11 @@ The outage length is a parameter (CMCS_MQTT_OUTAGE_S, default 3 s: the suite's t
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,16 +24,22 @@ import textwrap
 import time
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
 import pytest
+import yaml
+from asyncua import ua
 
 from bench.mqtt_broker import LOCALHOST, Mosquitto, Subscriber, make_pki
 from drivers.pointtable import PointTable, Quality
 from gateway.sparkplug import EdgeNode
-from gateway.sparkplug.catalogue import BDSEQ, REBIRTH, Payload, value_of
+from gateway.app import Gateway
+from gateway.sparkplug.catalogue import BDSEQ, REBIRTH, Payload
+from siteconfig.demo import relocate_site, site_to_yaml
 from siteconfig.loader import load_site
 from siteconfig.model import MqttConfig
 from siteconfig.points import POINTS
+from simulator.endpoints import SimulatorHost
+
+from .conftest import free_port
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "sites"
 OUTAGE_S = float(os.environ.get("CMCS_MQTT_OUTAGE_S", "3"))
@@ -332,18 +340,6 @@ async def test_the_gateway_publishes_its_site_with_cmcs_results_alarms_and_dcmd(
     """`gateway.mqtt` in a site file (TLS paths relative to it): the whole gateway (drivers polling the
     simulators, OPC UA server, alarms) publishes; a CMCS result written to the address space and a
     raised alarm become metrics; a DCMD SwitchSource goes through the command service, audited."""
-    import asyncio
-    import shutil
-
-    import yaml
-    from asyncua import ua
-
-    from gateway.app import Gateway
-    from siteconfig.demo import relocate_site, site_to_yaml
-    from simulator.endpoints import SimulatorHost
-
-    from .conftest import free_port
-
     site_dir = tmp_path / "site"
     (site_dir / "mqtt").mkdir(parents=True)
     for f in (pki.ca, pki.gateway_cert, pki.gateway_key):
