@@ -118,7 +118,9 @@ async def _measure(site: Site, tmp: Path, window_s: float, outage_s: float) -> d
         # the outage: broker gone, the queue fills; back: births, replay, live
         await loop.run_in_executor(None, broker.stop)
         acked_before = node.acked
+        held_before = node.held_metrics
         await asyncio.sleep(outage_s)
+        held = node.held_metrics - held_before
         queued_messages = node.stats()["queue_messages"]
         queued_bytes = node.stats()["queue_bytes"]
         await loop.run_in_executor(None, broker.start)
@@ -130,7 +132,10 @@ async def _measure(site: Site, tmp: Path, window_s: float, outage_s: float) -> d
         figures.update({
             "outage_s": outage_s,
             "queued_messages": queued_messages, "queued_mb": round(queued_bytes / 1e6, 2),
+            "held_metrics": held,
             "replayed_metrics": sub.hist_metrics,
+            # at least once: a replay may repeat a message whose PUBACK was lost, never miss one
+            "replay_lost": max(0, held - sub.hist_metrics),
             "replay_s": round(replay_s, 2) if replay_s else None,
             "replay_metrics_per_s": round(sub.hist_metrics / replay_s, 1) if replay_s else None,
             "replayed_messages_acked": node.acked - acked_before,

@@ -114,6 +114,7 @@ class EdgeNode(Sink):
         self.births = 0
         self.connections = 0
         self.commands_received = 0
+        self.held_metrics = 0  # metrics queued while not live (to be sent as history)
 
     # ---- the sink (asyncio loop: put and return) ------------------------------------------------
     def attach(self, birth: Birth) -> None:
@@ -134,7 +135,7 @@ class EdgeNode(Sink):
                 "dropped_messages": store.dropped_messages if store else 0,
                 "dropped_metrics": store.dropped_metrics if store else 0,
                 "published": self.published, "acked": self.acked, "births": self.births,
-                "connections": self.connections, "inbox": self._inbox.qsize()}
+                "connections": self.connections, "held_metrics": self.held_metrics, "inbox": self._inbox.qsize()}
 
     # ---- listeners of the CMCS results and the alarms (asyncio loop) ------------------------------
     def on_result(self, device: str, point: str, value, ts: float) -> None:
@@ -280,7 +281,10 @@ class EdgeNode(Sink):
     def _queue(self, kind: str, device: str, payload, metrics: int) -> None:
         s = self._session
         keep = s.inflight.values() if s is not None else ()
-        self.store.append(kind, device, not self._live(), metrics, payload.SerializeToString(), keep)
+        live = self._live()
+        if not live:
+            self.held_metrics += metrics
+        self.store.append(kind, device, not live, metrics, payload.SerializeToString(), keep)
 
     def _on_birth(self, birth: Birth) -> None:
         for device, points in birth.values.items():
