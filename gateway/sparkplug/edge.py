@@ -50,6 +50,13 @@ INFLIGHT_WINDOW = 64  # unacknowledged QoS 1 messages at a time: what paces the 
 QUEUE_FILE = "sparkplug-queue.sqlite3"
 BDSEQ_FILE = "sparkplug-bdseq"
 _DEAD = (Quality.BAD_COMM, Quality.BAD_WAITING)
+# the queue's `historical` column: sent live / to be flagged is_historical when sent / flagged already
+LIVE, HISTORY_UNFLAGGED, HISTORY_FLAGGED = 0, 1, 2
+
+
+def _seq_field(seq: int) -> bytes:
+    """Payload.seq (field 3, varint) on the wire: key byte 0x18, then the varint of 0..255."""
+    return b"\x18" + (bytes([seq]) if seq < 0x80 else bytes([(seq & 0x7F) | 0x80, seq >> 7]))
 
 # DCMD metric names -> (command service method, argument names) (docs/sparkplug.md "Commands")
 DCMD_METRICS = {"SwitchSource": "switch_source", "SetPreferredSource": "set_preferred_source",
@@ -282,9 +289,12 @@ class EdgeNode(Sink):
         s = self._session
         keep = s.inflight.values() if s is not None else ()
         live = self._live()
-        if not live:
+        if not live:  # history from the start: flagged now, so the replay only adds seq
             self.held_metrics += metrics
-        self.store.append(kind, device, not live, metrics, payload.SerializeToString(), keep)
+            for m in payload.metrics:
+                m.is_historical = True
+        self.store.append(kind, device, HISTORY_FLAGGED if not live else LIVE, metrics,
+                          payload.SerializeToString(), keep)
 
     def _on_birth(self, birth: Birth) -> None:
         for device, points in birth.values.items():
@@ -449,14 +459,19 @@ class EdgeNode(Sink):
             elif kind == "DDEATH" and historical:
                 self.store.delete([row_id])
                 continue
-            else:
+            elif historical == HISTORY_UNFLAGGED:  # queued live, unacknowledged when the session ended
                 payload = Payload.FromString(body)
-                if historical:
-                    for m in payload.metrics:
-                        m.is_historical = True
+                for m in payload.metrics:
+                    m.is_historical = True
+            else:
+                payload = None
             s.seq = (s.seq + 1) % 256
-            payload.seq = s.seq
-            info = s.client.publish(topic(g, kind, e, device or None), payload.SerializeToString(), qos=1)
+            if payload is not None:
+                payload.seq = s.seq
+                body = payload.SerializeToString()
+            else:
+                body = body + _seq_field(s.seq)  # a field appended to a serialized message is merged into it
+            info = s.client.publish(topic(g, kind, e, device or None), body, qos=1)
             if info.rc != mqtt.MQTT_ERR_SUCCESS:
                 s.cursor = row_id - 1
                 self._end_session(f"publish failed ({mqtt.error_string(info.rc)})")

@@ -23,7 +23,7 @@ CREATE TABLE IF NOT EXISTS queue (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     kind TEXT NOT NULL,          -- DDATA, NDATA, DBIRTH, DDEATH
     device TEXT NOT NULL,        -- '' for node messages
-    historical INTEGER NOT NULL, -- 1: queued while not publishing live: sent with is_historical
+    historical INTEGER NOT NULL, -- 0 live; 1 to be sent with is_historical; 2 is_historical already set
     metrics INTEGER NOT NULL,
     body BLOB NOT NULL           -- a serialized Payload without seq (seq is per connection)
 )
@@ -59,7 +59,7 @@ class MessageStore:
             self.db.execute("COMMIT")
             self._in_tx = False
 
-    def append(self, kind: str, device: str, historical: bool, metrics: int, body: bytes,
+    def append(self, kind: str, device: str, historical: int, metrics: int, body: bytes,
                keep: Iterable[int] = ()) -> int:
         """Queue a message (in the open transaction; `commit()` makes it durable); returns its id.
         `keep`: ids that must not be dropped for room (in flight)."""
