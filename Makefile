@@ -22,3 +22,9 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) cmcs-data .pytest_cache
+
+# The Sparkplug B payload code (committed): regenerate after editing the .proto (protoc from
+# Debian's protobuf-compiler, 3.21; the runtime `protobuf` is pinned in pyproject.toml).
+.PHONY: sparkplug-proto
+sparkplug-proto:
+	protoc --proto_path=gateway/sparkplug --python_out=gateway/sparkplug gateway/sparkplug/sparkplug_b.proto

@@ -34,6 +34,7 @@ import psutil
 from asyncua import Client, ua
 from asyncua.common.subscription import Subscription
 
+from bench import mqtt
 from bench.report import markdown_table, write_json
 from bench.workers import BENCH_PASSWORD, BENCH_USER
 from siteconfig.demo import free_port
@@ -245,6 +246,10 @@ def run(out: Path, json_path: Path | None, quick: bool = False) -> dict:
                 r = asyncio.run(measure(site, site_file, mode, window))
                 figures[key][name] = r
                 print(f"    {json.dumps(r)}", flush=True)
+    # Sparkplug B edge node into its own mosquitto (bench/mqtt.py); CMCS_BENCH_MQTT_OUTAGE_S shortens the 5-min outage
+    outage = os.environ.get("CMCS_BENCH_MQTT_OUTAGE_S")
+    figures["mqtt"] = mqtt.run_for_gateway_bench(sites, quick=quick, outage_s=float(outage) if outage else None)
+    print(f"    mqtt: {json.dumps(figures['mqtt'])}", flush=True)
     rows = []
     cols = ["startup_s", "updates_per_s", "latency_p50_s", "latency_p99_s", "switch_rtt_ms_median", "poll_overruns",
             "cpu_percent", "peak_rss_mb"]
@@ -268,7 +273,8 @@ def run(out: Path, json_path: Path | None, quick: bool = False) -> dict:
         "# cmcs bench gateway\n\nThree processes on this machine: simulators, gateway, measuring client "
         f"(subscribed to every variable, 500 ms publishing). Window {window:g} s.\n\n{table}\n\n"
         f"Ratios (naive / ours; updates: ours / naive): `{json.dumps(ratios)}`\n\n"
-        f"Targets for 1,000 units: `{json.dumps(TARGETS_1000)}`\n\n![gateway](gateway.png)\n")
+        f"Targets for 1,000 units: `{json.dumps(TARGETS_1000)}`\n\n![gateway](gateway.png)\n\n"
+        f"## MQTT / Sparkplug B (bench/mqtt.py)\n\n`{json.dumps(figures.get('mqtt'))}`\n")
     write_json(json_path, figures)
     print(table)
     return figures

@@ -590,6 +590,9 @@ class AlarmEngine:
         self._notifier_linked: set[ua.NodeId] = set()
         self._stopped = False
         self.type_ids: dict[str, ua.NodeId] = {}
+        # called with the Condition each time its state is published (raise, clear, acknowledge..):
+        # e.g. the Sparkplug edge node (gateway/sparkplug); must return at once
+        self.listeners: list[Callable[[Condition], None]] = []
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -868,6 +871,11 @@ class AlarmEngine:
         if cond.enabled or force:
             assert self._queue is not None, "AlarmEngine.start() first"
             self._queue.put_nowait((cond, ev, done))
+            for listener in self.listeners:
+                try:
+                    listener(cond)
+                except Exception:  # noqa: BLE001 - a listener must not stop the alarms
+                    log.exception("alarm listener %r failed", listener)
         elif done is not None:
             done.set_result(None)
         return ev

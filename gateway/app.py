@@ -54,6 +54,7 @@ class Gateway:
                                     health=self.driver.health, data_dir=Path(self.data_dir))
 
     historian: object = None  # gateway.historian.Historian once started
+    sparkplug: object = None  # gateway.sparkplug.EdgeNode once started (site file: gateway.mqtt)
     live: object = None  # cmcs.live.LiveCmcs once started
     _cmcs_stop: asyncio.Event | None = None
     _cmcs_task: asyncio.Task | None = None
@@ -69,6 +70,8 @@ class Gateway:
         # alarms and audit events go to the historian too (HistoryRead of events on the Server object)
         await self.server.server.iserver.history_manager.historize_event(self.server.server.nodes.server,
                                                                           period=None)
+        if self.site.gateway.mqtt is not None:
+            await self.start_sparkplug()
         if self.cmcs:
             await self.start_cmcs()
         await self.start_operations()
@@ -91,6 +94,18 @@ class Gateway:
             await self.summary.stop()
         if self.metrics is not None:
             await self.metrics.stop()
+
+    async def start_sparkplug(self) -> None:
+        """The Sparkplug B edge node (gateway/sparkplug): a lossless sink of the point table, plus the
+        CMCS results and alarms of the OPC UA server; it connects to the broker on its own thread."""
+        from gateway.sparkplug import EdgeNode
+
+        node = EdgeNode(self.site, self.site.gateway.mqtt, Path(self.data_dir), commands=self.commands,
+                        loop=asyncio.get_running_loop())
+        await node.attach_server(self.server)
+        self.table.attach(node)
+        node.start()
+        self.sparkplug = node
 
     def bundle_dir(self) -> Path:
         from cmcs.models import SHIPPED_BUNDLE
@@ -125,6 +140,9 @@ class Gateway:
                 await asyncio.wait_for(self._cmcs_task, 10)
             except (asyncio.TimeoutError, Exception) as exc:  # noqa: BLE001 - stopping anyway
                 log.warning("CMCS did not stop cleanly: %s", exc)
+        if self.sparkplug is not None:
+            self.table.detach(self.sparkplug)
+            await self.sparkplug.aclose()
         await self.server.stop()
         if self.historian is not None:
             await self.historian.close()

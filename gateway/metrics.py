@@ -162,13 +162,13 @@ def address_space_value(iserver, nodeid):
 
 
 def mqtt_queue_messages(sinks: list[Sink]) -> int:
-    """Messages the Sparkplug publisher has not handed to the broker: its sink's stats()["queued_messages"]
-    (or "queued"); 0 without one."""
+    """Messages the Sparkplug publisher has not handed to the broker: its sink's stats()["queue_messages"]
+    (gateway/sparkplug/edge.py; messages in the store-and-forward queue); 0 without one."""
     total = 0
     for sink in sinks:
         if any(word in sink.name.lower() for word in ("sparkplug", "mqtt")):
             stats = sink.stats()
-            total += int(stats.get("queued_messages", stats.get("queued", 0)) or 0)
+            total += int(stats.get("queue_messages", 0) or 0)
     return total
 
 

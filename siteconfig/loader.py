@@ -20,6 +20,7 @@ from siteconfig.model import (
     DeviceEndpoint,
     GatewayConfig,
     MetricsConfig,
+    MqttConfig,
     MicroAtsConfig,
     OpcUaConfig,
     PdbConfig,
@@ -57,8 +58,11 @@ MODBUS_UNIT_IDS = (0, 247)  # MODBUS over Serial Line V1.02, 2.2: 0 broadcast, 2
 
 _TOP_KEYS = ("site", "gateway", "defaults", "sources", "aisles")
 _SITE_KEYS = ("name", "nominal_voltage_v", "frequency_hz")
-_GATEWAY_KEYS = ("opcua", "scan_groups_s", "stale_time_s", "dwell_time_s", "derating", "metrics", "log_summary_s")
+_GATEWAY_KEYS = ("opcua", "scan_groups_s", "stale_time_s", "dwell_time_s", "derating", "metrics", "log_summary_s",
+                 "mqtt")
 _METRICS_KEYS = ("host", "port", "tls", "basic_auth")
+_MQTT_KEYS = ("host", "port", "tls", "insecure", "group_id", "edge_node_id", "primary_host_id",
+              "store_forward_mb", "commands", "command_user", "command_role")
 _OPCUA_KEYS = ("host", "port", "path", "allow_security_none", "allow_anonymous")
 _DEVICE_KEYS = ("driver", "profile", "host", "port", "unit_id", "scan_group", "tls")
 # device.tls key -> DeviceEndpoint field. cert, key, ca: the gateway's client certificate and key and
@@ -200,6 +204,7 @@ class _SiteReader:
             derating=r.number("derating", defaults.derating, gt=0, le=1),
             metrics=self._metrics(r.mapping("metrics")),
             log_summary_s=r.number("log_summary_s", defaults.log_summary_s, ge=0),
+            mqtt=self._mqtt(r.mapping("mqtt")),
         )
 
     def _metrics(self, r: MapReader | None) -> MetricsConfig | None:
@@ -240,6 +245,38 @@ class _SiteReader:
             path=r.string("path", defaults.path, pattern=r"/[A-Za-z0-9_./-]*"),
             allow_security_none=r.boolean("allow_security_none", defaults.allow_security_none),
             allow_anonymous=r.boolean("allow_anonymous", defaults.allow_anonymous),
+        )
+
+    def _mqtt(self, r: MapReader | None) -> MqttConfig | None:
+        """`gateway.mqtt` (docs/interface.md section 5): TLS files relative to the site file, checked."""
+        if r is None:
+            return None
+        r.reject_unknown(_MQTT_KEYS)
+        defaults = MqttConfig()
+        insecure = r.boolean("insecure", defaults.insecure)
+        tls = r.mapping("tls")
+        files: dict[str, str | None] = {"ca": None, "cert": None, "key": None}
+        if tls is not None:
+            tls.reject_unknown(_TLS_GATEWAY_KEYS)
+            files = {key: self._tls_file(tls, key) for key in _TLS_GATEWAY_KEYS}
+            if all(files.values()):  # a missing one was reported by _tls_file
+                self._check_pem(tls, {"tls_cert": files["cert"], "tls_key": files["key"], "tls_ca": files["ca"]})
+        elif not insecure:
+            r.error("needs tls: {ca, cert, key} (or insecure: true for plain TCP)", None)
+        spb_id = r"[^/+#]+"  # Sparkplug 3.0 4.1.1: no '/', '+' or '#' in a topic element
+        return MqttConfig(
+            host=r.string("host", defaults.host),
+            port=r.integer("port", 1883 if insecure and tls is None else defaults.port, ge=1, le=65535),
+            tls_ca=files["ca"], tls_cert=files["cert"], tls_key=files["key"],
+            insecure=bool(insecure),
+            group_id=r.string("group_id", defaults.group_id, pattern=spb_id),
+            edge_node_id=r.string("edge_node_id", None, pattern=spb_id),
+            primary_host_id=r.string("primary_host_id", None, pattern=spb_id),
+            store_forward_mb=r.number("store_forward_mb", defaults.store_forward_mb, gt=0),
+            commands=r.boolean("commands", defaults.commands),
+            command_user=r.string("command_user", defaults.command_user, pattern=NAME_PATTERN),
+            command_role=r.choice("command_role", {k: k for k in ("Viewer", "Operator", "Engineer", "Admin")},
+                                  defaults.command_role),
         )
 
     def _defaults(self, r: MapReader | None) -> None:

@@ -141,6 +141,22 @@ class MetricsConfig:
     tls_key: str | None = None
     basic_auth_user: str | None = None
     basic_auth_password_hash: str | None = None  # scrypt$N$r$p$salt$key (gateway.users.hash_password)
+class MqttConfig:
+    """`gateway.mqtt`: the Sparkplug B 3.0 edge node (docs/interface.md sections 5 and 8, docs/sparkplug.md)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8883
+    tls_ca: str | None = None  # PEM paths, absolute once loaded (relative to the site file in it)
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    insecure: bool = False  # plain TCP allowed (warned at start-up)
+    group_id: str = "cmcs"
+    edge_node_id: str | None = None  # None: the site name
+    primary_host_id: str | None = None
+    store_forward_mb: float = 512.0
+    commands: bool = False  # DCMD SwitchSource / StartBridging / StopBridging through the command service
+    command_user: str = "mqtt"  # who DCMD calls are audited as, and the role they are checked under
+    command_role: str = "Operator"
 
 
 @dataclass(frozen=True)
@@ -152,6 +168,7 @@ class GatewayConfig:
     derating: float = 0.8  # NEC 210.20(A) 80 % rule for continuous load
     metrics: MetricsConfig | None = None  # the Prometheus endpoint; None: off
     log_summary_s: float = 60.0  # period of the one-line summary in the log; 0: none
+    mqtt: MqttConfig | None = None  # absent: no MQTT publisher
 
 
 @dataclass(frozen=True)

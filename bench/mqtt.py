@@ -1,0 +1,163 @@
+"""The `mqtt` figures of `cmcs bench gateway` (docs/interface.md section 7): the Sparkplug B edge node
+of a site's gateway into its own mosquitto (TLS, client certificates), a historian-like subscriber.
+
+One process: the device simulators (real Modbus TCP on loopback), the real drivers and point table,
+the edge node (gateway/sparkplug) and the subscriber; mosquitto is a child process.
+
+- messages_per_s, metrics_per_s: what the subscriber receives from the edge node per second over
+  the live window (DDATA/NDATA), i.e. what one gateway of that size sends a broker;
+- latency_p99_s: from the point-table change (the metric's timestamp: when the driver read it) to
+  the subscriber's receipt, same clock;
+- replay_metrics_per_s: the broker is stopped for `outage_s` (default 300 s: the issue's 5 minutes),
+  the data goes to the store-and-forward queue, then the broker comes back: historical metrics
+  received per second from the first to the last replayed message (QoS 1, the inflight window);
+  replay_lost counts outage metrics the subscriber never got (0 expected).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+from bench.mqtt_broker import LOCALHOST, Mosquitto, Subscriber, make_pki
+from drivers.base import DriverSet
+from drivers.pointtable import PointTable
+from gateway.sparkplug import EdgeNode
+from gateway.sparkplug.catalogue import Payload
+from simulator.endpoints import SimulatorHost
+from siteconfig.demo import relocate_site
+from siteconfig.model import MqttConfig, Site
+from siteconfig.points import POINTS
+
+
+class _Counter(Subscriber):
+    """The subscriber, counting instead of keeping every message (a 1,000-unit site sends a lot)."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.recording = False
+        self.messages_live = 0
+        self.metrics_live = 0
+        self.latencies: list[float] = []
+        self.hist_metrics = 0
+        self.hist_first = self.hist_last = None
+        self.births = 0
+
+    def _on_message(self, _c, _u, msg):
+        now = time.time()
+        kind = msg.topic.split("/")[2]
+        if kind in ("NBIRTH", "DBIRTH"):
+            self.births += 1
+            return
+        if kind not in ("DDATA", "NDATA"):
+            return
+        payload = Payload.FromString(msg.payload)
+        with self.lock:
+            metrics = payload.metrics
+            if metrics and metrics[0].is_historical:
+                self.hist_metrics += len(metrics)
+                self.hist_first = self.hist_first or now
+                self.hist_last = now
+                return
+            if self.recording:
+                self.messages_live += 1
+                self.metrics_live += len(metrics)
+                if len(self.latencies) < 500_000:
+                    self.latencies.append(now - metrics[0].timestamp / 1000.0)
+
+
+def measure(site: Site, window_s: float = 30.0, outage_s: float = 300.0) -> dict:
+    """Run the edge node of `site` against a fresh mosquitto; the figures as a dict."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return asyncio.run(_measure(site, Path(tmp), window_s, outage_s))
+
+
+async def _measure(site: Site, tmp: Path, window_s: float, outage_s: float) -> dict:
+    site = relocate_site(site)
+    pki = make_pki(tmp / "pki")
+    broker = Mosquitto(tmp / "broker", pki)
+    broker.start()
+    sub = _Counter(pki, broker.port, client_id="bench-historian")
+    sub.start()
+    host = SimulatorHost(site)
+    await host.start()
+    table = PointTable()
+    drivers = DriverSet(site, table)
+    config = MqttConfig(host=LOCALHOST, port=broker.port, tls_ca=str(pki.ca), tls_cert=str(pki.gateway_cert),
+                        tls_key=str(pki.gateway_key), store_forward_mb=512)
+    node = EdgeNode(site, config, tmp / "data")
+    proc = psutil.Process()
+    loop = asyncio.get_running_loop()
+    try:
+        await drivers.start()
+        table.attach(node)
+        node.start()
+        await asyncio.sleep(5.0)  # births, first reads of every device
+        sub.recording = True
+        cpu0, t0 = proc.cpu_times(), time.monotonic()
+        await asyncio.sleep(window_s)
+        sub.recording = False
+        elapsed = time.monotonic() - t0
+        cpu1 = proc.cpu_times()
+        lat = sorted(sub.latencies)
+        figures = {
+            "units": len(site.units), "devices": len(site.devices()),
+            "metrics_in_births": sum(len(p) for p in (POINTS[k] for _d, k, _e in site.devices())),
+            "messages_per_s": round(sub.messages_live / elapsed, 1),
+            "metrics_per_s": round(sub.metrics_live / elapsed, 1),
+            "latency_p50_s": round(statistics.median(lat), 4) if lat else None,
+            "latency_p99_s": round(lat[int(0.99 * (len(lat) - 1))], 4) if lat else None,
+            "cpu_percent_process": round(100 * ((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)) / elapsed, 1),
+            "window_s": window_s,
+        }
+        # the outage: broker gone, the queue fills; back: births, replay, live
+        await loop.run_in_executor(None, broker.stop)
+        acked_before = node.acked
+        held_before = node.held_metrics
+        await asyncio.sleep(outage_s)
+        held = node.held_metrics - held_before
+        queued_messages = node.stats()["queue_messages"]
+        queued_bytes = node.stats()["queue_bytes"]
+        await loop.run_in_executor(None, broker.start)
+        deadline = time.monotonic() + max(120.0, outage_s)
+        while time.monotonic() < deadline and node.stats()["queue_messages"] > 50:
+            await asyncio.sleep(0.5)
+        await asyncio.sleep(3.0)
+        replay_s = (sub.hist_last - sub.hist_first) if sub.hist_first and sub.hist_last else None
+        figures.update({
+            "outage_s": outage_s,
+            "queued_messages": queued_messages, "queued_mb": round(queued_bytes / 1e6, 2),
+            "held_metrics": held,
+            "replayed_metrics": sub.hist_metrics,
+            # at least once: a replay may repeat a message whose PUBACK was lost, never miss one
+            "replay_lost": max(0, held - sub.hist_metrics),
+            "replay_s": round(replay_s, 2) if replay_s else None,
+            "replay_metrics_per_s": round(sub.hist_metrics / replay_s, 1) if replay_s else None,
+            "replayed_messages_acked": node.acked - acked_before,
+            "dropped_messages": node.stats()["dropped_messages"],
+        })
+        return figures
+    finally:
+        node.stop()
+        await drivers.stop()
+        await host.stop()
+        sub.stop()
+        broker.stop()
+
+
+def run_for_gateway_bench(sites: dict[str, Site], quick: bool = False, outage_s: float | None = None) -> dict:
+    """The `mqtt` block of `cmcs bench gateway`: the 1,000-unit site (or the largest given)."""
+    name = "1000-units" if "1000-units" in sites else max(sites, key=lambda n: len(sites[n].units))
+    outage = outage_s if outage_s is not None else (20.0 if quick else 300.0)
+    print(f"  {name} / mqtt (Sparkplug B, TLS, outage {outage:g} s) ...", flush=True)
+    try:
+        figures = measure(sites[name], window_s=10.0 if quick else 30.0, outage_s=outage)
+    except Exception as exc:  # noqa: BLE001 - the rest of the bench report still counts
+        return {"site": name, "error": f"{type(exc).__name__}: {exc}"}
+    figures["site"] = name
+    return figures
