@@ -141,6 +141,9 @@ class MetricsConfig:
     tls_key: str | None = None
     basic_auth_user: str | None = None
     basic_auth_password_hash: str | None = None  # scrypt$N$r$p$salt$key (gateway.users.hash_password)
+
+
+@dataclass(frozen=True)
 class MqttConfig:
     """`gateway.mqtt`: the Sparkplug B 3.0 edge node (docs/interface.md sections 5 and 8, docs/sparkplug.md)."""
 
