@@ -114,6 +114,7 @@ _REGISTRY: dict[str, str] = {
     # driver: value -> "module:factory"
     "modbus": "drivers.modbus.driver:ModbusDriver.for_devices",
     "modbus-tls": "drivers.modbus.driver:ModbusDriver.for_devices",
+    "tsn": "drivers.tsn.driver:TsnDriver.for_devices",
 }
 
 

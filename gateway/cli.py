@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="print one line per device: name, host, port, unit id, profile")
     p.add_argument("--speed", type=float, default=1.0, help="plant time per wall-clock time (default 1.0 = real time)")
     p.add_argument("--seed", type=int, default=None, help="random seed of the plant (default: the scenario's, else 0)")
+    p.add_argument("--tsn-interface", default=None,
+                   help="serve the site's `driver: tsn` devices on this interface (the device end of the TSN link)")
     p.set_defaults(handler="simulator.serve:cli_simulate")
 
     p = sub.add_parser("config", help="site files: check, generate")

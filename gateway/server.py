@@ -184,14 +184,16 @@ class GatewayServer:
                    ("Devices", ua.VariantType.UInt32, "devices polled over this connection"),
                    ("Errors", ua.VariantType.UInt32, "failed device reads since start"),
                    ("DecodeErrors", ua.VariantType.UInt32, "answers that could not be decoded (garbage, wrong length "
-                                                           "or transaction id); each drops the connection"))
+                                                           "or transaction id); each drops the connection"),
+                   ("DroppedFrames", ua.VariantType.UInt32,
+                    "frames refused by the transport's security (TSN: unsigned, tampered, replayed, late)"))
 
     async def _build_health_nodes(self) -> None:
         ns = self.model.ns_index
         site_node = self.server.get_node(self.model.site_node)
         folder = await site_node.add_folder(ua.NodeId("Diagnostics", ns), ua.QualifiedName("Diagnostics", ns))
         for h in self.health():
-            key = f"Modbus {h.label}"
+            key = h.key
             obj = await folder.add_object(ua.NodeId(f"Diagnostics.{key}", ns), ua.QualifiedName(key, ns))
             for name, vt, description in self.HEALTH_VARS:
                 var = await obj.add_variable(ua.NodeId(f"Diagnostics.{key}.{name}", ns), ua.QualifiedName(name, ns),
@@ -206,10 +208,11 @@ class GatewayServer:
             updates = []
             now = datetime.now(timezone.utc)
             for h in self.health():
-                key = f"Modbus {h.label}"
+                key = h.key
                 values = {"Connected": h.connected, "LastError": h.last_error, "PollDuration": h.poll_duration_ms,
                           "Overruns": h.overruns, "Reconnects": h.reconnects, "Devices": h.devices,
-                          "Errors": h.errors, "DecodeErrors": h.decode_errors}
+                          "Errors": h.errors, "DecodeErrors": h.decode_errors,
+                          "DroppedFrames": h.dropped_frames}
                 for name, value in values.items():
                     nodeid, vt = self._health_nodes[(key, name)]
                     updates.append((nodeid, ua.DataValue(ua.Variant(_coerce(value, vt), vt), SourceTimestamp=now)))

@@ -53,6 +53,7 @@ from siteconfig.profiles import (
     load_profile,
 )
 from simulator.plant import InterlockRefused
+from simulator.tsn_endpoint import LinkUnavailable, TsnEndpoint
 
 __all__ = ["TICK_S", "Endpoint", "EndpointError", "SimulatedDevice", "SimulatorHost"]
 
@@ -373,7 +374,7 @@ class SimulatorHost:
     """
 
     def __init__(self, site: Site, plant=None, *, scenario=None, seed: int | None = 0, speed: float = 1.0,
-                 tick_s: float = TICK_S, run_clock: bool = True):
+                 tick_s: float = TICK_S, run_clock: bool = True, tsn_interface: str | None = None):
         if not speed > 0:
             raise ValueError(f"speed must be > 0, got {speed}")
         if plant is None:
@@ -389,7 +390,13 @@ class SimulatorHost:
         self._plant0 = float(plant.t_s)
         self.devices: dict[str, SimulatedDevice] = {}
         by_address: dict[tuple[str, int], list[SimulatedDevice]] = {}
+        tsn_devices = [(n, k, e) for n, k, e in site.devices() if e.driver == "tsn"]
+        # `driver: tsn` devices are served on the device end of the TSN link (simulator/tsn_endpoint.py)
+        self.tsn: TsnEndpoint | None = (TsnEndpoint(self, tsn_devices, site.gateway.tsn, tsn_interface)
+                                        if tsn_devices and tsn_interface else None)
         for name, kind, endpoint in site.devices():
+            if endpoint.driver == "tsn":
+                continue
             profile = load_profile(endpoint.profile)
             if profile.device_kind != kind:
                 raise ValueError(f"{name}: profile {profile.name} is for a {profile.device_kind}, not a {kind}")
@@ -444,6 +451,11 @@ class SimulatorHost:
         """Start every endpoint and the plant clock; on failure nothing is left listening."""
         results = await asyncio.gather(*(e.start() for e in self.endpoints.values()), return_exceptions=True)
         failures = [r for r in results if isinstance(r, BaseException)]
+        if self.tsn is not None and not failures:
+            try:
+                await self.tsn.start()
+            except LinkUnavailable as exc:
+                failures.append(EndpointError(f"TSN endpoint: {exc}"))
         if failures:
             await asyncio.gather(*(e.stop() for e in self.endpoints.values()), return_exceptions=True)
             raise failures[0]
@@ -458,6 +470,8 @@ class SimulatorHost:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         await asyncio.gather(*(e.stop() for e in self.endpoints.values()))
+        if self.tsn is not None:
+            await self.tsn.stop()
 
     async def __aenter__(self) -> SimulatorHost:
         await self.start()
@@ -481,6 +495,9 @@ class SimulatorHost:
 
     def set_device_online(self, name: str, online: bool) -> None:
         """Make one unit stop (or resume) answering, its endpoint serving the others: 0x0B."""
+        if self.tsn is not None and name in self.tsn.by_name:
+            self.tsn.by_name[name].online = online
+            return
         self.devices[name].online = online
 
     def describe(self) -> str:
@@ -490,5 +507,6 @@ class SimulatorHost:
         port_text = f"{ports[0]}-{ports[-1]}" if len(ports) > 1 else str(ports[0]) if ports else "-"
         secure = sum(e.sslctx is not None for e in self.endpoints.values())
         tls_text = f", {secure} of them Modbus/TCP Security (TLS)" if secure else ""
+        tsn_text = f", {self.tsn.describe()}" if self.tsn is not None else ""
         return (f"site '{self.site.name}': {len(self.devices)} devices on {len(self.endpoints)} Modbus TCP "
-                f"endpoints ({', '.join(hosts)} ports {port_text}{tls_text}), plant speed x{self.speed:g}")
+                f"endpoints ({', '.join(hosts)} ports {port_text}{tls_text}){tsn_text}, plant speed x{self.speed:g}")

@@ -1,4 +1,4 @@
-"""`cmcs simulate`: the site's device simulators as real Modbus TCP endpoints.
+"""`cmcs simulate`: the site's device simulators as real Modbus TCP (and TSN, --tsn-interface) endpoints.
 
 Bad input (site file, scenario file, speed, a port that cannot be bound) is one line on
 stderr and exit code 2; heavy modules are imported only once the arguments are sound.
@@ -37,7 +37,12 @@ def cli_simulate(args: argparse.Namespace) -> int:
         seed = getattr(args, "seed", None)
         if seed is None and scenario is None:
             seed = 0  # a quiet day, seed 0; with a scenario, its own seed unless one is given
-        return asyncio.run(_serve(site, scenario, speed, seed))
+        tsn_interface = getattr(args, "tsn_interface", None)
+        tsn_devices = [name for name, _, e in site.devices() if e.driver == "tsn"]
+        if tsn_devices and not tsn_interface:
+            raise _BadInput(f"the site has {len(tsn_devices)} driver tsn device(s) ({tsn_devices[0]} ...): give "
+                            f"--tsn-interface, the device end of the TSN link")
+        return asyncio.run(_serve(site, scenario, speed, seed, tsn_interface))
     except _BadInput as exc:
         print(f"cmcs simulate: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -105,11 +110,11 @@ def _load_scenario(path, site):
         raise _BadInput(_first_lines(exc)) from None
 
 
-async def _serve(site, scenario, speed: float, seed: int | None) -> int:
+async def _serve(site, scenario, speed: float, seed: int | None, tsn_interface: str | None = None) -> int:
     from simulator.endpoints import EndpointError, SimulatorHost
 
     try:
-        host = SimulatorHost(site, scenario=scenario, seed=seed, speed=speed)
+        host = SimulatorHost(site, scenario=scenario, seed=seed, speed=speed, tsn_interface=tsn_interface)
     except ValueError as exc:  # e.g. a scenario naming a device the site does not have
         raise _BadInput(str(exc)) from None
     try:

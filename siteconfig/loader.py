@@ -28,6 +28,8 @@ from siteconfig.model import (
     SourceConfig,
     SourceSelection,
     StorageConfig,
+    TsnConfig,
+    TsnWindowConfig,
 )
 from siteconfig.yamlpos import (
     REQUIRED,
@@ -35,10 +37,12 @@ from siteconfig.yamlpos import (
     ConfigErrors,
     ErrorCollector,
     MapReader,
+    Value,
     did_you_mean,
     read_document,
     read_file_text,
 )
+from tsnwire.keys import KeyFileError, load_key_file
 
 __all__ = ["DEFAULT_PROFILES_DIR", "INTERFACE_DRIVERS", "NAME_PATTERN", "TLS_FIELDS", "accepted_drivers", "load_site",
            "parse_site"]
@@ -59,12 +63,22 @@ MODBUS_UNIT_IDS = (0, 247)  # MODBUS over Serial Line V1.02, 2.2: 0 broadcast, 2
 _TOP_KEYS = ("site", "gateway", "defaults", "sources", "aisles")
 _SITE_KEYS = ("name", "nominal_voltage_v", "frequency_hz")
 _GATEWAY_KEYS = ("opcua", "scan_groups_s", "stale_time_s", "dwell_time_s", "derating", "metrics", "log_summary_s",
-                 "mqtt")
+                 "mqtt", "tsn")
 _METRICS_KEYS = ("host", "port", "tls", "basic_auth")
 _MQTT_KEYS = ("host", "port", "tls", "insecure", "group_id", "edge_node_id", "primary_host_id",
               "store_forward_mb", "commands", "command_user", "command_role")
 _OPCUA_KEYS = ("host", "port", "path", "allow_security_none", "allow_anonymous")
-_DEVICE_KEYS = ("driver", "profile", "host", "port", "unit_id", "scan_group", "tls")
+_DEVICE_KEYS = ("driver", "profile", "host", "port", "unit_id", "scan_group", "tls", "mac", "vlan", "publisher_id",
+                "key_file")
+# gateway.tsn (INTERFACE.md section 5, docs/tsn.md)
+_TSN_KEYS = ("interface", "cycle_us", "base_time_ns", "windows", "link_rate_mbps", "best_effort_pcp", "security",
+             "max_frame_age_ms", "realtime_priority")
+_TSN_WINDOW_KEYS = ("class", "pcp", "offset_us", "length_us")
+TSN_CLASSES = ("command", "telemetry")
+TSN_SECURITY = ("sign_and_encrypt", "sign")
+TSN_DEVICE_FIELDS = ("mac", "vlan", "publisher_id", "key_file")
+MAC_PATTERN = r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}"
+VLAN_IDS = (1, 4094)  # IEEE 802.1Q: 0 means priority-tagged only, 4095 is reserved
 # device.tls key -> DeviceEndpoint field. cert, key, ca: the gateway's client certificate and key and
 # the CA that signs device certificates (needed by driver modbus-tls); server_cert, server_key,
 # client_ca: the device's own, read only by the simulator.
@@ -142,6 +156,9 @@ class _SiteReader:
         self.device_defaults: dict[str, Any] = {}
         self.names: dict[str, tuple[int, str]] = {}  # name -> (line, key path) of its first use
         self.addresses: dict[tuple[str, int, int], tuple[str, int]] = {}  # -> (device name, line)
+        self.tsn: TsnConfig | None = None
+        self.tsn_ids: dict[str, dict[Any, int]] = {}  # mac / publisher_id -> line of its first use
+        self.key_files_checked: set[str] = set()
 
     def read(self, top: MapReader) -> Site:
         top.reject_unknown(_TOP_KEYS)
@@ -196,6 +213,7 @@ class _SiteReader:
             if not groups.keys():
                 r.error("at least one scan group is needed", "scan_groups_s")
         self.scan_groups = set(scan_groups_s)
+        self.tsn = self._tsn(r.mapping("tsn"))
         return GatewayConfig(
             opcua=opcua,
             scan_groups_s=scan_groups_s,
@@ -205,6 +223,51 @@ class _SiteReader:
             metrics=self._metrics(r.mapping("metrics")),
             log_summary_s=r.number("log_summary_s", defaults.log_summary_s, ge=0),
             mqtt=self._mqtt(r.mapping("mqtt")),
+            tsn=self.tsn,
+        )
+
+    @staticmethod
+    def _tsn(r: MapReader | None) -> TsnConfig | None:
+        """gateway.tsn: the gate control list (windows inside the cycle, not overlapping) and frame security."""
+        if r is None:
+            return None
+        r.reject_unknown(_TSN_KEYS)
+        d = TsnConfig(interface="")
+        cycle_us = r.number("cycle_us", d.cycle_us, gt=0)
+        windows = d.windows
+        items = r.sequence("windows")
+        if items is not None:
+            windows = []
+            for item in items:
+                w = item.as_mapping()
+                if w is None:
+                    continue
+                w.reject_unknown(_TSN_WINDOW_KEYS)
+                window = TsnWindowConfig(w.choice("class", TSN_CLASSES), w.integer("pcp", ge=0, le=7),
+                                         w.number("offset_us", ge=0), w.number("length_us", gt=0))
+                if None not in (cycle_us, window.offset_us, window.length_us) and \
+                        window.offset_us + window.length_us > cycle_us:
+                    w.error(f"window ends at {window.offset_us + window.length_us:g} us, past the {cycle_us:g} us cycle")
+                windows.append(window)
+            windows = tuple(windows)
+            spans = sorted((w.offset_us, w.offset_us + w.length_us, w.traffic_class) for w in windows
+                           if None not in (w.offset_us, w.length_us))
+            for (_s0, e0, c0), (s1, _e1, c1) in zip(spans, spans[1:]):
+                if s1 < e0:
+                    r.error(f"windows {c0} and {c1} overlap", "windows")
+            classes = [w.traffic_class for w in windows if w.traffic_class]
+            if len(set(classes)) != len(classes):
+                r.error("one window per class", "windows")
+        return TsnConfig(
+            interface=r.string("interface", pattern=r"[A-Za-z0-9_.@-]{1,15}"),
+            cycle_us=cycle_us,
+            windows=windows,
+            base_time_ns=r.integer("base_time_ns", d.base_time_ns, ge=0),
+            link_rate_mbps=r.number("link_rate_mbps", d.link_rate_mbps, gt=0),
+            best_effort_pcp=r.integer("best_effort_pcp", d.best_effort_pcp, ge=0, le=7),
+            security=r.choice("security", TSN_SECURITY, d.security),
+            max_frame_age_ms=r.number("max_frame_age_ms", d.max_frame_age_ms, gt=0),
+            realtime_priority=r.integer("realtime_priority", d.realtime_priority, ge=0, le=99),
         )
 
     def _metrics(self, r: MapReader | None) -> MetricsConfig | None:
@@ -299,14 +362,70 @@ class _SiteReader:
             "unit_id": lambda d: r.integer("unit_id", d, ge=MODBUS_UNIT_IDS[0], le=MODBUS_UNIT_IDS[1]),
             "scan_group": lambda d: self._scan_group(r, d),
         }
-        builtin = {"driver": REQUIRED, "profile": REQUIRED, "host": "127.0.0.1", "port": REQUIRED,
+        builtin = {"driver": REQUIRED, "profile": REQUIRED, "host": "127.0.0.1",
+                   "port": 0 if _driver_named(r, inherited) == "tsn" else REQUIRED,  # tsn: mac, not host:port
                    "unit_id": 1, "scan_group": "normal"}
         fields = {key: read(inherited.get(key, builtin[key]))
                   for key, read in readers.items() if not only_present or key in r}
         tls, broken = self._tls_fields(r, inherited, only_present, fields)
         if not only_present:
             self._check_tls_for_driver(r, tls, broken, fields)
+        self._tsn_device_fields(r, inherited, only_present, fields)
         return fields
+
+    def _tsn_device_fields(self, r: MapReader, inherited: dict[str, Any], only_present: bool,
+                           fields: dict[str, Any]) -> None:
+        """mac, vlan, publisher_id, key_file: required with driver tsn, refused with any other."""
+        readers = {
+            "mac": lambda d: r.string("mac", d, pattern=MAC_PATTERN),
+            "vlan": lambda d: r.integer("vlan", d, ge=VLAN_IDS[0], le=VLAN_IDS[1]),
+            "publisher_id": lambda d: r.integer("publisher_id", d, ge=2, le=65535),  # 1 is the gateway's
+            "key_file": lambda d: self._key_file(r, d),
+        }
+        if only_present:
+            fields.update({k: read(None) for k, read in readers.items() if k in r})
+            return
+        driver = fields["driver"]
+        if driver == "tsn":
+            if self.tsn is None:
+                r.error("driver tsn needs a gateway.tsn block (interface, cycle, windows)", "driver")
+            inherited_vlan = inherited.get("vlan")
+            fields.update({k: read(inherited_vlan if k == "vlan" and inherited_vlan is not None else
+                                   (inherited.get(k) if k == "key_file" and inherited.get(k) else REQUIRED))
+                           for k, read in readers.items()})
+            self._check_unique_tsn(r, fields)
+        else:
+            for key in TSN_DEVICE_FIELDS:
+                if key in r and driver is not None:
+                    r.error(f"only used with driver tsn (this device's driver is '{driver}')", key)
+                fields[key] = None
+
+    def _key_file(self, r: MapReader, default: Any) -> str | None:
+        """The key file path, absolute and checked to be a usable group key when the site's folder is known."""
+        path = r.string("key_file", default)
+        if path is None or self.base_dir is None:
+            return path
+        resolved = os.path.normpath(self.base_dir / Path(path).expanduser())
+        if resolved not in self.key_files_checked:
+            self.key_files_checked.add(resolved)
+            try:
+                load_key_file(resolved)
+            except KeyFileError as exc:
+                r.error(str(exc), "key_file" if "key_file" in r else None)
+                return None
+        return resolved
+
+    def _check_unique_tsn(self, r: MapReader, fields: dict[str, Any]) -> None:
+        for key in ("mac", "publisher_id"):
+            value = fields.get(key)
+            if value is None:
+                continue
+            seen = self.tsn_ids.setdefault(key, {})
+            norm = value.lower() if isinstance(value, str) else value
+            if norm in seen:
+                r.error(f"{key} {value} is already used by the device at line {seen[norm]}", key)
+            else:
+                seen[norm] = r.line
 
     def _tls_fields(self, r: MapReader, inherited: dict[str, Any], only_present: bool,
                     fields: dict[str, Any]) -> tuple[MapReader | None, set[str]]:
@@ -406,7 +525,7 @@ class _SiteReader:
         fields = self._device_fields(r, self.device_defaults)
         self._check_endpoint_security(r, owner_name or owner.key_path("device"), fields)
         address = (fields["host"], fields["port"], fields["unit_id"])
-        if None not in address:
+        if None not in address and fields["driver"] != "tsn":
             if address in self.addresses:
                 other, other_line = self.addresses[address]
                 r.error(f"device address {address[0]}:{address[1]} unit {address[2]} is already used by "
@@ -528,6 +647,14 @@ class _SiteReader:
             soc_max_pct=soc_max_pct,
             device=self._device(r, name),
         )
+
+
+def _driver_named(r: MapReader, inherited: dict[str, Any]) -> Any:
+    """The device's driver as written (or inherited), before it is validated: decides which keys it needs."""
+    value = r.get("driver", None)
+    if isinstance(value, Value):
+        return getattr(value.node, "value", None)
+    return inherited.get("driver")
 
 
 def _ssl_reason(exc: BaseException) -> str:

@@ -64,6 +64,12 @@ class DeviceEndpoint:
     tls_server_cert: str | None = None
     tls_server_key: str | None = None
     tls_client_ca: str | None = None
+    # Driver "tsn" (docs/tsn.md): the device's MAC address, its VLAN id, its UADP PublisherId and the
+    # file holding its frame-security group key (never the key itself in the site file).
+    mac: str | None = None
+    vlan: int | None = None
+    publisher_id: int | None = None
+    key_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -163,6 +169,32 @@ class MqttConfig:
 
 
 @dataclass(frozen=True)
+class TsnWindowConfig:
+    """One traffic class's gate in the 802.1Qbv-style cycle."""
+
+    traffic_class: str  # "command" | "telemetry"
+    pcp: int  # IEEE 802.1Q priority code point its frames carry
+    offset_us: float
+    length_us: float
+
+
+@dataclass(frozen=True)
+class TsnConfig:
+    """`gateway.tsn`: the time-aware schedule and frame security of `driver: tsn` devices."""
+
+    interface: str
+    cycle_us: float = 1000.0
+    windows: tuple[TsnWindowConfig, ...] = (TsnWindowConfig("command", 6, 0.0, 200.0),
+                                            TsnWindowConfig("telemetry", 5, 200.0, 300.0))
+    base_time_ns: int = 0  # CLOCK_TAI instant the first cycle starts from (taprio's base-time)
+    link_rate_mbps: float = 100.0  # the rate the schedule's byte budget assumes
+    best_effort_pcp: int = 0
+    security: str = "sign_and_encrypt"  # or "sign" (payload in clear, still signed)
+    max_frame_age_ms: float = 100.0  # older frames are dropped as late
+    realtime_priority: int = 0  # SCHED_FIFO priority of the transmit thread (0: normal scheduling)
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     opcua: OpcUaConfig = field(default_factory=OpcUaConfig)
     scan_groups_s: dict[str, float] = field(default_factory=lambda: {"fast": 0.5, "normal": 1.0, "slow": 5.0})
@@ -172,6 +204,7 @@ class GatewayConfig:
     metrics: MetricsConfig | None = None  # the Prometheus endpoint; None: off
     log_summary_s: float = 60.0  # period of the one-line summary in the log; 0: none
     mqtt: MqttConfig | None = None  # absent: no MQTT publisher
+    tsn: TsnConfig | None = None  # absent: no TSN devices
 
 
 @dataclass(frozen=True)
