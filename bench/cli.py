@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from gateway.cli import CliError
 
-AVAILABLE = ("sim", "mission", "gateway")
+AVAILABLE = ("sim", "mission", "gateway", "tsn")
 
 
 def cli_bench(args) -> int:
@@ -32,4 +32,13 @@ def cli_bench(args) -> int:
             json_path = args.json if len(which) == 1 else (args.json.with_name(f"{args.json.stem}-gateway.json")
                                                            if args.json else None)
             gateway.run(args.out, json_path, quick=args.quick)
+        elif w == "tsn":
+            from bench import tsn
+
+            json_path = args.json if len(which) == 1 else (args.json.with_name(f"{args.json.stem}-tsn.json")
+                                                           if args.json else None)
+            try:
+                tsn.run(args.out, json_path, quick=args.quick)
+            except RuntimeError as exc:
+                raise CliError(f"bench tsn: {exc}") from None
     return 0

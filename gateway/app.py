@@ -13,7 +13,7 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
-from drivers.base import DriverSet
+from drivers.base import DriverSet, DriverUnavailable
 from drivers.pointtable import PointTable
 from gateway.cli import CliError
 from gateway.commands import AuditLog, CommandService
@@ -222,7 +222,7 @@ def cli_run(args) -> int:
             raise CliError(f"--bundle {args.bundle}: no bundle.json there")
         asyncio.run(run_until_signalled(site, data_dir, simulate, cmcs=not args.no_cmcs, bundle=args.bundle,
                                         metrics=metrics_from_args(args, site)))
-    except OSError as exc:
+    except (OSError, DriverUnavailable) as exc:  # DriverUnavailable: e.g. driver tsn without its interface
         raise CliError(f"cannot start: {exc}") from None
     except Exception as exc:
         from cmcs.models import BundleError
