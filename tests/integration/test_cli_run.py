@@ -16,6 +16,7 @@ from asyncua import Client, ua
 from cmcs.models import SHIPPED_BUNDLE, Predictor
 from siteconfig.demo import demo_site, site_to_yaml
 
+from ..tsn_site import write_tsn_site
 from .conftest import free_port, relocate_site
 
 REPO = Path(__file__).resolve().parents[2]
@@ -108,16 +109,15 @@ def test_run_with_a_bad_site_file_is_one_line(tmp_path):
     assert "bad.yaml:1" in proc.stderr
 
 
-def test_run_refuses_a_driver_this_version_does_not_build_in_one_line(tmp_path):
-    """`driver: tsn` is refused before anything starts (never skipped, leaving its devices unpolled)."""
-    site = REPO / "tests" / "fixtures" / "sites" / "driver_tsn.yaml"
+def test_run_refuses_driver_tsn_without_its_interface_in_one_line(tmp_path):
+    """A tsn site whose gateway.tsn.interface does not exist here: one line naming it, before anything serves."""
+    site = write_tsn_site(tmp_path, "no-such-if0")
     proc = subprocess.run([sys.executable, "-m", "gateway", "run", "--config", str(site), "--data-dir",
                            str(tmp_path / "d")], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 1
+    assert proc.returncode != 0
     assert "Traceback" not in proc.stderr + proc.stdout
-    assert proc.stderr.strip().splitlines() == [
-        f"cmcs: error: {site}:28: aisles[0].units[0].device.driver: driver tsn is not built in this version "
-        f"(this build has: modbus, modbus-tls)"]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "cmcs: error: cannot start: driver tsn: no network interface 'no-such-if0' here (gateway.tsn.interface)")
 
 
 def _client_certificate(tmp_path, uri: str):

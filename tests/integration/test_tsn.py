@@ -33,7 +33,7 @@ from tsnwire.netns import VethLink, in_netns
 from tsnwire.security import SIGN_AND_ENCRYPT, Publisher, Subscriber
 
 from .conftest import free_port
-from .tsn_site import DEVICES, VLAN, write_tsn_site
+from ..tsn_site import DEVICES, VLAN, write_tsn_site
 
 OPERATOR, OPERATOR_PW = "olivia", "olivia-operator"
 TELEMETRY_PCP, COMMAND_PCP = 5, 6

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import itertools
 from pathlib import Path
 
 import pytest
@@ -14,14 +15,19 @@ from drivers.modbus.tls import CertificateAuthority
 from drivers.pointtable import PointTable
 from siteconfig.demo import demo_site
 from siteconfig.loader import INTERFACE_DRIVERS, accepted_drivers, parse_site
-from siteconfig.model import Site
+from siteconfig.model import Site, TsnConfig
 from siteconfig.yamlpos import ConfigErrors
+from tsnwire.keys import generate_key_file
+
+from ..tsn_site import tsn_site_text
 
 SMALL = (Path(__file__).resolve().parents[1] / "fixtures" / "sites" / "small.yaml").read_text()
 TLS_DEFAULTS = "{host: 127.0.0.1, driver: modbus-tls, tls: {cert: gw.pem, key: gw.key, ca: ca.pem}}"
 
 
 def _site_text_with_driver(driver: str) -> str:
+    if driver == "tsn":  # per-device MAC, VLAN, PublisherId and key file, and the gateway.tsn block
+        return tsn_site_text("lo")
     defaults = TLS_DEFAULTS if driver == "modbus-tls" else f"{{host: 127.0.0.1, driver: {driver}}}"
     return SMALL.replace("{host: 127.0.0.1, driver: modbus}", defaults)
 
@@ -61,8 +67,17 @@ def _as_driver(site: Site, driver: str, tmp_path: Path) -> Site:
         ca = CertificateAuthority()
         cert, key = ca.issue("gateway", client=True).write(tmp_path, "gateway")
         extra = {"tls_cert": str(cert), "tls_key": str(key), "tls_ca": str(ca.write(tmp_path))}
+    tsn_ids = itertools.count(2)
+    if driver == "tsn":
+        key_file = tmp_path / "group.key"
+        generate_key_file(key_file)
+        site = dataclasses.replace(site, gateway=dataclasses.replace(site.gateway, tsn=TsnConfig(interface="lo")))
 
     def move(ep):
+        if driver == "tsn":
+            n = next(tsn_ids)
+            return dataclasses.replace(ep, driver=driver, mac=f"02:00:00:00:{n >> 8:02x}:{n & 0xFF:02x}", vlan=10,
+                                       publisher_id=n, key_file=str(key_file))
         return dataclasses.replace(ep, driver=driver, **extra)
 
     return dataclasses.replace(

@@ -18,12 +18,20 @@ VLAN = 10
 
 def write_tsn_site(folder: Path, interface: str, *, security: str = "sign_and_encrypt") -> Path:
     """Write site.yaml and one key file per device into `folder`; returns the site file."""
-    dev = {}
-    for k, (name, profile, mac, pub) in enumerate(DEVICES):
+    for k, (name, *_rest) in enumerate(DEVICES):
         generate_key_file(folder / f"{name}.key", key_id=100 + k)
+    path = folder / "site.yaml"
+    path.write_text(tsn_site_text(interface, security=security))
+    return path
+
+
+def tsn_site_text(interface: str, *, security: str = "sign_and_encrypt") -> str:
+    """The site file's text; its key files are <device name>.key beside it."""
+    dev = {}
+    for name, profile, mac, pub in DEVICES:
         dev[name] = (f"{{driver: tsn, profile: {profile}, mac: '{mac}', vlan: {VLAN}, publisher_id: {pub}, "
                      f"key_file: {name}.key, scan_group: fast}}")
-    text = f"""
+    return f"""
 site: {{name: tsn-hall, nominal_voltage_v: 415, frequency_hz: 60}}
 gateway:
   scan_groups_s: {{fast: 0.2, normal: 1.0}}
@@ -45,6 +53,3 @@ aisles:
       - {{name: MATS-01-01, position_ft: 6, rated_current_a: 40, preferred_source: SourceA, it_load_kw: 8.5,
           device: {dev['MATS-01-01']}}}
 """
-    path = folder / "site.yaml"
-    path.write_text(text)
-    return path
