@@ -254,8 +254,9 @@ def _spawn(ns: str, role: str, extra: list[str]) -> subprocess.Popen:
                             env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
 
 
-def _run_case(case: str, link, work: Path, cycles: int, key_file: Path, rt: int) -> dict:
-    seconds = cycles * CYCLE_US / 1e6 + 20
+def _run_case(case: str, link, work: Path, cycles: int, key_file: Path, rt: int, grace_s: float = 20.0) -> dict:
+    """Run one case; the device end gives up `grace_s` after the last cycle (a dropped last command)."""
+    seconds = cycles * CYCLE_US / 1e6 + grace_s
     dev_out, gw_out = work / f"{case}-device.json", work / f"{case}-gateway.json"
     common = ["--cycles", str(cycles), "--seconds", str(seconds), "--last-id", str(cycles), "--key", str(key_file)]
     if case == "modbus_tcp":

@@ -148,7 +148,16 @@ async def test_switch_source_over_opcua_reaches_the_unit_over_tsn_and_forged_fra
         driver = gateway.driver.driver_of(unit)
         health = next(h for h in driver.health() if h.label.endswith(unit))
         mac, pub = next((m, p) for n, _p, m, p in DEVICES if n == unit)
-        frames = _forged_frames(load_key_file(folder / f"{unit}.key"), pub, uadp.mac_bytes(mac))
+        # one of the unit's own telemetry frames, as the gateway received (and took) it
+        gw_side = open_link(link.gw_if, blocking=True)
+        try:
+            taken = _capture(gw_side, 3.0, lambda fs: any(uadp.decode_network_message(f.payload).publisher_id == pub
+                                                           for f in fs))
+        finally:
+            gw_side.close()
+        genuine = next(f.payload for f in taken if uadp.decode_network_message(f.payload).publisher_id == pub)
+        frames = _forged_frames(load_key_file(folder / f"{unit}.key"), pub, uadp.mac_bytes(mac), genuine)
+        await asyncio.sleep(0.05)  # the gateway has taken the genuine frame before its replay comes
         before = health.dropped_frames
         for frame in frames.values():
             device_side.send(frame)
@@ -157,7 +166,7 @@ async def test_switch_source_over_opcua_reaches_the_unit_over_tsn_and_forged_fra
         while health.dropped_frames - before < 4 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         drops = driver.devices[unit].drops
-        assert health.dropped_frames - before == 4  # the genuine frame was taken, its replay was not
+        assert health.dropped_frames - before == 4  # and the unit's own frames go on being taken
         assert all(drops[reason] >= 1 for reason in ("tampered", "replayed", "unsigned", "late"))
         # the count is shown in the Diagnostics
         node = client.get_node(ua.NodeId(f"Diagnostics.TSN {link.gw_if} {unit}.DroppedFrames", ns))
@@ -171,22 +180,21 @@ async def test_switch_source_over_opcua_reaches_the_unit_over_tsn_and_forged_fra
         await gateway.stop()
 
 
-def _forged_frames(key, publisher_id: int, mac: bytes) -> dict[str, bytes]:
-    """A genuine telemetry frame of the unit, its replay, and tampered, unsigned and late ones."""
+def _forged_frames(key, publisher_id: int, mac: bytes, genuine: bytes) -> dict[str, bytes]:
+    """The unit's genuine frame replayed, a tampered copy, and unsigned and late frames under its id."""
     layout = uadp.telemetry_layout("ats")
     values = {n: 0 for n, _ in layout.fields} | {"ActiveSource": 2, "PreferredSource": 1, "State": 0}
     payload = uadp.encode_dataset_message(1, layout.pack(values))
     header = uadp.ethernet_header(uadp.mac_bytes("03:00:00:b6:2c:01"), mac, VLAN, TELEMETRY_PCP)
-    pub = Publisher(publisher_id, key, SIGN_AND_ENCRYPT)
-    pub.sequence = 1 << 30  # past the simulator's own numbers: the genuine frame is new
-    genuine = pub.seal(uadp.TELEMETRY_WRITER_ID, payload)
-    tampered = bytearray(pub.seal(uadp.TELEMETRY_WRITER_ID, payload))
+    tampered = bytearray(genuine)
     tampered[uadp.HEADER_LEN + 5] ^= 0x40
     unsigned = uadp.encode_header(publisher_id, uadp.TELEMETRY_WRITER_ID, 1,
                                   uadp.datetime_from_unix_ns(time.time_ns()), 0, key.key_id, b"\0" * 8) + payload
-    late = pub.seal(uadp.TELEMETRY_WRITER_ID, payload, unix_ns=time.time_ns() - 5_000_000_000)
-    return {"genuine": header + genuine, "replayed": header + genuine, "tampered": header + bytes(tampered),
-            "unsigned": header + unsigned, "late": header + late}
+    # signed with the right key but 5 s old (dropped before the replay window sees its sequence number)
+    late = Publisher(publisher_id, key, SIGN_AND_ENCRYPT).seal(uadp.TELEMETRY_WRITER_ID, payload,
+                                                                unix_ns=time.time_ns() - 5_000_000_000)
+    return {"replayed": header + genuine, "tampered": header + bytes(tampered), "unsigned": header + unsigned,
+            "late": header + late}
 
 
 async def test_driver_refuses_in_one_line_without_its_interface(tmp_path):
@@ -195,3 +203,19 @@ async def test_driver_refuses_in_one_line_without_its_interface(tmp_path):
     with pytest.raises(DriverUnavailable) as exc:
         await driver.start()
     assert str(exc.value) == "driver tsn: no network interface 'no-such-if0' here (gateway.tsn.interface)"
+
+
+def test_under_a_flood_the_schedule_keeps_commands_on_time_and_a_fifo_does_not(tmp_path):
+    """The short version of `cmcs bench tsn`: 500 cycles with and without the gates, the same flood."""
+    from bench import tsn as bench_tsn
+    from tsnwire.keys import generate_key_file
+
+    key = tmp_path / "bench.key"
+    generate_key_file(key)
+    with VethLink(f"q{os.getpid() % 100000}", gw_ns_wanted=True) as link:
+        on = bench_tsn._run_case("schedule_on_flood", link, tmp_path, 500, key, bench_tsn.RT_PRIORITY, grace_s=3.0)
+        off = bench_tsn._run_case("schedule_off_flood", link, tmp_path, 500, key, bench_tsn.RT_PRIORITY, grace_s=3.0)
+    assert on["commands_received"] == 500 and on["queue_drops"]["command"] == 0
+    assert on["flood_offered_mbps"] == 200.0 and on["best_effort_carried_mbps"] < 100.0  # bounded by the budget
+    assert on["device_pcp_counts"] == {"6": 500}  # every command on the wire with the command class's PCP
+    assert off["p99_us"] > 5 * on["p99_us"]  # the FIFO queues commands behind the flood
