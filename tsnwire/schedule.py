@@ -12,8 +12,9 @@ interface holds a queue per traffic class and opens their gates in turn, cycle a
   discipline it), converted to monotonic once at start.
 * Wake-up: time.sleep() until ~SPIN_NS before a gate event (CPython 3.11 sleeps with
   clock_nanosleep(CLOCK_MONOTONIC) and releases the GIL), then a busy-wait on
-  time.monotonic_ns() for the rest. While the command gate is open the thread polls its queue
-  every POLL_NS (a 20 us sleep), so a command enqueued inside its window leaves within ~20-40 us.
+  time.monotonic_ns() for the rest. A command enqueued while the command gate is open leaves at
+  once, sent by the enqueuing thread itself under the scheduler's lock (no wake-up, no GIL
+  hand-over: both measured too slow for a 200 us window).
   With `realtime_priority` the thread runs SCHED_FIFO (no timer slack, preempts normal tasks).
 * Link: veth has no rate. The link rate is emulated by a byte budget per gate window: a frame
   starts only if its transmission time at `link_rate_mbps` (preamble, IFG and FCS counted) ends
@@ -45,9 +46,6 @@ ETHERNET_OVERHEAD_BYTES = 8 + 12 + 4  # preamble+SFD, inter-frame gap, FCS (IEEE
 MAX_FRAME_BYTES = 1518  # tagged frame without FCS (IEEE 802.3 1522 with FCS)
 QUEUE_LIMIT_FRAMES = 1000  # Linux default txqueuelen
 SPIN_NS = 150_000  # busy-wait this long before a gate event (time.sleep overshoots by ~60-100 us)
-POLL_NS = 20_000  # how often an open command gate looks for newly enqueued commands
-MIN_FRAME_NS_MARGIN = 20_000  # stop waiting for commands this long before the gate closes (a ~170-byte
-#                               command frame takes 15 us at 100 Mbit/s; the Event wake-up ~5-50 us)
 WAKE_SAMPLES = 200_000  # wake-up errors kept for the statistics (a ring)
 
 
@@ -143,6 +141,7 @@ class SchedulerStats:
     late_gate_events: int = 0  # woke after the window it was to open had closed
     wake_error_ns: collections.deque = field(default_factory=lambda: collections.deque(maxlen=WAKE_SAMPLES))
     cpu_s: float = 0.0  # the scheduler thread's CPU time
+    send_errors: int = 0  # frames the socket refused
 
 
 class TransmitScheduler:
@@ -163,6 +162,8 @@ class TransmitScheduler:
         self.fifo: collections.deque = collections.deque()
         self.stats = SchedulerStats()
         self._stop = threading.Event()
+        self._lock = threading.Lock()  # the link budget (link_free_ns) and the socket, shared with enqueue()
+        self._command_gate_open_until_ns = 0  # while now < this, enqueue() may send a command itself
         self._thread: threading.Thread | None = None
         self._entries = gcl.entries()
         self._frame_ns_cache: dict[int, int] = {}
@@ -172,17 +173,33 @@ class TransmitScheduler:
 
     # ---- producers ----------------------------------------------------------------------------------
     def enqueue(self, traffic_class: str, frame: bytes, on_sent: Callable[[int], None] | None = None) -> bool:
-        """Queue a frame of a class; False (and counted) if its queue is full. Thread-safe."""
+        """Queue a frame of a class; False (and counted) if its queue is full. Thread-safe.
+
+        A command enqueued while the command gate is open, with nothing queued ahead of it, is sent
+        at once from the caller's thread (it fits the gate and the link budget, checked under the
+        lock the transmit thread sends under): waking the transmit thread would cost a GIL hand-over,
+        measured at 100-200 us when the caller keeps running Python, enough to miss the window.
+        """
         q = self.queues[traffic_class] if self.enabled else self.fifo
+        if traffic_class == COMMAND and self.enabled:
+            with self._lock:  # held to the append: the transmit thread must not drain q between check and append
+                now = time.monotonic_ns()
+                start = max(self.link_free_ns, now)
+                if not q and start + self._frame_ns(len(frame)) <= self._command_gate_open_until_ns:
+                    self._send(frame)
+                    self.link_free_ns = start + self._frame_ns(len(frame))
+                    self.stats.sent[COMMAND] += 1
+                    if on_sent is not None:
+                        on_sent(time.monotonic_ns())
+                    return True
+                return self._append(q, traffic_class, frame, on_sent)
+        return self._append(q, traffic_class, frame, on_sent)
+
+    def _append(self, q: collections.deque, traffic_class: str, frame: bytes, on_sent) -> bool:
         if len(q) >= self.queue_limit:
             self.stats.queue_drops[traffic_class] += 1
             return False
         q.append((frame, traffic_class, on_sent))
-        if traffic_class == COMMAND:
-            # Hand the GIL over: the transmit thread, woken from its poll, waits for it, and the caller
-            # would otherwise keep it for whatever Python it runs next (measured: commands enqueued in an
-            # open window left in the next cycle's when the enqueuer went on building its next frame).
-            time.sleep(0)
         return True
 
     # ---- life cycle ---------------------------------------------------------------------------------
@@ -196,6 +213,16 @@ class TransmitScheduler:
             self._thread.join(timeout=2.0)
 
     # ---- the loop -----------------------------------------------------------------------------------
+    def _send(self, frame: bytes) -> bool:
+        """Hand one frame to the socket; a refusal (full socket buffer, link gone) is counted, never raised
+        (the transmit thread must outlive it)."""
+        try:
+            self.send(frame)
+            return True
+        except OSError:
+            self.stats.send_errors += 1
+            return False
+
     def _frame_ns(self, n: int) -> int:
         t = self._frame_ns_cache.get(n)
         if t is None:
@@ -208,7 +235,9 @@ class TransmitScheduler:
         if target_ns - now > SPIN_NS:
             time.sleep((target_ns - now - SPIN_NS) / 1e9)
         while (now := time.monotonic_ns()) < target_ns:
-            pass
+            # sleep(0) releases the GIL: a pure-Python spin holds it up to SPIN_NS and the enqueuing
+            # thread, stuck between its timestamp and enqueue(), then missed the open command gate (measured)
+            time.sleep(0)
         return now - target_ns
 
     def _first_cycle_start(self) -> int:
@@ -258,41 +287,35 @@ class TransmitScheduler:
                 if late >= end - start:
                     stats.late_gate_events += 1
                     continue
-                self._serve(self.queues[cls], gate_close, wait_for_more=(cls == COMMAND))
+                self._serve(self.queues[cls], gate_close, command_gate=(cls == COMMAND))
             stats.cycles += 1
             cycle_start += cycle_ns
             now = time.monotonic_ns()
             if now > cycle_start + cycle_ns:  # fell a whole cycle behind: skip, keep the phase
                 cycle_start += (now - cycle_start) // cycle_ns * cycle_ns
 
-    def _serve(self, q: collections.deque, gate_close_ns: int, wait_for_more: bool) -> None:
-        """Send from q while the gate is open and the next frame fits before it closes."""
-        link_free = max(self.link_free_ns, time.monotonic_ns())
+    def _serve(self, q: collections.deque, gate_close_ns: int, command_gate: bool) -> None:
+        """Send from q while the gate is open and the next frame fits before it closes.
+
+        For the command gate, enqueue() sends what arrives later in the window itself.
+        """
         sent = self.stats.sent
-        while True:
-            if q:
+        with self._lock:
+            link_free = max(self.link_free_ns, time.monotonic_ns())
+            while q:
                 frame, cls, on_sent = q[0]
                 t = self._frame_ns(len(frame))
                 if link_free + t > gate_close_ns:
                     break
                 q.popleft()
-                self.send(frame)
+                self._send(frame)
                 link_free += t
                 sent[cls] += 1
                 if on_sent is not None:
                     on_sent(time.monotonic_ns())
-                continue
-            if not wait_for_more:
-                break
-            # keep the gate open for late arrivals until the smallest frame would no longer fit
-            left = gate_close_ns - time.monotonic_ns() - MIN_FRAME_NS_MARGIN
-            if left <= 0:
-                break
-            # Poll (sleeping POLL_NS, GIL released) rather than wait on a threading.Event: measured here,
-            # an Event set by the enqueuing thread often woke this thread only at its timeout.
-            time.sleep(min(left, POLL_NS) / 1e9)
-            link_free = max(link_free, time.monotonic_ns())
-        self.link_free_ns = link_free
+            self.link_free_ns = link_free
+            if command_gate:
+                self._command_gate_open_until_ns = gate_close_ns
 
     def _run_fifo(self) -> None:
         cycle_ns = self.gcl.cycle_ns
@@ -313,7 +336,7 @@ class TransmitScheduler:
                 link_free = now
             while q and link_free <= now:
                 frame, cls, on_sent = q.popleft()
-                self.send(frame)
+                self._send(frame)
                 link_free += self._frame_ns(len(frame))
                 sent[cls] += 1
                 if on_sent is not None:
