@@ -1,6 +1,6 @@
 """The command service: the only path from a request to a device.
 
-Every interlock of INTERFACE.md's "Method results" table is checked here, from Good values in
+Every interlock of docs/interface.md's "Method results" table is checked here, from Good values in
 the point table only, before anything is written; a refused command changes nothing. An
 accepted command is written to the device, confirmed by reading the device back, and every
 call, accepted or not, is written to the audit log.
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 SC = ua.StatusCodes
 CONFIRM_TIMEOUT_S = 1.0
 
-# Which role may call what: gateway.security REQUIRED_ROLE (INTERFACE.md section 4), checked by
+# Which role may call what: gateway.security REQUIRED_ROLE (docs/interface.md section 4), checked by
 # AccessPolicy.may_call; the security layer supplies the caller's role.
 
 

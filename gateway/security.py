@@ -1,6 +1,6 @@
 """OPC UA security of the gateway: endpoints, certificates, trust list, logins, per-user access.
 
-What asyncua gives and what this module adds (INTERFACE.md section 4; certs/README.md):
+What asyncua gives and what this module adds (docs/interface.md section 4; certs/README.md):
 
 - Endpoints: asyncua's `set_security_policy` with Basic256Sha256, Aes128_Sha256_RsaOaep and
   Aes256_Sha256_RsaPss, Sign and SignAndEncrypt; None only when the site allows it. asyncua
@@ -93,7 +93,7 @@ _ACTIVATE_SESSION = ua.NodeId(ua.ObjectIds.ActivateSessionRequest_Encoding_Defau
 _WRITE_BITS = (ua.AccessLevel.CurrentWrite.mask | ua.AccessLevel.HistoryWrite.mask
                | ua.AccessLevel.StatusWrite.mask | ua.AccessLevel.TimestampWrite.mask)
 
-# Who may do what (INTERFACE.md section 4): a role may do what any role below it may. Every role
+# Who may do what (docs/interface.md section 4): a role may do what any role below it may. Every role
 # check of the gateway goes through AccessPolicy.allows with these.
 ROLE_RANK = {role: rank for rank, role in enumerate(ROLES)}  # Viewer 0 < Operator 1 < Engineer 2 < Admin 3
 REQUIRED_ROLE = {"SwitchSource": "Operator", "SetPreferredSource": "Operator", "StartBridging": "Operator",
@@ -213,7 +213,7 @@ class Writable:
     audit: bool = True  # audited (a setpoint); False for the CMCS's results, written every cycle
 
 
-# Cmcs setpoints: INTERFACE.md section 4 "Engineer (+ SetMode, writable setpoints such as RiskThreshold)"
+# Cmcs setpoints: docs/interface.md section 4 "Engineer (+ SetMode, writable setpoints such as RiskThreshold)"
 WRITABLE_POINTS = (
     Writable(("Cmcs", "RiskThreshold"), "Engineer", 0.0, 1.0),
     Writable(("Cmcs", "Mode"), "Engineer", 0, 2, integer=True),  # CmcsMode 0 Manual .. 2 Automatic

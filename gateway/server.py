@@ -4,7 +4,7 @@ Values reach the address space in bulk: `AddressSpaceSink` (a coalescing point-t
 gateway's wiring attaches, gateway/app.py `Gateway.sinks`) keeps the latest change per point;
 every FLUSH_INTERVAL_S those are turned into DataValues and stored with one `write_values` call
 (no awaited call per node). Methods go to the command service, which returns the exact
-StatusCode of INTERFACE.md's "Method results" table. Objects/<Site>/Diagnostics holds one object
+StatusCode of docs/interface.md's "Method results" table. Objects/<Site>/Diagnostics holds one object
 per driver connection and one per point-table sink (its counters), written every second.
 
 Start-up is in two steps so that the sinks get their birth in between: `build()` (address space,

@@ -1,6 +1,6 @@
 """OPC UA users and their roles: `<data-dir>/users.yaml`, `cmcs users`, and asyncua's user manager.
 
-A user has one role (Viewer < Operator < Engineer < Admin, INTERFACE.md section 4), a password
+A user has one role (Viewer < Operator < Engineer < Admin, docs/interface.md section 4), a password
 stored as an scrypt hash, and/or X509 user certificates known by their SHA-1 thumbprint. The
 file is private (0600) and re-read when it changes, so `cmcs users add` takes effect on the
 running gateway at the next login.

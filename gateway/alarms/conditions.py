@@ -65,7 +65,7 @@ CONDITION_CLASSES = {  # Part 9 5.9 condition classes
     "OverloadAlarmType": (_OID.ProcessConditionClassType, "ProcessConditionClassType"),
     "PredictedFailureAlarmType": (_OID.MaintenanceConditionClassType, "MaintenanceConditionClassType"),
 }
-# Who may call what (INTERFACE.md section 4 names no role for alarms: acknowledging and commenting
+# Who may call what (docs/interface.md section 4 names no role for alarms: acknowledging and commenting
 # is the operator's job (ISA-18.2), switching an alarm off the engineer's).
 REQUIRED_ROLE = {"Acknowledge": "Operator", "AddComment": "Operator", "Enable": "Engineer", "Disable": "Engineer"}
 

@@ -24,10 +24,10 @@ from typing import Any, Protocol
 
 from siteconfig.model import Site
 
-# ---- thresholds (sources in the comments; DOMAIN.md collects them) ------------------------------
+# ---- thresholds (sources in the comments; docs/domain.md collects them) ------------------------------
 # NETA ATS/MTS Table 100.18, thermographic survey. dT between similar components under similar
 # loading: 1-3 K possible, 4-15 K probable deficiency, > 15 K major discrepancy. The three phases
-# of a bus segment are such components (DOMAIN.md: "one phase hotter than the others suggests a
+# of a bus segment are such components (docs/domain.md: "one phase hotter than the others suggests a
 # loose joint"); a healthy simulated segment spreads <= 1.5 K.
 NETA_SIMILAR_PROBABLE_K = 3.0
 NETA_SIMILAR_MAJOR_K = 15.0
