@@ -64,6 +64,7 @@ async def _gateway(site_file: str, mode: str, port: int, data_dir: str) -> None:
         table = PointTable()
         driver = DriverSet(site, table)  # the same drivers as the gateway, from the registry
         commands = CommandService(site, table, driver, AuditLog(Path(data_dir) / "audit.log"))
+        table.attach(commands.transfer_watch)  # as the gateway's wiring does (gateway/app.py)
         naive = NaiveServer(site, table, commands, "127.0.0.1", port)
         await driver.start()
         await naive.start()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from cmcs.features import plausible_load_current
 
 NETA_DT_PROBABLE_K = 4.0  # NETA thermography: rise over ambient 4-15 K "probable deficiency" (DOMAIN.md)
 NETA_DT_MAJOR_K = 15.0  # > 15 K "major deficiency"
@@ -24,6 +23,16 @@ ACTUATOR_SPEC_MS = 3.0  # assumed datasheet limit of the actuator self-test resp
 DES_SOH_LIMIT_PCT = 80.0  # end of life at < 80 % capacity (VRLA; DOMAIN.md)
 BATTERY_R_LIMIT = 1.2  # internal resistance > 120 % of baseline: replacement trigger (DOMAIN.md)
 STATUS_ALARM_SCORE = 10.0  # a status alarm (backup not ready) is not a scalable limit: always above any margin
+
+
+def plausible_load_current(ats: dict) -> np.ndarray:
+    """LoadCurrent, NaN where it is physically implausible (> 5 x the unit's rating).
+
+    Input validation as any pipeline needs (cmcs.features uses it too); it also keeps out the
+    simulator's reading while a unit is islanded on its DES with both feeds dead (current
+    computed at a feed voltage of ~0 V)."""
+    i = np.asarray(ats["LoadCurrent"], float)
+    return np.where(i <= 5.0 * np.asarray(ats["RatedCurrent"], float), i, np.nan)
 
 
 def _ratio(a, b):

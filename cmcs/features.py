@@ -22,6 +22,9 @@ import math
 
 import numpy as np
 
+# plausible_load_current is input validation the baselines share; it lives there (no import cycle)
+from cmcs.baselines import DcimBaseline, plausible_load_current
+
 FEATURE_VERSION = 3
 SAMPLE_INTERVAL_S = 10.0  # the gateway's subscription/sampling interval the models are built for
 WARMUP_S = 1800.0  # rows earlier than this are not scored: filters and baselines are still settling
@@ -86,15 +89,6 @@ def _logratio(a, b):
     r = _ratio(a, b)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(r > 0, np.log(np.where(r > 0, r, 1.0)), NAN)
-
-
-def plausible_load_current(ats: dict) -> np.ndarray:
-    """LoadCurrent, NaN where it is physically implausible (> 5 x the unit's rating).
-
-    Input validation as any pipeline needs; it also keeps out the simulator's reading while a unit
-    is islanded on its DES with both feeds dead (current computed at a feed voltage of ~0 V)."""
-    i = np.asarray(ats["LoadCurrent"], float)
-    return np.where(i <= 5.0 * np.asarray(ats["RatedCurrent"], float), i, np.nan)
 
 
 def _stack32(cols: list) -> np.ndarray:
@@ -279,8 +273,6 @@ class FeatureState:
     unit (a unit without storage has a row of NaN, `has_des` is False)."""
 
     def __init__(self, site, sample_interval_s: float = SAMPLE_INTERVAL_S):
-        from cmcs.baselines import DcimBaseline
-
         self.site = site
         self.dt_nominal = float(sample_interval_s)
         units = site.units

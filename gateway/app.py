@@ -8,28 +8,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
 
 from drivers.base import DriverSet, DriverUnavailable
-from drivers.pointtable import PointTable
-from gateway.cli import CliError
+from drivers.pointtable import PointTable, Sink
 from gateway.commands import AuditLog, CommandService
+from gateway.datadir import prepare_data_dir
+from gateway.historian import Historian
+from gateway.historian import attach as attach_historian
+from gateway.security import CMCS_USER, ensure_cmcs_client
 from gateway.server import GatewayServer
 from gateway.service import ServiceHooks
+from siteconfig.errors import CliError
 from siteconfig.model import MetricsConfig, Site
 
 log = logging.getLogger(__name__)
-
-
-def prepare_data_dir(path: Path) -> Path:
-    """The state directory, created private (0700)."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    os.chmod(path, 0o700)
-    return path
 
 
 @dataclass
@@ -53,38 +48,73 @@ class Gateway:
         self.server = GatewayServer(self.site, self.table, self.commands, host=self.opcua_host, port=self.opcua_port,
                                     health=self.driver.health, data_dir=Path(self.data_dir))
 
-    historian: object = None  # gateway.historian.Historian once started
+    historian: Historian | None = None  # once started
     sparkplug: object = None  # gateway.sparkplug.EdgeNode once started (site file: gateway.mqtt)
     live: object = None  # cmcs.live.LiveCmcs once started
     _cmcs_stop: asyncio.Event | None = None
     _cmcs_task: asyncio.Task | None = None
     metrics: object = None  # gateway.metrics.GatewayMetrics when the endpoint is on
     summary: object = None  # gateway.summary.LogSummary
+    _attached: tuple[Sink, ...] = ()
 
     async def start(self) -> None:
-        from gateway.historian import attach as attach_historian
-
         await self.driver.start()
-        await self.server.start()
+        await self.server.build()  # address space, security, methods, alarm engine: not listening yet
         self.historian = await attach_historian(self.server, Path(self.data_dir))
         # alarms and audit events go to the historian too (HistoryRead of events on the Server object)
         await self.server.server.iserver.history_manager.historize_event(self.server.server.nodes.server,
                                                                           period=None)
         if self.site.gateway.mqtt is not None:
             await self.start_sparkplug()
+        self.make_metrics()
+        self.attach_sinks()
+        await self.server.serve()  # the address space holds the birth before the first client comes
+        if self.sparkplug is not None:
+            self.sparkplug.start()  # its publisher thread connects to the broker, with backoff
         if self.cmcs:
             await self.start_cmcs()
         await self.start_operations()
 
-    async def start_operations(self) -> None:
-        """Ops sinks and loops (issue 21): the Prometheus endpoint and the periodic log summary."""
-        from gateway.summary import LogSummary
+    # ---- where the point table's values go: every sink, here and nowhere else ----------------------
+    def sinks(self) -> list[Sink]:
+        """Every consumer of the point table (drivers/pointtable.py Sink), in the order each batch
+        reaches them. Each gets its birth (the table's current state) when attached; each shows
+        its counters in Diagnostics (Objects/<Site>/Diagnostics/Sink <name>)."""
+        sinks: list[Sink] = [
+            self.commands.transfer_watch,  # dwell time after automatic transfers (lossless, inline)
+            self.server.values,  # the OPC UA address space (coalescing, flushed every 100 ms)
+            self.server.alarms,  # alarm rules -> Part 9 conditions (lossless, inline)
+            self.historian.feed,  # history.db (lossless, written by the historian's thread)
+        ]
+        if self.sparkplug is not None:
+            sinks.append(self.sparkplug)  # Sparkplug B edge node (lossless, its own thread and queue)
+        if self.metrics is not None:
+            sinks.append(self.metrics.exporter)  # Prometheus exporter (coalescing)
+        return sinks
 
+    def attach_sinks(self) -> None:
+        self._attached = tuple(self.sinks())
+        for sink in self._attached:
+            self.table.attach(sink)
+
+    def detach_sinks(self) -> None:
+        for sink in reversed(self._attached):
+            self.table.detach(sink)  # a sink detached already (e.g. on its own stop) is skipped
+        self._attached = ()
+
+    def make_metrics(self) -> None:
+        """The Prometheus exporter, when an endpoint is configured (served by start_operations)."""
         metrics = self.metrics_config or self.site.gateway.metrics
         if metrics is not None:
-            from gateway.metrics import GatewayMetrics
+            from gateway.metrics import GatewayMetrics  # lazy: prometheus-client, only when on
 
             self.metrics = GatewayMetrics(self, metrics)
+
+    async def start_operations(self) -> None:
+        """Ops loops (issue 21): the Prometheus endpoint and the periodic log summary."""
+        from gateway.summary import LogSummary
+
+        if self.metrics is not None:
             await self.metrics.start()
         self.summary = LogSummary(self, self.site.gateway.log_summary_s)
         self.summary.start()
@@ -96,15 +126,14 @@ class Gateway:
             await self.metrics.stop()
 
     async def start_sparkplug(self) -> None:
-        """The Sparkplug B edge node (gateway/sparkplug): a lossless sink of the point table, plus the
-        CMCS results and alarms of the OPC UA server; it connects to the broker on its own thread."""
+        """The Sparkplug B edge node (gateway/sparkplug): a lossless sink of the point table (attached
+        in `attach_sinks`), plus the CMCS results and alarms of the OPC UA server; `start()` after the
+        attach connects it to the broker on its own thread."""
         from gateway.sparkplug import EdgeNode
 
         node = EdgeNode(self.site, self.site.gateway.mqtt, Path(self.data_dir), commands=self.commands,
                         loop=asyncio.get_running_loop())
         await node.attach_server(self.server)
-        self.table.attach(node)
-        node.start()
         self.sparkplug = node
 
     def bundle_dir(self) -> Path:
@@ -118,8 +147,7 @@ class Gateway:
     async def start_cmcs(self) -> None:
         """The built-in CMCS: an OPC UA client of this server, with its own certificate and the
         Engineer role (gateway.security.ensure_cmcs_client), like any other client."""
-        from cmcs.live import LiveCmcs, LiveOptions
-        from gateway.security import ensure_cmcs_client
+        from cmcs.live import LiveCmcs, LiveOptions  # lazy: loads xgboost, only when the CMCS runs
 
         cert, key, uri = ensure_cmcs_client(Path(self.data_dir))
         srv = self.server
@@ -144,6 +172,7 @@ class Gateway:
             self.table.detach(self.sparkplug)
             await self.sparkplug.aclose()
         await self.server.stop()
+        self.detach_sinks()
         if self.historian is not None:
             await self.historian.close()
         await self.driver.stop()
@@ -170,8 +199,6 @@ async def run_until_signalled(site: Site, data_dir: Path, simulate: bool, cmcs: 
               + (" (demo: simulators in-process on loopback)" if simulate else "") + "; Ctrl-C to stop", flush=True)
         print(f"cmcs-gateway: {gateway.server.security.summary()}", flush=True)
         if gateway.live is not None:
-            from gateway.security import CMCS_USER
-
             print(f"cmcs-gateway: built-in CMCS (user '{CMCS_USER}', model {gateway.live.predictor.version}), "
                   f"mode {gateway.server.cmcs_mode.name.title()}", flush=True)
         if gateway.metrics is not None:

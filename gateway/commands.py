@@ -1,6 +1,6 @@
 """The command service: the only path from a request to a device.
 
-Every interlock of INTERFACE.md's "Method results" table is checked here, from Good values in
+Every interlock of docs/interface.md's "Method results" table is checked here, from Good values in
 the point table only, before anything is written; a refused command changes nothing. An
 accepted command is written to the device, confirmed by reading the device back, and every
 call, accepted or not, is written to the audit log.
@@ -31,7 +31,8 @@ from asyncua import ua
 
 from drivers.base import (DeviceRefused, DeviceRejectedArgument, DeviceUnreachable,
                           DeviceError)
-from drivers.pointtable import Change, PointTable, Quality
+from drivers.pointtable import Birth, Change, PointTable, Quality, Sink
+from gateway.security import REQUIRED_ROLE, ROLE_RANK, AccessPolicy  # noqa: F401  (ROLE_RANK: re-exported)
 from siteconfig.interlocks import Verdict, check_preferred, check_start_bridging, check_switch, selection
 from siteconfig.model import AtsState, Site, StorageMode
 
@@ -40,11 +41,8 @@ log = logging.getLogger(__name__)
 SC = ua.StatusCodes
 CONFIRM_TIMEOUT_S = 1.0
 
-# Which role may call what (INTERFACE.md section 4); the security layer supplies the caller's role.
-ROLE_RANK = {"Viewer": 0, "Operator": 1, "Engineer": 2, "Admin": 3}
-REQUIRED_ROLE = {"SwitchSource": "Operator", "SetPreferredSource": "Operator", "StartBridging": "Operator",
-                 "StopBridging": "Operator", "SetMode": "Engineer", "Write": "Engineer",
-                 "ReportPrediction": "Engineer", "ClearPrediction": "Engineer", "Advise": "Engineer"}
+# Which role may call what: gateway.security REQUIRED_ROLE (docs/interface.md section 4), checked by
+# AccessPolicy.may_call; the security layer supplies the caller's role.
 
 
 @dataclass
@@ -88,6 +86,23 @@ class AuditLog:
             listener(record)
 
 
+class TransferWatch(Sink):
+    """The command service's point-table sink: each unit's TransferCount, for the dwell time."""
+
+    name = "transfer-watch"
+    kind = "lossless"  # inline and cheap: it sees every batch, in order
+
+    def __init__(self, commands: CommandService) -> None:
+        self.commands = commands
+
+    def attach(self, birth: Birth) -> None:
+        """The counts the table holds already are the baseline (not transfers)."""
+        self.commands._watch_transfers(birth.changes())
+
+    def changes(self, batch: list[Change]) -> None:
+        self.commands._watch_transfers(batch)
+
+
 class CommandService:
     """Interlocks, device write, confirmation, audit."""
 
@@ -108,10 +123,13 @@ class CommandService:
         self._last_transfer: dict[str, float] = {}
         self._transfer_count: dict[str, int] = {}
         self._unit_locks: dict[str, asyncio.Lock] = {}
-        table.add_sink(self._watch_transfers)
+        # a point-table sink the gateway's wiring attaches (gateway/app.py Gateway.sinks)
+        self.transfer_watch = TransferWatch(self)
 
     # ---- automatic transfers count for the dwell time too ----------------------------------------
     def _watch_transfers(self, changes: list[Change]) -> None:
+        """A unit's TransferCount moved (an automatic transfer, or one commanded elsewhere): its
+        dwell time starts again. The first Good count of a unit is only its baseline."""
         for c in changes:
             if c.point == "TransferCount" and c.quality is Quality.GOOD and c.device in self.units:
                 previous = self._transfer_count.get(c.device)
@@ -137,7 +155,7 @@ class CommandService:
     # ---- the common frame: role, per-unit serialisation, audit ------------------------------------------
     async def _run(self, method: str, device: str, args: dict, user: str, role: str, body) -> CommandOutcome:
         started = time.perf_counter()
-        if ROLE_RANK.get(role, -1) < ROLE_RANK[REQUIRED_ROLE[method]]:
+        if not AccessPolicy.may_call(role, method):
             outcome = CommandOutcome(SC.BadUserAccessDenied, reason=f"role {role} may not call {method}")
         else:
             lock = self._unit_locks.setdefault(device, asyncio.Lock())

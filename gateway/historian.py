@@ -13,8 +13,12 @@ Wiring (gateway/app.py, once the OPC UA server has built its address space):
     self.historian = await attach(self.server, self.data_dir)  # Gateway.start, after server.start()
     await self.historian.close()                                # Gateway.stop, after server.stop() (idempotent)
 
-Nothing else: point-table changes come through a sink; the few historized variables written
-without the point table (Cmcs.Mode, CMCS outputs) through address-space datachange callbacks.
+Point-table changes come through a lossless sink, `historian.feed` (PointTableFeed), that the
+gateway's wiring attaches to the point table (gateway/app.py `Gateway.sinks`): its birth records
+the values the table already holds; its buffer is drained by the writer thread at each flush and
+never drops (past `max_pending_rows` it reports back-pressure, in Diagnostics). The few
+historized variables written without the point table (Cmcs.Mode, CMCS outputs) come through
+address-space datachange callbacks.
 Events: `await historian.storage.save_event(event)` with the asyncua Event that was triggered.
 """
 
@@ -27,7 +31,7 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -38,7 +42,7 @@ from asyncua.common.utils import Buffer
 from asyncua.server.history import HistoryStorageInterface
 from asyncua.ua.ua_binary import Primitives, variant_from_binary, variant_to_binary
 
-from drivers.pointtable import Change, PointTable, Quality
+from drivers.pointtable import Birth, Change, LosslessBuffer, PointTable, Quality, Sink
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +57,7 @@ _TS_MIN, _TS_MAX = -(2**63), 2**63 - 1
 _UNSPECIFIED_BEFORE = datetime(1601, 1, 2, tzinfo=timezone.utc)
 _SERVER_OBJECT = ua.NodeId(ua.ObjectIds.Server)
 
-# Same meaning as gateway.server.QUALITY_STATUS (not imported: server.py imports this module).
+# Same meaning as gateway.server.QUALITY_STATUS, as plain values (the historian needs nothing of the server).
 QUALITY_STATUS_CODE = {
     Quality.GOOD: ua.StatusCodes.Good,
     Quality.UNCERTAIN_LAST_USABLE: ua.StatusCodes.UncertainLastUsableValue,
@@ -207,6 +211,7 @@ class Historian:
         self._next_id = max(self._ids.values(), default=0) + 1
         self._lock = threading.Lock()
         self._samples: list[tuple] = []
+        self._sources: list[Callable[[], list[tuple]]] = []  # lossless feeds, drained at each flush
         self._events: list[tuple] = []
         self._new_nodes: list[tuple[int, str]] = []
         self._flush_waiters: list[threading.Event] = []
@@ -251,6 +256,15 @@ class Historian:
 
     def known_key(self, key: str) -> int | None:
         return self._ids.get(key)
+
+    def add_source(self, take: Callable[[], list[tuple]]) -> None:
+        """`take()` is called by the writer thread at each flush and returns rows to commit (a
+        lossless feed's buffer); what it returns is written like `append_samples` rows."""
+        self._sources.append(take)
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
 
     def append_samples(self, rows: list[tuple]) -> None:
         """Queue rows (node id, ts µs, server lag µs, status, vtype, value) for the next flush."""
@@ -380,6 +394,8 @@ class Historian:
             nodes, self._new_nodes = self._new_nodes, []
             waiters, self._flush_waiters = self._flush_waiters, []
             closing = self._closing
+        for take in self._sources:
+            samples.extend(take())
         if samples or events or nodes:
             t0 = time.perf_counter()
             try:
@@ -675,8 +691,17 @@ def _row(node: int, dv: ua.DataValue, now_us: int) -> tuple:
 
 # ---- the gateway's feed ------------------------------------------------------------------------
 
-class PointTableFeed:
-    """Point-table sink: every change of a historized variable becomes a history row."""
+class PointTableFeed(Sink):
+    """Point-table sink (lossless): every change of a historized variable becomes a history row.
+
+    The rows wait in a LosslessBuffer until the historian's writer thread takes them at its next
+    flush (`Historian.add_source`); none is dropped. If the disk falls behind by more than
+    `max_pending_rows` rows the buffer still keeps them and reports back-pressure (`overflowing`
+    in `stats()`, BackPressure in Diagnostics). Rows that come after the historian is closed are
+    counted as dropped."""
+
+    name = "historian"
+    kind = "lossless"
 
     def __init__(self, historian: Historian, storage: HistorianStorage, model, table: PointTable | None = None):
         self.historian = historian
@@ -697,12 +722,21 @@ class PointTableFeed:
                         fed.add(nodeid)
         self._historized = historized
         self._fed_by_table = fed
+        self.buffer = LosslessBuffer(max_changes=historian.max_pending_rows)
+        self._lock = threading.Lock()  # put on the event loop, take in the writer thread
+        self.dropped = 0
+        self._warned = False
+        historian.add_source(self.take_rows)
 
-    def __call__(self, changes: list[Change]) -> None:
+    def attach(self, birth: Birth) -> None:
+        """The values the table already holds (those that have been read at least once)."""
+        self.changes([c for c in birth.changes() if c.value is not None])
+
+    def changes(self, batch: list[Change]) -> None:
         points = self._points
         server_us = int(time.time() * 1e6)
         rows = []
-        for c in changes:
+        for c in batch:
             target = points.get((c.device, c.point))
             if target is None:
                 continue
@@ -713,18 +747,32 @@ class PointTableFeed:
                 rows.append((node, ts, server_us - ts, status, _VT_NULL, None))
             else:
                 rows.append((node, ts, server_us - ts, status, int(vtype), _coerce(c.value, vtype)))
-        self.historian.append_samples(rows)
+        if not rows:
+            return
+        if self.historian.closing:
+            self.dropped += len(rows)
+            return
+        with self._lock:
+            self.buffer.put(rows)
+            overflowing = self.buffer.overflowing
+        if overflowing and not self._warned:
+            self._warned = True
+            log.warning("historian: more than %d rows wait for the disk; kept in memory (back-pressure)",
+                        self.buffer.max_changes)
 
-    def snapshot(self, table: PointTable) -> None:
-        """Record the values the table already holds (those that have been read at least once)."""
-        changes = []
-        for device in table.devices():
-            for point in table.points(device):
-                if (device, point) in self._points:
-                    pv = table.get(device, point)
-                    if pv.value is not None:
-                        changes.append(Change(device, point, pv.value, pv.quality, pv.source_ts))
-        self(changes)
+    __call__ = changes  # as a bare function of a batch
+
+    def take_rows(self) -> list[tuple]:
+        """Everything buffered, oldest first (called by the writer thread)."""
+        with self._lock:
+            return self.buffer.take()
+
+    def stats(self) -> dict[str, int | float]:
+        """Rows waiting for the writer; dropped: after close, plus whatever the historian itself
+        lost (a batch SQLite refused, its own queue past its bound after repeated write errors)."""
+        with self._lock:
+            return {"queued": self.buffer.queued, "spilled": self.buffer.spilled, "high_water": self.buffer.high_water,
+                    "overflowing": self.buffer.overflowing, "dropped": self.dropped + self.historian.stats["dropped"]}
 
     def watch_address_space(self, server) -> int:
         """Historized variables the point table does not feed (Cmcs.Mode, values the CMCS writes):
@@ -749,20 +797,19 @@ class PointTableFeed:
 async def attach(gateway_server, data_dir: Path, *, retention_s: float = DEFAULT_RETENTION_S,
                  flush_interval_s: float = 1.0) -> Historian:
     """Open `<data_dir>/history.db`, serve HistoryRead from it, and record every change of the
-    historized variables: from the point table, and from the address space for the others.
+    historized variables: from the point table through `historian.feed` (a sink the caller
+    attaches: `table.attach(historian.feed)`), and from the address space for the others.
 
-    Call after `GatewayServer.start()` built the address space (`gateway_server.model`)."""
+    Call after `GatewayServer.build()` built the address space (`gateway_server.model`)."""
     model = gateway_server.model
     if model is None:
-        raise RuntimeError("attach the historian after GatewayServer.start(): the address space is not built")
+        raise RuntimeError("attach the historian after GatewayServer.build(): the address space is not built")
     server = gateway_server.server
     historian = await asyncio.to_thread(Historian, Path(data_dir) / DB_FILE_NAME, retention_s, flush_interval_s)
     storage = HistorianStorage(historian, await server.get_namespace_array(), server=server)
     server.iserver.history_manager.set_storage(storage)
     feed = PointTableFeed(historian, storage, model, gateway_server.table)
-    historian.storage, historian.feed = storage, feed
-    gateway_server.table.add_sink(feed)
-    feed.snapshot(gateway_server.table)
+    historian.storage, historian.feed = storage, feed  # the gateway's wiring attaches the feed
     feed.watch_address_space(server)
     log.info("historian: %s, %d historized variables, retention %.1f d", historian.path, len(model.historized),
              retention_s / 86400)

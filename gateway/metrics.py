@@ -190,10 +190,16 @@ class GatewayMetrics:
     _task: asyncio.Task | None = None
     _risk_nodes: list | None = None  # (component, RiskScore NodeId), found once
 
+    def __post_init__(self) -> None:
+        # made here so that the gateway's wiring can attach it with the other sinks (gateway/app.py
+        # Gateway.sinks) before start() serves it
+        if self.exporter is None:
+            self.exporter = MetricsExporter(package_version())
+
     async def start(self) -> None:
         gw = self.gateway
-        self.exporter = MetricsExporter(package_version())
-        gw.table.attach(self.exporter)
+        if self.exporter not in gw.table.sinks():  # not wired by Gateway.attach_sinks: attach it here
+            gw.table.attach(self.exporter)
         gw.audit.listeners.append(self.exporter.on_audit)
         self.refresh()
         self.http = MetricsHttpServer(self.exporter.registry, self.config)

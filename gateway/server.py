@@ -1,28 +1,39 @@
 """The OPC UA server: the typed model of the site, bound to the point table and the command service.
 
-Values reach the address space in bulk: the point table tells this module which points
-changed; every FLUSH_INTERVAL_S the accumulated changes are turned into DataValues and stored
-with one `write_values` call (no awaited call per node). Methods go to the command service,
-which returns the exact StatusCode of INTERFACE.md's "Method results" table.
+Values reach the address space in bulk: `AddressSpaceSink` (a coalescing point-table sink the
+gateway's wiring attaches, gateway/app.py `Gateway.sinks`) keeps the latest change per point;
+every FLUSH_INTERVAL_S those are turned into DataValues and stored with one `write_values` call
+(no awaited call per node). Methods go to the command service, which returns the exact
+StatusCode of docs/interface.md's "Method results" table. Objects/<Site>/Diagnostics holds one object
+per driver connection and one per point-table sink (its counters), written every second.
+
+Start-up is in two steps so that the sinks get their birth in between: `build()` (address space,
+security, methods, the alarm engine; not listening), then `serve()` (writes what the
+address-space sink holds, then listens).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 import socket
 import time
 import uuid
-from typing import Any
 from datetime import datetime, timezone
+from typing import Any
 
 from asyncua import Server, ua
-from asyncua.server.internal_session import InternalSession
+from asyncua.common import event_objects
 
-from drivers.pointtable import Change, PointTable, Quality
-from gateway import security
+from drivers.pointtable import Birth, Change, CoalescingBuffer, PointTable, Quality, Sink
+from gateway import asyncua_hooks, security
+from gateway.alarms import REQUIRED_ROLE as ALARM_ROLES
+from gateway.alarms import AlarmEngine
+from gateway.alarms import attach as attach_alarms
+from gateway.audit_events import set_field, trigger
 from gateway.commands import CommandOutcome, CommandService
+from gateway.security import AccessPolicy
+from gateway.session import caller
 from information_model.instantiate import (MethodCall, SiteModel, bind_methods, build_site,
                                            load_information_model, write_values)
 from siteconfig.model import CmcsMode, Site
@@ -37,51 +48,25 @@ QUALITY_STATUS = {
     Quality.BAD_WAITING: ua.StatusCode(ua.StatusCodes.BadWaitingForInitialData),
 }
 
-# The session whose request is being served: asyncua's method callbacks are not told who calls,
-# so InternalSession.call records it here (same task, so the callback sees it).
-CURRENT_SESSION: contextvars.ContextVar[InternalSession | None] = contextvars.ContextVar("cmcs_session", default=None)
+class AddressSpaceSink(Sink):
+    """The address space as a point-table sink: the latest change per point until the next flush
+    (GatewayServer.flush, every FLUSH_INTERVAL_S). A point that changes twice between flushes is
+    written once, with its latest value: counted in `coalesced` (Diagnostics)."""
 
+    name = "address-space"
+    kind = "coalescing"
 
-def _install_session_context() -> None:
-    if getattr(InternalSession.call, "_cmcs_wrapped", False):
-        return
-    original = InternalSession.call
+    def __init__(self) -> None:
+        self.buffer = CoalescingBuffer()
 
-    async def call(self, params):
-        token = CURRENT_SESSION.set(self)
-        try:
-            return await original(self, params)
-        finally:
-            CURRENT_SESSION.reset(token)
+    def attach(self, birth: Birth) -> None:
+        self.buffer.put(birth.changes())  # every point once: the values the table already holds
 
-    call._cmcs_wrapped = True  # type: ignore[attr-defined]
-    InternalSession.call = call  # type: ignore[method-assign]
+    def changes(self, batch: list[Change]) -> None:
+        self.buffer.put(batch)
 
-
-def _install_cheap_datachange() -> None:
-    """asyncua deep-copies every DataValue on its way to a monitored item, "to prevent referencing
-    the inner value". Values written by this gateway are never mutated after they are stored
-    (each update is a new DataValue), so the copy only costs: at 1,000 units it was three
-    quarters of the time spent notifying a client subscribed to every variable."""
-    from asyncua.server.monitored_item_service import MonitoredItemValues
-
-    if getattr(MonitoredItemValues.set_current_datavalue, "_cmcs_cheap", False):
-        return
-
-    def set_current_datavalue(self, cur_val):
-        self.old_dvalue = self.current_dvalue
-        self.current_dvalue = cur_val
-
-    set_current_datavalue._cmcs_cheap = True  # type: ignore[attr-defined]
-    MonitoredItemValues.set_current_datavalue = set_current_datavalue  # type: ignore[method-assign]
-
-
-def caller() -> tuple[str, str]:
-    """(user name, role) of the session calling now: what it logged in as (gateway.security)."""
-    return ROLE_RESOLVER(CURRENT_SESSION.get())
-
-
-ROLE_RESOLVER = security.session_role_of
+    def stats(self) -> dict[str, int | float]:
+        return {"queued": len(self.buffer), "coalesced": self.buffer.coalesced, "taken": self.buffer.taken}
 
 
 class GatewayServer:
@@ -97,7 +82,7 @@ class GatewayServer:
         self.model_version = model_version
         self.server = Server()
         self.model: SiteModel | None = None
-        self._pending: dict[tuple[str, str], Change] = {}
+        self.values = AddressSpaceSink()  # the point table's view in the address space; app.py attaches it
         self._flush_task: asyncio.Task | None = None
         self.flushes = 0
         self.values_written = 0
@@ -105,9 +90,11 @@ class GatewayServer:
         self.health = health  # callable -> list of driver ConnectionHealth
         self._health_nodes: dict[tuple[str, str], tuple[ua.NodeId, ua.VariantType]] = {}
         self._health_task: asyncio.Task | None = None
+        self._diagnostics = None  # the Diagnostics folder node
+        self._sink_keys: dict[int, str] = {}  # id(sink) -> its Diagnostics object name
         self.data_dir = data_dir  # holds pki/ and users.yaml
         self.security: security.SecurityState | None = None
-        self.alarms = None  # gateway.alarms.AlarmEngine once started
+        self.alarms: AlarmEngine | None = None  # started by build(); a sink app.py attaches
         self.advisories = 0  # CMCS advisory events notified
 
     @property
@@ -116,8 +103,14 @@ class GatewayServer:
         return f"opc.tcp://{host}:{self.port}{self.path}"
 
     async def start(self) -> None:
-        _install_session_context()
-        _install_cheap_datachange()
+        """`build()` then `serve()`, for a server whose sinks nobody attaches in between."""
+        await self.build()
+        await self.serve()
+
+    async def build(self) -> None:
+        """The address space, security, methods and the alarm engine; not yet listening. Then the
+        gateway attaches the sinks (`self.values`, `self.alarms`, ...) and calls `serve()`."""
+        asyncua_hooks.install()
         server = self.server
         await server.init()
         server.set_endpoint(f"opc.tcp://{self.host}:{self.port}{self.path}")
@@ -140,16 +133,6 @@ class GatewayServer:
             "Advise": self._advise,
         })
         await self._write_cmcs_defaults()
-        # the values already known, then every change as it comes
-        for device in self.table.devices():
-            for point in self.table.points(device):
-                pv = self.table.get(device, point)
-                self._pending[(device, point)] = Change(device, point, pv.value, pv.quality, pv.source_ts)
-        self.table.add_sink(self._on_changes)
-        await self.flush()
-        await server.start()
-        from gateway.alarms import REQUIRED_ROLE as ALARM_ROLES, attach as attach_alarms
-
         self.alarms = await attach_alarms(self)
         # the condition methods' UserExecutable must match who may call them
         for method, node_id in (("Acknowledge", ua.ObjectIds.AcknowledgeableConditionType_Acknowledge),
@@ -157,10 +140,15 @@ class GatewayServer:
                                 ("Enable", ua.ObjectIds.ConditionType_Enable),
                                 ("Disable", ua.ObjectIds.ConditionType_Disable)):
             self.security.policy.require(ua.NodeId(node_id), ALARM_ROLES[method])
+
+    async def serve(self) -> None:
+        """Write what the address-space sink holds (its birth, if attached), then listen."""
+        await self.flush()
+        await self.server.start()
         self._flush_task = asyncio.create_task(self._flush_loop(), name="opcua flush")
-        if self.health is not None:
-            await self._build_health_nodes()
-            self._health_task = asyncio.create_task(self._health_loop(), name="driver health")
+        await self._build_diagnostics()
+        await self.write_diagnostics()
+        self._health_task = asyncio.create_task(self._diagnostics_loop(), name="diagnostics")
         log.info("OPC UA server at %s: %d variables", self.endpoint, self.model.variable_count)
 
     async def stop(self) -> None:
@@ -175,7 +163,7 @@ class GatewayServer:
                     pass
         await self.server.stop()
 
-    # ---- driver health: Objects/<Site>/Diagnostics/<connection> ----------------------------------
+    # ---- Diagnostics: Objects/<Site>/Diagnostics/<connection> and /Sink <name> -----------------------
     HEALTH_VARS = (("Connected", ua.VariantType.Boolean, "connection to the device(s) is up"),
                    ("LastError", ua.VariantType.String, "last error seen on this connection"),
                    ("PollDuration", ua.VariantType.Double, "duration of the last poll cycle, ms"),
@@ -187,43 +175,88 @@ class GatewayServer:
                                                            "or transaction id); each drops the connection"),
                    ("DroppedFrames", ua.VariantType.UInt32,
                     "frames refused by the transport's security (TSN: unsigned, tampered, replayed, late)"))
+    # one object per point-table sink (drivers/pointtable.py Sink.stats and PointTable.sink_errors)
+    SINK_VARS = (("Kind", ua.VariantType.String, "coalescing: keeps only the latest value per point when it "
+                  "falls behind (counted in Coalesced); lossless: never drops (back-pressure or spill)"),
+                 ("Queued", ua.VariantType.UInt64, "changes (or events) received and not yet delivered"),
+                 ("Coalesced", ua.VariantType.UInt64, "changes replaced by a newer one of the same point before delivery"),
+                 ("Spilled", ua.VariantType.UInt64, "changes spilled to disk because the buffer was full"),
+                 ("Dropped", ua.VariantType.UInt64, "changes lost"),
+                 ("BackPressure", ua.VariantType.Boolean, "the buffer is past its bound (a lossless sink falling behind)"),
+                 ("Errors", ua.VariantType.UInt64, "exceptions raised by the sink, caught by the point table"))
 
-    async def _build_health_nodes(self) -> None:
+    async def _build_diagnostics(self) -> None:
         ns = self.model.ns_index
         site_node = self.server.get_node(self.model.site_node)
-        folder = await site_node.add_folder(ua.NodeId("Diagnostics", ns), ua.QualifiedName("Diagnostics", ns))
-        for h in self.health():
-            key = h.key
-            obj = await folder.add_object(ua.NodeId(f"Diagnostics.{key}", ns), ua.QualifiedName(key, ns))
-            for name, vt, description in self.HEALTH_VARS:
-                var = await obj.add_variable(ua.NodeId(f"Diagnostics.{key}.{name}", ns), ua.QualifiedName(name, ns),
-                                             ua.Variant(_coerce(0, vt) if vt != ua.VariantType.String else "", vt))
-                await var.write_attribute(ua.AttributeIds.Description,
-                                          ua.DataValue(ua.Variant(ua.LocalizedText(description))))
-                self._health_nodes[(key, name)] = (var.nodeid, vt)
+        self._diagnostics = await site_node.add_folder(ua.NodeId("Diagnostics", ns),
+                                                       ua.QualifiedName("Diagnostics", ns))
+        for h in self.health() if self.health is not None else ():
+            await self._add_diagnostics_object(h.key, self.HEALTH_VARS)
+        await self._add_sink_objects()
 
-    async def _health_loop(self) -> None:
+    async def _add_diagnostics_object(self, key: str, variables) -> None:
+        ns = self.model.ns_index
+        obj = await self._diagnostics.add_object(ua.NodeId(f"Diagnostics.{key}", ns), ua.QualifiedName(key, ns))
+        for name, vt, description in variables:
+            var = await obj.add_variable(ua.NodeId(f"Diagnostics.{key}.{name}", ns), ua.QualifiedName(name, ns),
+                                         ua.Variant(_coerce(0, vt) if vt != ua.VariantType.String else "", vt))
+            await var.write_attribute(ua.AttributeIds.Description,
+                                      ua.DataValue(ua.Variant(ua.LocalizedText(description))))
+            self._health_nodes[(key, name)] = (var.nodeid, vt)
+
+    async def _add_sink_objects(self) -> None:
+        """An object for each sink attached since the last call (sinks may attach after start)."""
+        for sink in self.table.sinks():
+            if id(sink) in self._sink_keys:
+                continue
+            key, n = f"Sink {sink.name}", 2
+            while key in self._sink_keys.values():  # two sinks of one name: "Sink x", "Sink x #2"
+                key, n = f"Sink {sink.name} #{n}", n + 1
+            self._sink_keys[id(sink)] = key
+            await self._add_diagnostics_object(key, self.SINK_VARS)
+
+    def sink_diagnostics(self) -> dict[str, dict[str, Any]]:
+        """Per attached sink (by its Diagnostics object name): the values of SINK_VARS."""
+        out = {}
+        errors = self.table.sink_errors
+        for sink in self.table.sinks():
+            key = self._sink_keys.get(id(sink))
+            if key is None:
+                continue
+            stats = sink.stats()
+            out[key] = {"Kind": sink.kind, "Queued": stats.get("queued", 0), "Coalesced": stats.get("coalesced", 0),
+                        "Spilled": stats.get("spilled", 0), "Dropped": stats.get("dropped", 0),
+                        "BackPressure": bool(stats.get("overflowing", False)), "Errors": errors.get(sink.name, 0)}
+        return out
+
+    async def _diagnostics_loop(self) -> None:
         while True:
             await asyncio.sleep(1.0)
-            updates = []
-            now = datetime.now(timezone.utc)
-            for h in self.health():
-                key = h.key
-                values = {"Connected": h.connected, "LastError": h.last_error, "PollDuration": h.poll_duration_ms,
-                          "Overruns": h.overruns, "Reconnects": h.reconnects, "Devices": h.devices,
-                          "Errors": h.errors, "DecodeErrors": h.decode_errors,
-                          "DroppedFrames": h.dropped_frames}
-                for name, value in values.items():
-                    nodeid, vt = self._health_nodes[(key, name)]
-                    updates.append((nodeid, ua.DataValue(ua.Variant(_coerce(value, vt), vt), SourceTimestamp=now)))
-            await write_values(self.server, updates)
+            try:
+                await self._add_sink_objects()
+                await self.write_diagnostics()
+            except Exception:  # noqa: BLE001 - the counters must go on
+                log.exception("writing Diagnostics failed")
+
+    async def write_diagnostics(self) -> None:
+        """The current driver health and sink counters into Diagnostics (every second, and on demand)."""
+        updates = []
+        now = datetime.now(timezone.utc)
+        for h in self.health() if self.health is not None else ():
+            key = h.key
+            values = {"Connected": h.connected, "LastError": h.last_error, "PollDuration": h.poll_duration_ms,
+                      "Overruns": h.overruns, "Reconnects": h.reconnects, "Devices": h.devices,
+                      "Errors": h.errors, "DecodeErrors": h.decode_errors, "DroppedFrames": h.dropped_frames}
+            for name, value in values.items():
+                nodeid, vt = self._health_nodes[(key, name)]
+                updates.append((nodeid, ua.DataValue(ua.Variant(_coerce(value, vt), vt), SourceTimestamp=now)))
+        for key, values in self.sink_diagnostics().items():
+            for name, value in values.items():
+                nodeid, vt = self._health_nodes[(key, name)]
+                updates.append((nodeid, ua.DataValue(ua.Variant(_coerce(value, vt), vt), SourceTimestamp=now)))
+        await write_values(self.server, updates)
 
     # ---- values ------------------------------------------------------------------------------
-    def _on_changes(self, changes: list[Change]) -> None:
-        pending = self._pending
-        for c in changes:
-            pending[(c.device, c.point)] = c
-
     async def _flush_loop(self) -> None:
         while True:
             await asyncio.sleep(FLUSH_INTERVAL_S)
@@ -233,9 +266,10 @@ class GatewayServer:
                 log.exception("writing values to the address space failed")
 
     async def flush(self) -> int:
-        if not self._pending or self.model is None:
+        """Write what the address-space sink holds into the address space; returns how many values."""
+        if not self.values.buffer or self.model is None:
             return 0
-        pending, self._pending = self._pending, {}
+        pending = self.values.buffer.take()
         points, types = self.model.points, self.model.point_types
         server_ts = datetime.now(timezone.utc)
         updates = []
@@ -311,9 +345,7 @@ class GatewayServer:
     async def _set_mode(self, call: MethodCall):
         user, role = caller()
         mode = int(call.args[0])
-        from gateway.commands import REQUIRED_ROLE, ROLE_RANK
-
-        if ROLE_RANK.get(role, -1) < ROLE_RANK[REQUIRED_ROLE["SetMode"]]:
+        if not AccessPolicy.may_call(role, "SetMode"):
             status = ua.StatusCodes.BadUserAccessDenied
         else:
             self.cmcs_mode = CmcsMode(mode)
@@ -330,10 +362,8 @@ class GatewayServer:
     async def _cmcs_report(self, call: MethodCall, check, body) -> Any:
         """Role, then `check()` (a StatusCode value or None), then `body()`; audited either way."""
         user, role = caller()
-        from gateway.commands import REQUIRED_ROLE, ROLE_RANK
-
         args = dict(zip([a.name for a in self.model.methods[("Cmcs", call.method)].inputs], call.args, strict=False))
-        if ROLE_RANK.get(role, -1) < ROLE_RANK[REQUIRED_ROLE[call.method]]:
+        if not AccessPolicy.may_call(role, call.method):
             status = ua.StatusCodes.BadUserAccessDenied
         else:
             status = check() or ua.StatusCodes.Good
@@ -375,10 +405,6 @@ class GatewayServer:
         component, action = call.args
 
         async def body():
-            from asyncua.common import event_objects
-
-            from gateway.audit_events import set_field, trigger
-
             now = datetime.now(timezone.utc)
             ev = event_objects.BaseEvent()
             set_field(ev, "EventId", uuid.uuid4().bytes, ua.VariantType.ByteString)

@@ -1,6 +1,6 @@
 """OPC UA users and their roles: `<data-dir>/users.yaml`, `cmcs users`, and asyncua's user manager.
 
-A user has one role (Viewer < Operator < Engineer < Admin, INTERFACE.md section 4), a password
+A user has one role (Viewer < Operator < Engineer < Admin, docs/interface.md section 4), a password
 stored as an scrypt hash, and/or X509 user certificates known by their SHA-1 thumbprint. The
 file is private (0600) and re-read when it changes, so `cmcs users add` takes effect on the
 running gateway at the next login.
@@ -30,7 +30,9 @@ import yaml
 from asyncua.crypto.permission_rules import User, UserRole
 from asyncua.server.user_managers import UserManager
 
-from gateway.cli import CliError
+from gateway.datadir import prepare_data_dir
+from gateway.pki import load_certificate_file, thumbprint_of
+from siteconfig.errors import CliError
 
 log = logging.getLogger(__name__)
 
@@ -235,8 +237,6 @@ def session_role(user) -> tuple[str, str]:
 
 # ---- cmcs users ----------------------------------------------------------------------------------
 def _data_dir(args) -> Path:
-    from gateway.app import prepare_data_dir
-
     return prepare_data_dir(args.data_dir)
 
 
@@ -293,8 +293,6 @@ def cli_users_add(args) -> int:
         raise CliError("give --password-stdin (password on standard input) and/or --certificate FILE")
     thumbprint = None
     if args.certificate:
-        from gateway.security import load_certificate_file, thumbprint_of
-
         try:
             thumbprint = thumbprint_of(load_certificate_file(Path(args.certificate)))
         except (OSError, ValueError) as exc:

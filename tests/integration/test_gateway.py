@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from asyncua import Client, ua
 
+from drivers.pointtable import Sink
 from gateway.app import Gateway
 from gateway.users import set_user
 from simulator.endpoints import SimulatorHost
@@ -222,6 +223,54 @@ async def test_role_below_operator_is_refused(tmp_path):
         outcome = await rig.gateway.commands.switch_source(unit, 2, user="viewer1", role="Viewer")
         assert outcome.status_name == "BadUserAccessDenied"
         assert (await rig.read(unit, "ActiveSource")).Value.Value == 1
+
+
+class _FailingSink(Sink):
+    """A consumer that breaks on every batch: it must be counted, and stop nothing else."""
+
+    name = "broken-exporter"
+
+    def __init__(self):
+        self.calls = 0
+
+    def changes(self, batch):
+        self.calls += 1
+        raise RuntimeError("exporter down")
+
+
+async def test_every_sink_shows_in_diagnostics_and_a_failing_one_stops_nothing(tmp_path):
+    async with Rig(fast_site(), tmp_path=tmp_path) as rig:
+        gateway = rig.gateway
+        kinds = {sink.name: sink.kind for sink in gateway.sinks()}
+        assert kinds == {"transfer-watch": "lossless", "address-space": "coalescing", "alarms": "lossless",
+                         "historian": "lossless"}
+        for name, kind in kinds.items():
+            assert await rig.node(f"Diagnostics.Sink {name}.Kind").read_value() == kind
+            assert await rig.node(f"Diagnostics.Sink {name}.Errors").read_value() == 0
+        # a sink attached while running gets its Diagnostics object too; its failures are counted
+        broken = _FailingSink()
+        gateway.table.attach(broken)
+        units = [u.name for u in rig.site.units]
+        before = {u: (await rig.read(u, "LoadPower")).SourceTimestamp for u in units}
+        deadline = time.monotonic() + 10
+        errors = 0
+        while time.monotonic() < deadline and errors < 2:
+            await asyncio.sleep(0.5)
+            try:
+                errors = await rig.node("Diagnostics.Sink broken-exporter.Errors").read_value()
+            except ua.UaStatusCodeError:  # BadNodeIdUnknown until the next Diagnostics pass
+                errors = 0
+        assert 2 <= errors <= gateway.table.sink_errors["broken-exporter"] == broken.calls  # Diagnostics: once a second
+        assert await rig.node("Diagnostics.Sink broken-exporter.Kind").read_value() == "coalescing"
+        # the other sinks still get every batch: new values keep arriving in the address space
+        deadline = time.monotonic() + 15
+        while True:
+            moved = [u for u in units if (await rig.read(u, "LoadPower")).SourceTimestamp > before[u]]
+            if moved or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.5)
+        assert moved, "no LoadPower changed in the address space while a sink was failing"
+        assert await rig.node("Diagnostics.Sink address-space.Errors").read_value() == 0
 
 
 class _Collector:

@@ -339,8 +339,7 @@ async def test_point_table_changes_of_historized_points_are_recorded(hist, stora
     table.define("U1", ["LoadPower", "ActiveSource", "Position"])
     table.update_device("U1", {"LoadPower": 4.0, "ActiveSource": 1, "Position": 3.0}, source_ts=1767225600.25)
     feed = PointTableFeed(hist, storage, small_model(), table)
-    table.add_sink(feed)
-    feed.snapshot(table)  # what the table held before the feed was attached
+    table.attach(feed)  # its birth: what the table held before the feed was attached
     table.update_device("U1", {"LoadPower": 5, "ActiveSource": 1, "Position": 4.0}, source_ts=1767225601.5)
     table.set_quality("U1", Quality.UNCERTAIN_LAST_USABLE, source_ts=1767225603.0)
     table.set_quality("U1", Quality.BAD_COMM, source_ts=1767225606.0)
@@ -354,6 +353,26 @@ async def test_point_table_changes_of_historized_points_are_recorded(hist, stora
     source, _ = await storage.read_node_history(nid("U1.ActiveSource"), *span, 0)
     assert [dv.Value.Value for dv in source] == [1, 1, None]  # unchanged value: not a change, quality changes are
     assert (await storage.read_node_history(nid("U1.Position"), *span, 0))[0] == []  # not historized
+
+
+async def test_the_feed_never_drops_when_the_disk_falls_behind(tmp_path):
+    """A lossless sink: past its bound the feed keeps every row and says so (back-pressure)."""
+    hist = Historian(tmp_path / "slow.db", retention_s=KEEP_ALL, flush_interval_s=3600)  # flushes only when asked
+    storage = HistorianStorage(hist, NS)
+    table = PointTable()
+    table.define("U1", ["LoadPower", "ActiveSource", "Position"])
+    feed = PointTableFeed(hist, storage, small_model(), table)
+    feed.buffer.max_changes = 10
+    table.attach(feed)
+    for i in range(30):  # 30 rows queued before the writer's next flush
+        table.update_device("U1", {"LoadPower": float(i)}, source_ts=1767225600.0 + i)
+    stats = feed.stats()
+    assert stats["queued"] == 30 and stats["overflowing"] and stats["dropped"] == 0
+    await hist.flush()
+    power, _ = await storage.read_node_history(nid("U1.LoadPower"), us_to_datetime(0), us_to_datetime(2 * 10**15), 0)
+    assert [dv.Value.Value for dv in power] == [float(i) for i in range(30)]
+    assert feed.stats()["queued"] == 0 and not feed.stats()["overflowing"]
+    hist.close_sync()
 
 
 # ---- figures (printed, not asserted: the machine is shared) ------------------------------------------
