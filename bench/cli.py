@@ -25,7 +25,8 @@ def cli_bench(args) -> int:
 
             json_path = args.json if len(which) == 1 else (args.json.with_name(f"{args.json.stem}-mission.json")
                                                            if args.json else None)
-            mission.run(args.out, json_path, scenarios=getattr(args, "scenarios", None), quick=args.quick)
+            mission.run(args.out, json_path, scenarios=getattr(args, "scenarios", None), quick=args.quick,
+                        bundle=getattr(args, "bundle", None))
         elif w == "gateway":
             from bench import gateway
 

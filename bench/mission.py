@@ -137,6 +137,29 @@ def default_bundle() -> Path:
     return Path(os.environ.get("CMCS_BUNDLE", SHIPPED_BUNDLE))
 
 
+def _layout_note(figures: dict) -> str:
+    lay = figures.get("bundle_layout") or {}
+    other = [c["summary"] for c in lay.get("sites", {}).values() if not c["matches"]]
+    if not other:
+        return ""
+    return (f" (trained for {lay['bundle'].get('summary', '?')}; replayed as given on another layout: "
+            f"{'; '.join(other)}, where the live CMCS would stay Advisory)")
+
+
+def bundle_layouts(predictor, jobs) -> dict:
+    """The layout the bundle was trained for, and whether each scenario site matches it (cmcs.layout):
+    the benchmark replays the bundle on every site, and says where the live CMCS would hold back."""
+    from cmcs.layout import bundle_layout, check_layout
+
+    sites = {}
+    for site, _sc in jobs:
+        if site.name not in sites:
+            check = check_layout(predictor.meta, site)
+            sites[site.name] = {"fingerprint": check.site_fingerprint, "summary": check.site_summary,
+                                "matches": check.matches}
+    return {"bundle": bundle_layout(predictor.meta), "sites": sites}
+
+
 def run(out: Path, json_path: Path | None, scenarios: Path | None = None, bundle: Path | None = None,
         quick: bool = False, processes: int = 2, cycle: bool = True) -> dict:
     from cmcs.models import BundleError, Predictor
@@ -154,6 +177,12 @@ def run(out: Path, json_path: Path | None, scenarios: Path | None = None, bundle
         jobs = jobs[:3]
     print(f"mission: {len(jobs)} scenarios from {folder}, bundle {predictor.version} ({bundle}), "
           f"{len(POLICIES)} policies, {processes} processes", file=sys.stderr)
+    layouts = bundle_layouts(predictor, jobs)
+    for name, check in layouts["sites"].items():
+        if not check["matches"]:
+            print(f"mission: bundle {predictor.version} was trained for another layout "
+                  f"({layouts['bundle'].get('summary', '?')}); site {check['summary']}: replayed anyway "
+                  "(the live CMCS would stay Advisory there)", file=sys.stderr)
     tasks = [(i * len(POLICIES) + k, site, sc, pol, str(bundle)) for i, (site, sc) in enumerate(jobs)
              for k, pol in enumerate(POLICIES)]
     tasks.sort(key=lambda t: -len(t[1].units) * t[2].duration_s)
@@ -183,6 +212,7 @@ def run(out: Path, json_path: Path | None, scenarios: Path | None = None, bundle
     figures = summarise(results, len(jobs))
     figures["scenario_dir"] = str(folder)
     figures["bundle"] = predictor.version
+    figures["bundle_layout"] = layouts
     if cycle:
         print("mission: cycle time on a generated 1,000-unit site ...", file=sys.stderr, flush=True)
         ct = cycle_time(bundle, cycles=50 if quick else 200)
@@ -366,7 +396,7 @@ def write_report(out: Path, figures: dict) -> None:
     _plots(out, pol)
     (out / "mission.md").write_text(
         f"# cmcs bench mission\n\n{figures['scenarios']} scenarios from `{figures.get('scenario_dir')}`, "
-        f"model bundle {figures.get('bundle')}.\n\n{table}\n\n## Targets (issue 6)\n{targets}\n\n"
+        f"model bundle {figures.get('bundle')}{_layout_note(figures)}.\n\n{table}\n\n## Targets (issue 6)\n{targets}\n\n"
         "![dropped loads](mission_dropped_loads.png) ![unserved energy](mission_unserved_kwh.png) "
         f"![transfers](mission_transfers.png)\n\n{avoid_text}\n## Where the losses come from (per cause)\n\n"
         "Each dropped load is traced to the fault behind it (the ledger's cause and the scenario's fault "

@@ -58,19 +58,22 @@ def site_for_shape(aisles: int, units: int):
     return generate_site(aisles, units)
 
 
-def training_scenario(seed: int, duration_s: float):
+def training_scenario(seed: int, duration_s: float, site=None):
     """A random fault-rich mix for training: random site shape, fault rate and extra rare events.
 
     On top of `random_scenario` (every kind, random targets, lead times and severities) it adds,
     at random, a source outage with precursors (rare in the base mix) and a benign ambient
-    excursion (the false-alarm bait), so that both are seen often enough to be learnt."""
+    excursion (the false-alarm bait), so that both are seen often enough to be learnt.
+    `site`: train for that site (`cmcs train --config`): every scenario on its layout, ratings,
+    loads, DES and preferred sources, instead of the demo hall and generated shapes."""
     from simulator.scenario import Fault, random_scenario
 
     rng = np.random.default_rng([seed, 20_240_905])
     shapes = TRAIN_SITE_SHAPES
     w = np.array([s[2] for s in shapes])
-    aisles, units, _ = shapes[int(rng.choice(len(shapes), p=w / w.sum()))]
-    site = site_for_shape(aisles, units)
+    aisles, units, _ = shapes[int(rng.choice(len(shapes), p=w / w.sum()))]  # drawn either way: same rng stream
+    if site is None:
+        site = site_for_shape(aisles, units)
     fph = float(rng.uniform(1.0, 3.0))
     sc = random_scenario(site, seed, duration_s=duration_s, faults_per_hour=fph)
     extra = []

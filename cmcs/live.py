@@ -27,6 +27,11 @@ Each cycle (every `Predictor.sample_interval_s`, 10 s):
 (0.25: twice as eager, 1.0: half as). The lead time reported with a prediction is the median
 time to failure of a constant hazard with that 15-min probability (H ln 2 / -ln(1 - risk)).
 
+**Layout.** A bundle records the layout it was trained for (cmcs.layout). On a site of another
+layout the CMCS stays Advisory: it never acts, a Mode of Automatic (written directly; `SetMode`
+refuses it at the gateway) is written back to Advisory, and `ModelVersion` says why
+("<version> (trained for another layout: Advisory only; ...)").
+
 `time_scale` (plant seconds per wall second) is for simulators run faster than real time: the
 cycle, the features' clock and the policy's dwell time follow plant time.
 """
@@ -45,6 +50,7 @@ from asyncua import Client, ua
 from asyncua.common.subscription import Subscription
 from asyncua.crypto import security_policies
 
+from cmcs.layout import check_layout, model_version_text
 from cmcs.policy import (Observation, PolicyConfig, PolicyState, SetPreferredSource, StartBridging, StopBridging,
                          SwitchSource, Topology, decide)
 from siteconfig.model import CmcsMode, Site
@@ -129,6 +135,13 @@ class LiveCmcs:
         topo = Topology.from_site(site)
         self.topology = replace(topo, dwell_time_s=topo.dwell_time_s * options.time_scale)
         self.base_thresholds = dict(self.predictor.thresholds)
+        # the layout the bundle was trained for against this site's: another hall, Advisory at most
+        self.layout = check_layout(self.predictor.meta, site)
+        self.advisory_only = not self.layout.matches
+        self.model_version = model_version_text(self.predictor.version, self.layout)
+        if self.advisory_only:
+            log.warning("CMCS: model bundle %s was %s: the CMCS stays Advisory until a matching bundle is "
+                        "installed (cmcs train --config SITE)", self.predictor.version, self.layout.reason)
         self.policy_config = PolicyConfig(topology=self.topology, variant="ml", thresholds=dict(self.base_thresholds))
         self.names = {"source": list(self.topology.source_names), "pdb": list(self.topology.pdb_names),
                       "ats": list(self.topology.unit_names), "des": list(self.topology.des_names)}
@@ -237,7 +250,7 @@ class LiveCmcs:
                         nodes.missing[0])
         self.nodes = nodes
         await self._subscribe(client, nodes)
-        await self._write(client, [(nodes.cmcs_var.get("ModelVersion"), self.predictor.version, ua.VariantType.String)])
+        await self._write(client, [(nodes.cmcs_var.get("ModelVersion"), self.model_version, ua.VariantType.String)])
         cycle_wall = self.predictor.sample_interval_s / self.options.time_scale
         next_t = time.monotonic() + cycle_wall
         while not stop.is_set():
@@ -342,6 +355,8 @@ class LiveCmcs:
         t0 = time.perf_counter()
         if "Mode" in self._cmcs_values:
             self.mode = CmcsMode(int(self._cmcs_values["Mode"]))
+        if self.advisory_only and self.mode == CmcsMode.AUTOMATIC:
+            await self._hold_advisory(client)
         thr = self._cmcs_values.get("RiskThreshold")
         if thr is not None and 0.0 < thr <= 1.0:
             self.risk_threshold = thr
@@ -368,6 +383,18 @@ class LiveCmcs:
         self.last_cycle_ms = (time.perf_counter() - t0) * 1000.0
         await self._publish(client, risk, forecast)
         return actions
+
+    async def _hold_advisory(self, client: Client) -> None:
+        """Mode Automatic with a bundle for another layout (a direct write of Cmcs.Mode; SetMode
+        refuses it): act as Advisory and write the Mode back, so that every client sees it."""
+        self.mode = CmcsMode.ADVISORY
+        log.warning("CMCS: Mode Automatic refused: model bundle %s was %s; back to Advisory",
+                    self.predictor.version, self.layout.reason)
+        nid = self.nodes.cmcs_var.get("Mode")
+        if nid is not None:
+            self._written.pop(nid, None)
+            await self._write(client, [(nid, int(CmcsMode.ADVISORY), ua.VariantType.Int32)])
+        self._cmcs_values["Mode"] = float(CmcsMode.ADVISORY)
 
     async def _act(self, client: Client, t_s: float, actions: list) -> None:
         for a in actions:

@@ -1,6 +1,6 @@
 """`cmcs train`: generate labelled data, train the risk and load models, judge them, save a bundle.
 
-    cmcs train [--scenario-count N] [--seed S] [--out DIR] [--json F] [--quick]
+    cmcs train [--config SITE] [--scenario-count N] [--seed S] [--out DIR] [--json F] [--quick]
     cmcs train --eval-only [--scenarios DIR] [--bundle B] [--json F] [--out DIR]
 
 Training replays random fault-rich scenarios (seeds S .. S+N-1) on the demo site and a few
@@ -10,6 +10,11 @@ training seed). Early stopping and isotonic calibration use the validation scena
 the operating thresholds (model) and margins (threshold baseline) at the false-alarm budget.
 The test scenarios are only scored. The shipped held-out set (simulator/scenarios/heldout/)
 uses seeds from HELDOUT_SEED_START on, which training refuses to use.
+
+`--config SITE` trains for one site file: every scenario is generated on that site's layout (its
+aisles, ratings, loads, DES and preferred sources), and the bundle records the layout it was
+trained for (`bundle.json: layout`, cmcs.layout), which the live CMCS checks at start-up.
+Without it the bundle is recorded as the demo hall's (it is judged on the demo hall).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from collections import Counter
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +44,7 @@ from cmcs.dataset import (
     training_scenario,
 )
 from cmcs.features import FEATURE_NAMES, LOAD_HORIZONS_S
+from cmcs.layout import layout_fingerprint, layout_record, layout_summary
 from cmcs.models import SHIPPED_BUNDLE, BundleError, Predictor
 
 HELDOUT_DIR = Path(__file__).resolve().parent.parent / "simulator" / "scenarios" / "heldout"
@@ -58,6 +64,8 @@ class TrainConfig:
     load_rounds: int = 300
     processes: int = 2
     quick: bool = False
+    site: object = None  # siteconfig.model.Site to train for (`--config`); None: demo hall + generated shapes
+    site_file: str | None = None  # where it came from, for the record
 
     @classmethod
     def from_args(cls, args) -> "TrainConfig":
@@ -95,6 +103,10 @@ def _cli_train(args) -> int:
     from siteconfig.errors import CliError
 
     cfg = TrainConfig.from_args(args)
+    if getattr(args, "config", None) is not None:
+        cfg.site, cfg.site_file = _load_site_arg(args.config), str(args.config)
+        print(f"training for {layout_summary(cfg.site)} (layout fingerprint {layout_fingerprint(cfg.site)}), "
+              f"{cfg.scenario_count} scenarios of {cfg.duration_s / 3600:g} h", file=sys.stderr)
     if cfg.scenario_count < 3:
         raise CliError(f"--scenario-count must be at least 3 (train, validation, test), got {cfg.scenario_count}")
     if cfg.seed < 0 or cfg.seed + cfg.scenario_count > HELDOUT_SEED_START:
@@ -116,6 +128,18 @@ def _cli_train(args) -> int:
     print(f"bundle {predictor.version} saved to {path} ({_dir_size_mb(path):.2f} MB); "
           f"training took {training['wall_time_s']:.0f} s")
     return 0
+
+
+def _load_site_arg(path) -> object:
+    """The site file of `--config`, or one clear CliError line."""
+    from siteconfig.errors import CliError
+    from siteconfig.loader import load_site
+    from siteconfig.yamlpos import ConfigError, ConfigErrors
+
+    try:
+        return load_site(path)
+    except (ConfigError, ConfigErrors, OSError, ValueError) as exc:
+        raise CliError(_one_line(exc, Path(path))) from None
 
 
 def _cli_eval(args) -> int:
@@ -269,7 +293,7 @@ def train(cfg: TrainConfig, progress: bool = True, log=print):
 
     splits = cfg.splits()
     t_start = time.perf_counter()
-    jobs = {name: [training_scenario(s, cfg.duration_s) for s in seeds] for name, seeds in splits.items()}
+    jobs = {name: [training_scenario(s, cfg.duration_s, cfg.site) for s in seeds] for name, seeds in splits.items()}
     all_jobs = [(s, "train") for s in jobs["train"]] + [(s, "full") for s in jobs["val"]] + [
         (s, "full") for s in jobs["test"]]
     results = replay([(site, sc, mode, None) for (site, sc), mode in all_jobs], cfg.processes, progress)
@@ -282,16 +306,31 @@ def train(cfg: TrainConfig, progress: bool = True, log=print):
     metrics = evaluate(test_runs, predictor)
     metrics["validation"] = evaluate(val_runs, predictor, with_inference=False)["risk"]
     training = {
-        "config": asdict(cfg), "splits": {k: [v[0], v[-1]] if v else [] for k, v in splits.items()},
+        "config": {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name != "site"},
+        "splits": {k: [v[0], v[-1]] if v else [] for k, v in splits.items()},
         "split_rule": "by scenario (disjoint seed blocks: train, then validation, then test)",
         "heldout_seed_start": HELDOUT_SEED_START, "horizon_s": HORIZON_S,
         "fa_budget_per_100_unit_days": FA_BUDGET_PER_100_UNIT_DAYS,
         "sites": dict(Counter(site.name for js in jobs.values() for site, _ in js)),
         "rows": counts, "data_generation_s": round(t_data, 1),
-        "command": f"cmcs train --seed {cfg.seed} --scenario-count {cfg.scenario_count}" + (" --quick" if cfg.quick else ""),
+        "command": (f"cmcs train --seed {cfg.seed} --scenario-count {cfg.scenario_count}"
+                    + (f" --config {cfg.site_file}" if cfg.site_file else "") + (" --quick" if cfg.quick else "")),
     }
     predictor.meta["training_summary"] = {"command": training["command"], "scenarios": cfg.scenario_count}
+    predictor.meta["layout"] = training["layout"] = train_layout_record(cfg)
+    if cfg.site is not None:  # a site's bundle says so in its version (the shipped one keeps its own)
+        predictor.version = predictor.meta["version"] = f"{predictor.version}.site-{layout_fingerprint(cfg.site)[:8]}"
     return predictor, metrics, training
+
+
+def train_layout_record(cfg: TrainConfig) -> dict:
+    """The layout a bundle trained with `cfg` is for: the `--config` site, else the demo hall."""
+    from siteconfig.demo import demo_site
+
+    if cfg.site is not None:
+        return layout_record(cfg.site)
+    return layout_record(demo_site(), note="trained on the demo hall and generated shapes (cmcs.dataset."
+                                            "TRAIN_SITE_SHAPES), judged on the demo hall: the demo hall's bundle")
 
 
 def fit(cfg: TrainConfig, train_c: list[dict], val_runs: list[ScenarioRun], progress: bool = True):

@@ -156,7 +156,9 @@ class Gateway:
                               application_uri=uri, bundle=self.bundle_dir(), time_scale=self.cmcs_time_scale)
         loop = asyncio.get_running_loop()
         self.live = await loop.run_in_executor(None, LiveCmcs, self.site, options)  # loads xgboost boosters
-        srv.model_version = self.live.predictor.version
+        srv.model_version = self.live.model_version
+        # a bundle trained for another layout: SetMode(Automatic) is refused (BadInvalidState), with this reason
+        srv.cmcs_advisory_only = self.live.layout.reason if self.live.advisory_only else ""
         self._cmcs_stop = asyncio.Event()
         self._cmcs_task = asyncio.create_task(self.live.run(self._cmcs_stop), name="cmcs")
 
@@ -201,6 +203,8 @@ async def run_until_signalled(site: Site, data_dir: Path, simulate: bool, cmcs: 
         if gateway.live is not None:
             print(f"cmcs-gateway: built-in CMCS (user '{CMCS_USER}', model {gateway.live.predictor.version}), "
                   f"mode {gateway.server.cmcs_mode.name.title()}", flush=True)
+            if gateway.live.advisory_only:
+                print(f"cmcs-gateway: {layout_mismatch_line(gateway)}", flush=True)
         if gateway.metrics is not None:
             print(f"cmcs-gateway: metrics at {gateway.metrics.http.url}", flush=True)
         await stop.wait()
@@ -226,6 +230,16 @@ def metrics_from_args(args, site: Site) -> MetricsConfig | None:
     except ValueError as exc:
         raise CliError(str(exc)) from None
     return replace(site.gateway.metrics or MetricsConfig(), host=host, port=port)
+
+
+def layout_mismatch_line(gateway: Gateway) -> str:
+    """The start-up line of a CMCS whose bundle was trained for another layout (cmcs.layout)."""
+    live = gateway.live
+    rec, check = live.layout.bundle, live.layout
+    site_file = gateway.site.path or "SITE"
+    return (f"model bundle {live.predictor.version} was trained for another layout ({rec.get('summary', '?')}); "
+            f"this site is {check.site_summary}: CMCS stays Advisory until a matching bundle is installed "
+            f"(cmcs train --config {site_file} --data-dir {gateway.data_dir})")
 
 
 def cli_run(args) -> int:

@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train the risk and load models on simulated scenarios, or evaluate a bundle")
     _data_dir_arg(p)
     p.add_argument("--eval-only", action="store_true", help="evaluate an existing bundle, do not train")
+    p.add_argument("--config", type=Path, default=None,
+                   help="site file (YAML) to train for: scenarios on its layout; the bundle records it")
     p.add_argument("--scenarios", type=Path, help="folder of scenario files (default for --eval-only: the shipped held-out set)")
     p.add_argument("--bundle", type=Path, help="model bundle directory (default: <data-dir>/models/current, else the shipped one)")
     p.add_argument("--json", type=Path, help="write the metrics as JSON to this file")
@@ -171,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, help="write the figures as JSON to this file")
     p.add_argument("--out", type=Path, default=Path("reports"), help="report directory (default ./reports)")
     p.add_argument("--scenarios", type=Path, help="folder of scenario files (mission)")
+    p.add_argument("--bundle", type=Path, default=None,
+                   help="model bundle to replay (mission; default $CMCS_BUNDLE, else the shipped one), "
+                        "whatever layout it was trained for")
     p.add_argument("--quick", action="store_true", help="shorter runs, for a smoke check")
     p.set_defaults(handler="bench.cli:cli_bench")
 

@@ -347,6 +347,9 @@ class GatewayServer:
         mode = int(call.args[0])
         if not AccessPolicy.may_call(role, "SetMode"):
             status = ua.StatusCodes.BadUserAccessDenied
+        elif mode == CmcsMode.AUTOMATIC and getattr(self, "cmcs_advisory_only", ""):
+            # the CMCS's bundle was trained for another layout (gateway.app sets the reason, cmcs.layout)
+            status = ua.StatusCodes.BadInvalidState
         else:
             self.cmcs_mode = CmcsMode(mode)
             nodeid = self.model.points[("Cmcs", "Mode")]
