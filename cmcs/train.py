@@ -317,10 +317,17 @@ def train(cfg: TrainConfig, progress: bool = True, log=print):
                     + (f" --config {cfg.site_file}" if cfg.site_file else "") + (" --quick" if cfg.quick else "")),
     }
     predictor.meta["training_summary"] = {"command": training["command"], "scenarios": cfg.scenario_count}
-    predictor.meta["layout"] = training["layout"] = train_layout_record(cfg)
-    if cfg.site is not None:  # a site's bundle says so in its version (the shipped one keeps its own)
-        predictor.version = predictor.meta["version"] = f"{predictor.version}.site-{layout_fingerprint(cfg.site)[:8]}"
+    training["layout"] = record_layout(predictor, cfg)
     return predictor, metrics, training
+
+
+def record_layout(predictor: Predictor, cfg: TrainConfig) -> dict:
+    """Write into the predictor's metadata the layout it was trained for (`train_layout_record`); a
+    bundle for a `--config` site carries its fingerprint in its version too (the demo hall's keeps its own)."""
+    predictor.meta["layout"] = rec = train_layout_record(cfg)
+    if cfg.site is not None:
+        predictor.version = predictor.meta["version"] = f"{predictor.version}.site-{rec['fingerprint'][:8]}"
+    return rec
 
 
 def train_layout_record(cfg: TrainConfig) -> dict:

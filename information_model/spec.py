@@ -344,6 +344,17 @@ ALARM_TYPES: tuple[AlarmTypeSpec, ...] = (
             ("LeadTime", "Double", "Predicted time until the failure, in seconds."),
         ),
     ),
+    AlarmTypeSpec(
+        "LossOfRedundancyAlarmType",
+        2040,
+        "Raised by the CMCS on a micro-ATS whose second path (the other PDB segment or source) is at "
+        "risk or gone: one more failure drops its load unless its DES carries it.",
+        (
+            ("RideThroughTime", "Double", "How long the unit's DES can carry its load alone at the present load, in "
+                                          "seconds (0: no usable DES)."),
+            ("PathAtRisk", "String", "The path at risk or gone: the PDB segment or source, e.g. PDB-01-B."),
+        ),
+    ),
 )
 
 
