@@ -27,7 +27,7 @@ SUM_KEYS = ("dropped_loads", "unserved_kwh", "feed_seconds_over_80", "feed_secon
             "failures_with_precursors", "risk_transfers", "unnecessary_transfers",
             "unnecessary_transfers_scheduled", "losses_kwh", "des_throughput_kwh", "refusals",
             "actions", "unavoidable_dropped_loads", "unavoidable_unserved_kwh", "avoidable_dropped_loads",
-            "avoidable_unserved_kwh", "no_path_kwh", "unavoidable_unserved_kwh_bound")
+            "avoidable_unserved_kwh", "no_path_kwh", "unavoidable_unserved_kwh_bound", "drops_warned_5min")
 HELDOUT = Path(__file__).resolve().parent.parent / "simulator" / "scenarios" / "heldout"
 LIBRARY = Path(__file__).resolve().parent.parent / "simulator" / "scenarios"
 
@@ -251,7 +251,8 @@ def summarise(results: dict, n_scenarios: int) -> dict:
                                           "balancing_transfers", "mitigations_before_failure",
                                           "failures_with_precursors", "risk_transfers", "unnecessary_transfers",
                                           "unnecessary_transfers_scheduled", "refusals",
-                                          "actions", "unavoidable_dropped_loads", "avoidable_dropped_loads") \
+                                          "actions", "unavoidable_dropped_loads", "avoidable_dropped_loads",
+                                          "drops_warned_5min") \
                 else round(float(v), 4)
         P["median_mitigation_lead_time_s"] = round(float(np.median(leads[p])), 1) if leads[p] else None
         if cycle_p99[p]:
@@ -337,6 +338,7 @@ ROWS = (("dropped loads (ITIC)", "dropped_loads"), ("unserved energy (kWh)", "un
         ("DES throughput (kWh)", "des_throughput_kwh"), ("interlock refusals", "refusals"),
         ("unavoidable dropped loads", "unavoidable_dropped_loads"),
         ("avoidable dropped loads", "avoidable_dropped_loads"),
+        ("dropped loads warned >= 5 min ahead (loss of redundancy)", "drops_warned_5min"),
         ("no-path unserved bound (kWh)", "unavoidable_unserved_kwh_bound"))
 
 

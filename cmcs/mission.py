@@ -39,9 +39,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cmcs.features import SAMPLE_INTERVAL_S
-
 from cmcs.policy import (Observation, PolicyConfig, PolicyState, SetPreferredSource, StartBridging, StopBridging,
                          SwitchSource, Topology, decide, device_row)
+from cmcs.redundancy import redundancy
 from siteconfig.interlocks import check_preferred, check_start_bridging, check_switch
 
 POLICIES = ("hardware_only", "threshold", "ml")
@@ -111,6 +111,8 @@ def run_mission(site, scenario, policy: str, predictor=None, config: PolicyConfi
     commanded = balancing = 0
     risk_transfers: list[tuple[float, int, int, int]] = []  # (t, unit, segment left, pole left)
     des_index = {name: i for i, name in enumerate(topo.des_names) if name}
+    warned_since = np.full(plant.n, np.nan)  # start of each unit's loss-of-redundancy warning now on
+    warnings: list[tuple[int, float, float]] = []  # (unit, start, end) of every warning episode
     unit_index = {name: i for i, name in enumerate(topo.unit_names)}
     steps = int(math.floor(scenario.duration_s / dt + 1e-9))
     sub = max(1, int(round(dt / plant.step_s)))
@@ -170,6 +172,7 @@ def run_mission(site, scenario, policy: str, predictor=None, config: PolicyConfi
         result.cycle_ms.append((time.perf_counter() - t0) * 1000.0)
         for key in state.at_risk:
             result.latches.setdefault(key, t)
+        warned_since = _track_warnings(redundancy(snap, state.at_risk, topo).warning, warned_since, t, warnings)
         for a in actions:
             reason = _apply(plant, topo, a, unit_index, des_index, InterlockRefused)
             if reason:
@@ -203,6 +206,8 @@ def run_mission(site, scenario, policy: str, predictor=None, config: PolicyConfi
         "actions": len(result.actions),
     }
     figs["automatic_transfers"] = figs["transfers"] - commanded
+    warnings += [(int(u), float(warned_since[u]), math.inf) for u in np.flatnonzero(np.isfinite(warned_since))]
+    figs["drops_warned_5min"] = drops_warned(result.drops, warnings, unit_index, WARNING_LEAD_S, 2.0 * dt)
     mit, result.lead_times_s = _mitigation_figures(scenario, topo, result.actions, risk_transfers,
                                                    plant.failure_times, plant.worn_contact_sets())
     figs.update(mit)
@@ -218,6 +223,33 @@ def run_mission(site, scenario, policy: str, predictor=None, config: PolicyConfi
     figs["avoidable_unserved_kwh"] = round(max(0.0, figs["unserved_kwh"] - figs["unavoidable_unserved_kwh"]), 4)
     result.figures = figs
     return result
+
+
+WARNING_LEAD_S = 300.0  # issue 16: a drop counts as warned when the unit's warning was on 5 min before it
+
+
+def _track_warnings(warning: np.ndarray, since: np.ndarray, t: float, episodes: list) -> np.ndarray:
+    """Update the start times of the units' loss-of-redundancy warnings; close ended episodes."""
+    since = since.copy()
+    started = warning & ~np.isfinite(since)
+    ended = ~warning & np.isfinite(since)
+    for u in np.flatnonzero(ended):
+        episodes.append((int(u), float(since[u]), t))
+    since[started] = t
+    since[ended] = np.nan
+    return since
+
+
+def drops_warned(drops: list[dict], episodes: list, unit_index: dict, lead_s: float, slack_s: float) -> int:
+    """Dropped loads whose unit had a loss-of-redundancy warning on from at least `lead_s` before the
+    drop until the drop (within `slack_s`, the sampling: a warning seen at the last cycles before counts)."""
+    count = 0
+    for d in drops:
+        u, t = unit_index.get(d["unit"]), float(d["t_s"])
+        if u is not None and any(eu == u and start <= t - lead_s and end >= t - slack_s
+                                 for eu, start, end in episodes):
+            count += 1
+    return count
 
 
 def _apply(plant, topo: Topology, a, unit_index, des_index, InterlockRefused) -> str:
