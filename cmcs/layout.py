@@ -20,6 +20,9 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from pathlib import Path
+
+from siteconfig.demo import demo_site
 
 LAYOUT_FORMAT = 1
 FINGERPRINT_CHARS = 16  # hex characters kept: 64 bits, plenty to tell halls apart
@@ -79,8 +82,6 @@ def layout_record(site, note: str | None = None) -> dict:
 
 def demo_layout_record() -> dict:
     """The demo hall's record: what a bundle without one (made before layouts were recorded) is taken for."""
-    from siteconfig.demo import demo_site
-
     return layout_record(demo_site(), note="no layout recorded in the bundle: taken as the demo hall's")
 
 
@@ -133,10 +134,6 @@ def stamp_bundle_layout(bundle_dir, site=None, note: str | None = None) -> dict:
     hall). Only bundle.json changes; the model files stay byte for byte. Used once for the shipped
     bundle, made before layouts were recorded:
     `python -c "from cmcs.layout import stamp_bundle_layout; stamp_bundle_layout('cmcs/bundles/default')"`."""
-    from pathlib import Path
-
-    from siteconfig.demo import demo_site
-
     path = Path(bundle_dir) / "bundle.json"
     meta = json.loads(path.read_text())
     site = site or demo_site()
