@@ -37,6 +37,7 @@ from cmcs.dataset import (
     HORIZON_S,
     ScenarioRun,
     compact_for_training,
+    keep_aisles,
     load_scored_rows,
     load_targets,
     seasonal_naive,
@@ -240,6 +241,8 @@ def _job(args):
     run = simulate(site, scenario)
     if mode == "train":
         return compact_for_training(run)
+    if mode == "val":  # validation / test of a training run: whole aisles, at most about 240 units
+        return keep_aisles(run, site)
     return run
 
 
@@ -294,8 +297,8 @@ def train(cfg: TrainConfig, progress: bool = True, log=print):
     splits = cfg.splits()
     t_start = time.perf_counter()
     jobs = {name: [training_scenario(s, cfg.duration_s, cfg.site) for s in seeds] for name, seeds in splits.items()}
-    all_jobs = [(s, "train") for s in jobs["train"]] + [(s, "full") for s in jobs["val"]] + [
-        (s, "full") for s in jobs["test"]]
+    all_jobs = [(s, "train") for s in jobs["train"]] + [(s, "val") for s in jobs["val"]] + [
+        (s, "val") for s in jobs["test"]]
     results = replay([(site, sc, mode, None) for (site, sc), mode in all_jobs], cfg.processes, progress)
     n_tr, n_va = len(jobs["train"]), len(jobs["val"])
     train_c, val_runs, test_runs = results[:n_tr], results[n_tr:n_tr + n_va], results[n_tr + n_va:]

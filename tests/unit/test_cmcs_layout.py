@@ -6,14 +6,17 @@ import dataclasses
 import json
 import shutil
 
+import numpy as np
+
 from bench.mission import bundle_layouts
-from cmcs.dataset import FAILURE_KINDS, training_scenario
+from cmcs.dataset import FAILURE_KINDS, keep_aisles, simulate, training_scenario
 from cmcs.layout import (ADVISORY_ONLY, check_layout, layout_fingerprint, layout_summary, model_version_text,
                          stamp_bundle_layout)
 from cmcs.models import SHIPPED_BUNDLE
 from gateway.cli import main
 from siteconfig.demo import demo_site, generate_site, relocate_site, site_to_yaml
 from siteconfig.model import SourceSelection
+from simulator.scenario import Fault, Scenario
 
 
 def _map_units(site, change):
@@ -115,3 +118,25 @@ def test_the_mission_benchmark_says_which_sites_differ_from_the_bundles_layout()
     assert lay["bundle"]["summary"] == "demo-hall: 4x6, 24 DES"
     assert {n: c["matches"] for n, c in lay["sites"].items()} == {"demo-hall": True, "site-3x8": False}
 
+
+
+def test_validation_runs_of_a_large_site_keep_whole_aisles_failures_first():
+    site = generate_site(4, 3)
+    sc = Scenario(name="keep", duration_s=2100.0, seed=2, faults=(
+        Fault("joint_degradation", "PDB-03-B", 2000.0, 900.0, 0.9), Fault("battery_fade", "DES-04-02", 2050.0, 900.0, 0.9),
+        Fault("contact_wear", "MATS-01-01", 2000.0, 900.0, 0.9)))
+    run = simulate(site, sc)
+    assert keep_aisles(run, site, max_units=12) is run  # not larger than the cap: untouched
+    small = keep_aisles(run, site, max_units=5)
+    assert small.names["ats"] == [f"MATS-0{a}-0{j}" for a in (1, 3) for j in (1, 2, 3)]  # failing aisles, in order
+    assert small.names["pdb"] == ["PDB-01-A", "PDB-01-B", "PDB-03-A", "PDB-03-B"] and len(small.names["source"]) == 2
+    units = [run.names["ats"].index(n) for n in small.names["ats"]]
+    pdbs = [run.names["pdb"].index(n) for n in small.names["pdb"]]
+    np.testing.assert_array_equal(small.X["ats"], run.X["ats"][:, units])
+    np.testing.assert_array_equal(small.X["load"], run.X["load"][:, units])
+    np.testing.assert_array_equal(small.X["pdb"], run.X["pdb"][:, pdbs])
+    np.testing.assert_array_equal(small.labels["pdb"]["ttf"], run.labels["pdb"]["ttf"][:, pdbs])
+    np.testing.assert_array_equal(small.load_m1, run.load_m1[:, units])
+    # the failures of kept devices, re-indexed; the DES of aisle 4 is not kept
+    assert {(f.device_name, small.names[f.component][f.device]) for f in small.failures} == {
+        ("PDB-03-B", "PDB-03-B"), ("MATS-01-01", "MATS-01-01")}
