@@ -146,6 +146,10 @@ def _load_site_arg(path) -> object:
 def _cli_eval(args) -> int:
     from siteconfig.errors import CliError
 
+    if getattr(args, "config", None) is not None:
+        raise CliError("--config trains for a site; with --eval-only each scenario file names its site "
+                       "(`site: FILE`, relative to the scenario file)")
+
     scen_dir = Path(args.scenarios) if args.scenarios else HELDOUT_DIR
     bundle = Path(args.bundle) if args.bundle else SHIPPED_BUNDLE
     predictor = Predictor.load(bundle)

@@ -108,6 +108,8 @@ def test_cmcs_train_config_refuses_a_bad_site_file_in_one_line(tmp_path, capsys)
         assert code != 0 and err.startswith("cmcs: error: ") and len(err.strip().splitlines()) == 1, err
         assert "Traceback" not in err and path.name in err
     assert not (tmp_path / "b").exists()
+    assert main(["train", "--eval-only", "--config", str(bad)]) != 0
+    assert "each scenario file names its site" in capsys.readouterr().err
 
 
 def test_the_mission_benchmark_says_which_sites_differ_from_the_bundles_layout():
