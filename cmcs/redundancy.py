@@ -67,15 +67,13 @@ def redundancy(values: dict, at_risk, topo) -> Redundancy:
     with np.errstate(invalid="ignore"):
         in_band = (v_second >= TOLERANCE_PU[0]) & (v_second <= TOLERANCE_PU[1])
     gone = ~in_band | ~energized[seg] | ~available[second - 1] | (state == int(AtsState.FAULT)) | (active == 0)
-    risky_seg = np.array([("pdb", int(p)) in at_risk for p in seg], bool)
-    risky_src = np.array([("source", int(s) - 1) in at_risk for s in second], bool)
+    risky_seg = np.isin(seg, [i for kind, i in at_risk if kind == "pdb"])
+    risky_src = np.isin(second - 1, [i for kind, i in at_risk if kind == "source"])
     warning = gone | risky_seg | risky_src
-    names = []
-    for u in range(n):
-        if not warning[u]:
-            names.append("")
-        elif risky_src[u] or not available[second[u] - 1]:
-            names.append(topo.source_names[int(second[u]) - 1])
+    names = [""] * n
+    for u in np.flatnonzero(warning):
+        if risky_src[u] or not available[second[u] - 1]:
+            names[u] = topo.source_names[int(second[u]) - 1]
         else:
-            names.append(topo.pdb_names[int(seg[u])])
+            names[u] = topo.pdb_names[int(seg[u])]
     return Redundancy(warning, gone, names, ride_through_s(values, topo))
