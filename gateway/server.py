@@ -34,6 +34,7 @@ from gateway.audit_events import set_field, trigger
 from gateway.commands import CommandOutcome, CommandService
 from gateway.security import AccessPolicy
 from gateway.session import caller
+from information_model.fastpath import point_datavalues
 from information_model.instantiate import (MethodCall, SiteModel, bind_methods, build_site,
                                            load_information_model, write_values)
 from siteconfig.model import CmcsMode, Site
@@ -272,20 +273,7 @@ class GatewayServer:
         pending = self.values.buffer.take()
         points, types = self.model.points, self.model.point_types
         server_ts = datetime.now(timezone.utc)
-        updates = []
-        for key, c in pending.items():
-            nodeid = points.get(key)
-            if nodeid is None:
-                continue
-            vtype = types[nodeid]
-            status = QUALITY_STATUS[c.quality]
-            if c.value is None:
-                variant = ua.Variant()
-            else:
-                variant = ua.Variant(_coerce(c.value, vtype), vtype)
-            updates.append((nodeid, ua.DataValue(variant, StatusCode=status,
-                                                 SourceTimestamp=datetime.fromtimestamp(c.source_ts, timezone.utc),
-                                                 ServerTimestamp=server_ts)))
+        updates = point_datavalues(pending.values(), points, types, QUALITY_STATUS, server_ts)
         written = await write_values(self.server, updates)
         self.flushes += 1
         self.values_written += written

@@ -21,7 +21,6 @@ name although its BrowseName is `Storage`.
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import inspect
 import math
@@ -35,7 +34,7 @@ from typing import Any
 from asyncua import Server, ua
 from asyncua.server.address_space import AddressSpace, AttributeValue, NodeData
 
-from information_model import spec
+from information_model import fastpath, spec
 from siteconfig import model as site_model
 from siteconfig.model import MicroAtsConfig, PdbConfig, Site, SourceConfig, StorageConfig
 
@@ -771,13 +770,8 @@ async def write_values(
         stored += 1
         if attval.datachange_callbacks:
             notify.append((attval.datachange_callbacks, dv))
-    sent = 0
-    for callbacks, dv in notify:
-        for handle, callback in list(callbacks.items()):
-            await callback(handle, dv)
-            sent += 1
-            if sent % yield_every == 0:
-                await asyncio.sleep(0)
+    if notify:
+        await fastpath.notify(notify, yield_every)
     return stored
 
 
