@@ -7,6 +7,7 @@ real Modbus TCP on loopback; the gateway polls them exactly as it would real dev
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from dataclasses import dataclass
@@ -25,6 +26,18 @@ from siteconfig.errors import CliError
 from siteconfig.model import MetricsConfig, Site
 
 log = logging.getLogger(__name__)
+
+
+def freeze_heap() -> None:
+    """Exempt what start-up built from the cyclic garbage collector's later passes.
+
+    The address space (about 80k nodes and their attributes at 1,000 units), the point table
+    and the loaded models live as long as the process, yet every full collection walked them
+    again: under every-value-changing load that showed as 15 % of the gateway's CPU, charged to
+    whatever allocated next (docs/notes/asyncua.md, "Throughput"). `gc.freeze` moves them to the
+    permanent generation; what is allocated afterwards is collected as before."""
+    gc.collect()
+    gc.freeze()
 
 
 @dataclass
@@ -74,6 +87,7 @@ class Gateway:
         if self.cmcs:
             await self.start_cmcs()
         await self.start_operations()
+        freeze_heap()
 
     # ---- where the point table's values go: every sink, here and nowhere else ----------------------
     def sinks(self) -> list[Sink]:
