@@ -12,7 +12,12 @@ that was a third of the gateway's CPU. This module does the same work once per v
 - `notify`: the data-change notifications of a batch of written values, done synchronously
   for asyncua's own `MonitoredItemService` (the same checks: monitoring mode, trigger, deadband,
   queue size), one `_trigger_publish` per subscription per batch instead of per value; any other
-  callback (a historian's, a test's) is awaited as before.
+  callback (a historian's, a test's) is awaited as before;
+- `encode_datachange_notification`: the binary body of a DataChangeNotification (Part 6 5.2:
+  the same bytes as asyncua's generic dataclass serializer, ~19 us per item here, in ~2 us):
+  scalar numeric and Boolean values packed with one precompiled struct each, each distinct
+  timestamp and StatusCode encoded once per notification batch. `install_fast_encoding`
+  routes asyncua's `ua_binary.struct_to_binary` through it for that one class.
 
 Everything here reads asyncua 2.1's attributes as `server/monitored_item_service.py` and
 `server/internal_subscription.py` define them; `notify` checks the callback is that class's
@@ -22,12 +27,14 @@ unmodified method before taking the short way.
 from __future__ import annotations
 
 import asyncio
+import struct
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timezone
 from typing import Any
 
 from asyncua import ua
 from asyncua.server.monitored_item_service import MonitoredItemService
+from asyncua.ua import ua_binary
 
 _new = object.__new__
 _Variant, _DataValue, _Notification = ua.Variant, ua.DataValue, ua.MonitoredItemNotification
@@ -152,3 +159,90 @@ async def notify(pending: list[tuple[dict[int, Callable[..., Any]], ua.DataValue
     for isub in triggered:
         await isub._trigger_publish()
     return sent
+
+
+# ---- encoding (OPC UA Part 6, 5.2 binary encoding) -------------------------------------------------
+_VT = ua.VariantType
+_SCALAR_STRUCT = {vt: struct.Struct(fmt) for vt, fmt in (
+    (_VT.Boolean, "<?"), (_VT.SByte, "<b"), (_VT.Byte, "<B"), (_VT.Int16, "<h"), (_VT.UInt16, "<H"),
+    (_VT.Int32, "<i"), (_VT.UInt32, "<I"), (_VT.Int64, "<q"), (_VT.UInt64, "<Q"), (_VT.Float, "<f"),
+    (_VT.Double, "<d"))}
+_SCALAR_PREFIX = {vt: bytes((vt.value,)) for vt in _SCALAR_STRUCT}
+_pack_i32 = struct.Struct("<i").pack
+_pack_u32 = struct.Struct("<I").pack
+_pack_i64 = struct.Struct("<q").pack
+# DataValue encoding mask bits (Part 6 5.2.2.17)
+_HAS_VALUE, _HAS_STATUS, _HAS_SOURCE_TS, _HAS_SERVER_TS = 0x01, 0x02, 0x04, 0x08
+_generic_datavalue = ua_binary.create_dataclass_serializer(ua.DataValue)
+_generic_diagnostics = ua_binary.create_list_serializer(ua.DiagnosticInfo)
+_encode_status = ua_binary.create_type_serializer(ua.StatusCode)
+_variant_to_binary = ua_binary.variant_to_binary
+_DCN = ua.DataChangeNotification
+
+
+def _encode_datavalue(dv: ua.DataValue, times: dict, statuses: dict) -> bytes:
+    if dv.SourcePicoseconds is not None or dv.ServerPicoseconds is not None:
+        return _generic_datavalue(dv)
+    mask = 0
+    parts = [b""]
+    v = dv.Value
+    if v is not None:
+        mask = _HAS_VALUE
+        vt = v.VariantType
+        packer = _SCALAR_STRUCT.get(vt)
+        if packer is not None and not v.is_array and v.Dimensions is None and v.Value is not None:
+            try:
+                parts.append(_SCALAR_PREFIX[vt] + packer.pack(v.Value))
+            except struct.error:  # a value that does not fit its type: asyncua's encoder says why
+                parts.append(_variant_to_binary(v))
+        else:
+            parts.append(_variant_to_binary(v))
+    sc = dv.StatusCode
+    if sc is not None:
+        mask |= _HAS_STATUS
+        b = statuses.get(sc.value)
+        if b is None:
+            b = statuses[sc.value] = _encode_status(sc)
+        parts.append(b)
+    for bit, ts in ((_HAS_SOURCE_TS, dv.SourceTimestamp), (_HAS_SERVER_TS, dv.ServerTimestamp)):
+        if ts is not None:
+            mask |= bit
+            b = times.get(ts)
+            if b is None:
+                b = times[ts] = _pack_i64(ua.datetime_to_win_epoch(ts))
+            parts.append(b)
+    parts[0] = bytes((mask,))
+    return b"".join(parts)
+
+
+def encode_datachange_notification(obj: ua.DataChangeNotification) -> bytes:
+    """The binary body of a DataChangeNotification, byte for byte what asyncua's serializer makes."""
+    items = obj.MonitoredItems
+    times: dict = {}
+    statuses: dict = {}
+    if items is None:
+        head = [_pack_i32(-1)]
+    else:
+        head = [_pack_i32(len(items))]
+        for it in items:
+            head.append(_pack_u32(it.ClientHandle))
+            head.append(_encode_datavalue(it.Value, times, statuses))
+    head.append(_generic_diagnostics(obj.DiagnosticInfos))
+    return b"".join(head)
+
+
+def install_fast_encoding() -> None:
+    """Route asyncua's `ua_binary.struct_to_binary` (what `extensionobject_to_binary` calls for every
+    NotificationData of a PublishResponse) through `encode_datachange_notification` for
+    DataChangeNotifications; every other class goes the generic way. Idempotent."""
+    current = ua_binary.struct_to_binary
+    if getattr(current, "_cmcs_fast", False):
+        return
+
+    def struct_to_binary(obj: Any) -> bytes:
+        if obj.__class__ is _DCN:
+            return encode_datachange_notification(obj)
+        return current(obj)
+
+    struct_to_binary._cmcs_fast = True  # type: ignore[attr-defined]
+    ua_binary.struct_to_binary = struct_to_binary
