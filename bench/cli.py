@@ -32,7 +32,7 @@ def cli_bench(args) -> int:
 
             json_path = args.json if len(which) == 1 else (args.json.with_name(f"{args.json.stem}-gateway.json")
                                                            if args.json else None)
-            gateway.run(args.out, json_path, quick=args.quick)
+            gateway.run(args.out, json_path, quick=args.quick, stress=getattr(args, "stress", "include"))
         elif w == "tsn":
             from bench import tsn
 

@@ -66,7 +66,8 @@ def variables(site) -> list[tuple[str, str]]:
             for p in POINTS[kind]]
 
 
-def _tree_cpu_s(proc: psutil.Process) -> float:
+def tree_cpu_s(proc: psutil.Process) -> float:
+    """CPU seconds (user + system) of a process and all its live children."""
     total = 0.0
     for p in [proc] + proc.children(recursive=True):
         try:
@@ -155,13 +156,13 @@ async def _run_client(port: int, ids_file: Path, scan_s: float, window_s: float,
                 break
             msg = json.loads(line)
             if msg.get("recording"):
-                cpu0, t0 = _tree_cpu_s(server), time.time()
+                cpu0, t0 = tree_cpu_s(server), time.time()
                 h0 = await health() if health else None
                 continue
             result = msg
             break
         if cpu0 is not None:
-            result["cpu_percent"] = round(100.0 * (_tree_cpu_s(server) - cpu0) / (time.time() - t0), 1)
+            result["cpu_percent"] = round(100.0 * (tree_cpu_s(server) - cpu0) / (time.time() - t0), 1)
             if health:
                 h1 = await health()
                 result["poll_overruns"] = h1["poll_overruns"] - h0["poll_overruns"]
@@ -272,3 +273,57 @@ def step_down(measure, site, window_s: float, steps=SCAN_STEPS_S, log=print) -> 
         if best is None or r["updates_per_s"] > best["updates_per_s"]:
             best = r
     return best, runs
+
+
+def run_into(figures: dict, quick: bool = False, log=print) -> None:
+    """The stress case for `cmcs bench gateway`: fills figures["stress"], ["baseline_node_opcua"],
+    ["stress_ratio_ours_over_node_opcua"] and ["stress_steps"] (INTERFACE.md section 7)."""
+    from siteconfig.demo import generate_site
+
+    figures.setdefault("stress", {})
+    figures.setdefault("baseline_node_opcua", {})
+    why = node_available()
+    sites = {"1000-units": generate_site(20, 50)} if quick else {"1000-units": generate_site(20, 50),
+                                                                 "3000-units": generate_site(60, 50)}
+    window = 5.0 if quick else 10.0
+    steps = SCAN_STEPS_S[:2] if quick else SCAN_STEPS_S
+    all_steps: dict = {}
+    for name, site in sites.items():
+        log(f"  stress {name} / ours ...")
+        best, runs = step_down(measure_ours, site, window, steps, log)
+        figures["stress"][name] = best if best is not None else {**runs[0], "holds": False}
+        all_steps[name] = {"ours": runs}
+        if why is None:
+            log(f"  stress {name} / node-opcua ...")
+            nbest, nruns = step_down(measure_node_opcua, site, window, steps, log)
+            figures["baseline_node_opcua"][name] = nbest if nbest is not None else {**nruns[0], "holds": False}
+            all_steps[name]["node_opcua"] = nruns
+        else:
+            figures["baseline_node_opcua"][name] = {"error": why}
+    figures["stress_steps"] = all_steps
+    figures["stress_ratio_ours_over_node_opcua"] = {
+        name: (round(figures["stress"][name]["updates_per_s"] / figures["baseline_node_opcua"][name]["updates_per_s"], 2)
+               if figures["stress"][name].get("updates_per_s") and figures["baseline_node_opcua"][name].get("updates_per_s")
+               else None) for name in sites}
+    for name in sites:
+        r = figures["stress"][name]
+        if r.get("peak_rss_mb") and r.get("variables"):
+            r["rss_kb_per_variable"] = round(r["peak_rss_mb"] * 1024 / r["variables"], 2)
+
+
+def markdown(figures: dict) -> str:
+    """The stress section of the bench report."""
+    from bench.report import markdown_table
+
+    cols = ["units", "variables", "scan_s", "offered_per_s", "updates_per_s", "latency_p50_s", "latency_p99_s",
+            "cpu_percent", "startup_s", "peak_rss_mb", "poll_overruns"]
+    rows = []
+    for name in figures.get("stress", {}):
+        for label, key in (("ours", "stress"), ("node-opcua", "baseline_node_opcua")):
+            r = figures.get(key, {}).get(name, {})
+            rows.append([name, label] + [r.get(c, "-") if r.get(c) is not None else "-" for c in cols] + [r.get("error", "")])
+    return ("## Stress: every variable changing every scan\n\nScan period stepped down "
+            f"({', '.join(f'{s:g}' for s in SCAN_STEPS_S)} s) until p99 passes {LATENCY_LIMIT_S:g} s; each row is the "
+            "highest offered rate that held. Same measuring client (node-opcua) for both servers.\n\n"
+            + markdown_table(["site", "server"] + cols + ["error"], rows)
+            + f"\n\nRatio ours / node-opcua (updates/s): `{json.dumps(figures.get('stress_ratio_ours_over_node_opcua'))}`\n")

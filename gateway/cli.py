@@ -177,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model bundle to replay (mission; default $CMCS_BUNDLE, else the shipped one), "
                         "whatever layout it was trained for")
     p.add_argument("--quick", action="store_true", help="shorter runs, for a smoke check")
+    p.add_argument("--stress", choices=["include", "only", "skip"], default="include",
+                   help="gateway: the every-value-changing case against node-opcua (default: include it)")
     p.set_defaults(handler="bench.cli:cli_bench")
 
     return parser
