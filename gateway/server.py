@@ -272,9 +272,9 @@ class GatewayServer:
         if not self.values.buffer or self.model is None:
             return 0
         pending = self.values.buffer.take()
-        points, types = self.model.points, self.model.point_types
         server_ts = datetime.now(timezone.utc)
-        updates = point_datavalues(pending.values(), points, types, QUALITY_STATUS, server_ts)
+        updates = point_datavalues(pending.values(), self.model, self.server.iserver.aspace._nodes, QUALITY_STATUS,
+                                   server_ts)
         written = await write_values(self.server, updates)
         self.flushes += 1
         self.values_written += written

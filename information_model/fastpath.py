@@ -75,31 +75,35 @@ def coerce(value: Any, vtype: ua.VariantType) -> Any:
     return value if type(value) is int else int(value)
 
 
-def point_datavalues(changes: Iterable[Any], points: Mapping[tuple[str, str], ua.NodeId],
-                     types: Mapping[ua.NodeId, ua.VariantType], statuses: Mapping[Any, ua.StatusCode],
-                     server_ts: datetime) -> list[tuple[ua.NodeId, ua.DataValue]]:
-    """(NodeId, DataValue) of each change (`.device .point .value .quality .source_ts`, epoch s)
-    whose point is in the model; the quality maps to its StatusCode through `statuses`."""
+def point_datavalues(changes: Iterable[Any], model: Any, nodes: Mapping[ua.NodeId, Any],
+                     statuses: Mapping[Any, ua.StatusCode], server_ts: datetime) -> list[tuple]:
+    """(NodeId, DataValue, Value AttributeValue) of each change (`.device .point .value .quality
+    .source_ts`, epoch s) whose point is in the model (a SiteModel; `nodes`: the address space's
+    `_nodes`), for `write_values`; the quality maps to its StatusCode through `statuses`."""
     out = []
     times: dict[float, datetime] = {}
     utc = timezone.utc
     fromts = datetime.fromtimestamp
     append = out.append
+    slots = model.value_slots
+    points, types = model.points, model.point_types
+    value_attr = ua.AttributeIds.Value
     for c in changes:
-        nodeid = points.get((c.device, c.point))
-        if nodeid is None:
-            continue
+        key = (c.device, c.point)
+        slot = slots.get(key)
+        if slot is None:
+            nodeid = points.get(key)
+            if nodeid is None:
+                continue
+            slot = slots[key] = (nodeid, types[nodeid], nodes[nodeid].attributes[value_attr])
+        nodeid, vtype, attval = slot
         ts = c.source_ts
         source_dt = times.get(ts)
         if source_dt is None:
             source_dt = times[ts] = fromts(ts, utc)
         value = c.value
-        if value is None:
-            variant = _NULL
-        else:
-            vtype = types[nodeid]
-            variant = scalar_variant(coerce(value, vtype), vtype)
-        append((nodeid, datavalue(variant, statuses[c.quality], source_dt, server_ts)))
+        variant = _NULL if value is None else scalar_variant(coerce(value, vtype), vtype)
+        append((nodeid, datavalue(variant, statuses[c.quality], source_dt, server_ts), attval))
     return out
 
 

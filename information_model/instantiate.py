@@ -323,6 +323,9 @@ class SiteModel:
     historized: list[ua.NodeId]  # variables whose AccessLevel has HistoryRead
     type_ids: dict[str, ua.NodeId]  # ObjectType / enumeration name -> NodeId
     node_count: int = 0
+    # (device, point) -> (NodeId, VariantType, its Value AttributeValue), filled on first write by
+    # information_model.fastpath: spares two NodeId hashes (a Python-level __hash__) per value
+    value_slots: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def variable_count(self) -> int:
@@ -731,7 +734,7 @@ async def build_site(server: Server, site: Site) -> SiteModel:
 
 async def write_values(
     server: Server,
-    updates: Iterable[tuple[ua.NodeId, ua.DataValue]],
+    updates: Iterable[tuple[ua.NodeId, ua.DataValue] | tuple[ua.NodeId, ua.DataValue, AttributeValue]],
     *,
     skip_unchanged: bool = True,
     yield_every: int = 2000,
@@ -745,20 +748,22 @@ async def write_values(
     the SourceTimestamp then keeps the time of the last change, as Part 4 7.7.3 defines it,
     and asyncua is spared its costly per-notification deepcopy. Only monitored nodes cost an
     await; the loop is yielded to every `yield_every` notifications so that one big batch
-    does not stall the server's sockets. Returns the number of values stored.
+    does not stall the server's sockets. An update may carry the node's Value AttributeValue as a
+    third item (fastpath.point_datavalues does) to spare the look-up. Returns the number of values stored.
     """
     nodes = server.iserver.aspace._nodes
     now = datetime.now(timezone.utc)
     notify: list[tuple[dict[int, Callable[..., Any]], ua.DataValue]] = []
     value_attr = _A.Value
     stored = 0
-    for nodeid, dv in updates:
+    for update in updates:
+        nodeid, dv = update[0], update[1]
         sc = dv.StatusCode
         if sc is not None and sc.is_bad() and dv.Value is not None and dv.Value.VariantType != ua.VariantType.Null:
             dv = ua.DataValue(
                 ua.Variant(), StatusCode=sc, SourceTimestamp=dv.SourceTimestamp, ServerTimestamp=dv.ServerTimestamp
             )
-        attval = nodes[nodeid].attributes[value_attr]
+        attval = update[2] if len(update) > 2 else nodes[nodeid].attributes[value_attr]
         if skip_unchanged:
             old = attval.value
             if old is not None and old.Value == dv.Value and old.StatusCode == sc:
