@@ -41,7 +41,8 @@ async function main() {
     port: o.port, hostname: "127.0.0.1", resourcePath: "/cmcs", allowAnonymous: true,
     securityModes: [MessageSecurityMode.None], securityPolicies: [SecurityPolicy.None],
     maxConnectionsPerEndpoint: 10,
-    serverCapabilities: { maxMonitoredItems: 1000000, maxMonitoredItemsPerSubscription: 1000000 },
+    serverCapabilities: { maxMonitoredItems: 1000000, maxMonitoredItemsPerSubscription: 1000000, maxSubscriptionsPerSession: 100,
+                          maxSubscriptions: 200 },
   });
   await server.initialize();
   const addressSpace = server.engine.addressSpace;
