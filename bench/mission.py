@@ -3,7 +3,7 @@
 (a) hardware_only: micro-ATS local transfer, no CMCS; (b) threshold: the CMCS policy driven by
 static DCIM threshold alarms; (c) ml: the same policy driven by the model bundle's risk scores.
 Figures per policy are summed over scenarios (lead time: median over all mitigated failures);
-the JSON carries INTERFACE.md section 7's keys and more. Targets (issue 6): (c) at most 10 % of
+the JSON carries docs/interface.md section 7's keys and more. Targets (issue 6): (c) at most 10 % of
 (a)'s dropped loads and unserved energy and strictly fewer than (b), zero feed-seconds above
 100 %, no more than twice (a)'s transfers.
 """

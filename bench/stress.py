@@ -282,7 +282,7 @@ def step_down(measure, site, window_s: float, steps=SCAN_STEPS_S, log=print) -> 
 
 def run_into(figures: dict, quick: bool = False, log=print) -> None:
     """The stress case for `cmcs bench gateway`: fills figures["stress"], ["baseline_node_opcua"],
-    ["stress_ratio_ours_over_node_opcua"] and ["stress_steps"] (INTERFACE.md section 7)."""
+    ["stress_ratio_ours_over_node_opcua"] and ["stress_steps"] (docs/interface.md section 7)."""
     from siteconfig.demo import generate_site
 
     figures.setdefault("stress", {})

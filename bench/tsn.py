@@ -13,7 +13,7 @@ processes, one per namespace:
   frame on CLOCK_MONOTONIC as it gets it (the end of the latency; both namespaces share the
   clock), then opens it (signature, replay window, decryption) as the device would.
 
-Cases (INTERFACE.md section 7): schedule_on_idle, schedule_on_flood, schedule_off_flood (one
+Cases (docs/interface.md section 7): schedule_on_idle, schedule_on_flood, schedule_off_flood (one
 FIFO for every class at the same link rate, tail drop, no gates) and modbus_tcp (the same command
 as a Modbus TCP write over the same veth pair, pymodbus client and server, one per cycle,
 latency to the server's write hook), and schedule_on_flood_enqueuer_not_rt (the flood case with

@@ -14,14 +14,14 @@ from __future__ import annotations
 import numpy as np
 
 
-NETA_DT_PROBABLE_K = 4.0  # NETA thermography: rise over ambient 4-15 K "probable deficiency" (DOMAIN.md)
+NETA_DT_PROBABLE_K = 4.0  # NETA thermography: rise over ambient 4-15 K "probable deficiency" (docs/domain.md)
 NETA_DT_MAJOR_K = 15.0  # > 15 K "major deficiency"
 LOADING_LIMIT_PCT = 80.0  # NEC 210.20(A) 80 % rule for continuous load
 THD_LIMIT_PCT = 5.0  # IEEE 519 voltage THD limit (<= 69 kV)
-CONTACT_R_LIMIT = 1.5  # ATS contact resistance > 50 % above its lowest reading fails a test (DOMAIN.md)
+CONTACT_R_LIMIT = 1.5  # ATS contact resistance > 50 % above its lowest reading fails a test (docs/domain.md)
 ACTUATOR_SPEC_MS = 3.0  # assumed datasheet limit of the actuator self-test response (healthy 1.4-2.4 ms)
-DES_SOH_LIMIT_PCT = 80.0  # end of life at < 80 % capacity (VRLA; DOMAIN.md)
-BATTERY_R_LIMIT = 1.2  # internal resistance > 120 % of baseline: replacement trigger (DOMAIN.md)
+DES_SOH_LIMIT_PCT = 80.0  # end of life at < 80 % capacity (VRLA; docs/domain.md)
+BATTERY_R_LIMIT = 1.2  # internal resistance > 120 % of baseline: replacement trigger (docs/domain.md)
 STATUS_ALARM_SCORE = 10.0  # a status alarm (backup not ready) is not a scalable limit: always above any margin
 
 

@@ -93,7 +93,7 @@ def training_scenario(seed: int, duration_s: float, site=None):
 
 
 # Training covers wider ranges than `random_scenario` draws, so that scenario files written with
-# other parameters of the same physics (INTERFACE.md section 6) are not out of distribution:
+# other parameters of the same physics (docs/interface.md section 6) are not out of distribution:
 # load profiles (noise, drift, batch jobs' size and frequency, level, diurnal swing) and precursor
 # durations from 5 min to 5 h. A quarter of the scenarios keep `random_scenario`'s own draws.
 WIDE_LOAD_SHARE = 0.75

@@ -1,6 +1,6 @@
 """The live CMCS: an OPC UA client of the gateway (collect ► predict ► optimise ► act).
 
-It sees only what any client sees and acts only through the gateway's methods (DESIGN.md), so it
+It sees only what any client sees and acts only through the gateway's methods (docs/design.md), so it
 runs the same in-process (`cmcs run` starts it with its own certificate and the Engineer role)
 or on another host (`cmcs agent --endpoint ...`).
 
@@ -571,7 +571,7 @@ def _nid(ref: ua.ReferenceDescription) -> ua.NodeId:
 
 
 async def discover(client: Client, site: Site) -> _Nodes:
-    """Find the site's devices, points and methods by browsing (BrowseNames as in INTERFACE.md)."""
+    """Find the site's devices, points and methods by browsing (BrowseNames as in docs/interface.md)."""
     objects = ua.NodeId(ua.ObjectIds.ObjectsFolder)
     top = (await _browse(client, [objects]))[objects]
     site_ref = next((r for r in top if r.BrowseName.Name == site.name and r.NodeClass == ua.NodeClass.Object), None)

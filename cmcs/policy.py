@@ -1,4 +1,4 @@
-"""The CMCS decision: observations in, actions out (DESIGN.md: one pure function, two thin adapters).
+"""The CMCS decision: observations in, actions out (docs/design.md: one pure function, two thin adapters).
 
 `decide(obs, state, config)` is deterministic and does no I/O; its only memory is the
 `PolicyState` the caller hands back each cycle. The mission benchmark (cmcs/mission.py) calls

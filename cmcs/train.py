@@ -435,7 +435,7 @@ def _val_load_rows(runs: list[ScenarioRun], h: int):
 # ---- evaluation --------------------------------------------------------------------------------
 
 def evaluate(runs: list[ScenarioRun], predictor: Predictor, with_inference: bool = True) -> dict:
-    """The metrics of INTERFACE.md section 7 (and more) on scored runs."""
+    """The metrics of docs/interface.md section 7 (and more) on scored runs."""
     from cmcs.metrics import BASELINE_MARGINS, FA_BUDGET_PER_100_UNIT_DAYS, choose_threshold, non_predictable, summary
 
     model_score = lambda r, k: r.scores[k]  # noqa: E731

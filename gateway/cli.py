@@ -1,4 +1,4 @@
-"""The `cmcs` command line (INTERFACE.md section 2).
+"""The `cmcs` command line (docs/interface.md section 2).
 
 Every sub-command lives in the package that owns it; this module only parses arguments,
 dispatches, and turns expected failures into one clear line and a non-zero exit code.

@@ -9,7 +9,7 @@ ReferenceDescriptions are shared between instances (asyncua replaces, never muta
 each node's AttributeValues are created on first access (`_LazyAttributes`). A 1,000-unit
 site builds in about 1.3 s and 65 MB here.
 
-Layout (INTERFACE.md section 3), namespace `urn:cmcs-gateway:site:<site.name>`:
+Layout (docs/interface.md section 3), namespace `urn:cmcs-gateway:site:<site.name>`:
     Objects/<Site>/Sources/{SourceA,SourceB}
     Objects/<Site>/Aisles/AisleNN/{PDB-NN-A, PDB-NN-B, MATS-NN-MM[/Storage]}
     Objects/<Site>/Cmcs

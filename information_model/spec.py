@@ -1,4 +1,4 @@
-"""Declarative source of the PowerDistribution type model (INTERFACE.md section 3).
+"""Declarative source of the PowerDistribution type model (docs/interface.md section 3).
 
 `gen_nodeset.py` renders this into `cmcs_power.NodeSet2.xml`; the XML is what the server
 loads and what other tools import. NodeIds in the types namespace are numeric and fixed by

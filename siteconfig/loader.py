@@ -70,7 +70,7 @@ _MQTT_KEYS = ("host", "port", "tls", "insecure", "group_id", "edge_node_id", "pr
 _OPCUA_KEYS = ("host", "port", "path", "allow_security_none", "allow_anonymous")
 _DEVICE_KEYS = ("driver", "profile", "host", "port", "unit_id", "scan_group", "tls", "mac", "vlan", "publisher_id",
                 "key_file")
-# gateway.tsn (INTERFACE.md section 5, docs/tsn.md)
+# gateway.tsn (docs/interface.md section 5, docs/tsn.md)
 _TSN_KEYS = ("interface", "cycle_us", "base_time_ns", "windows", "link_rate_mbps", "best_effort_pcp", "security",
              "max_frame_age_ms", "realtime_priority")
 _TSN_WINDOW_KEYS = ("class", "pcp", "offset_us", "length_us")

@@ -2,7 +2,7 @@
 
 Over a real OPC UA session: who may call ReportPrediction / ClearPrediction / Advise and write
 RiskScore, PredictedLoad, CycleTime, ActiveMitigations, ModelVersion (Engineer and up), which
-arguments are refused with which StatusCode (INTERFACE.md "Method results"), and what a client
+arguments are refused with which StatusCode (docs/interface.md "Method results"), and what a client
 sees: the PredictedFailureAlarm, the advice event, the values; the reports are audited, the
 per-cycle result writes are not.
 """
