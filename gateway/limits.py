@@ -30,6 +30,7 @@ The limits are read on every request, so `guard.limits` may be changed while the
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import weakref
 import math
@@ -69,8 +70,8 @@ class ResourceLimits:
     max_connections: int = 125  # TCP connections (secure channels), pre-activation included
     max_subscriptions: int = 500
     max_subscriptions_per_session: int = 20
-    max_monitored_items: int = 100_000
-    max_monitored_items_per_subscription: int = 50_000
+    max_monitored_items: int = 35_000
+    max_monitored_items_per_subscription: int = 10_000
     max_monitored_items_per_call: int = 10_000  # asyncua advertises 10,000 in OperationLimits
     max_queue_size: int = 100  # notifications queued per monitored item
     max_unacked_notifications: int = 20  # NotificationMessages kept per subscription for Republish
@@ -87,9 +88,9 @@ class ResourceLimits:
         """Defaults for a site of `variable_count` variables: the built-in CMCS, one client subscribed
         to every variable (in one subscription), and 50 clients x 500 variables all fit, with room."""
         per_subscription = variable_count + 10_000  # every variable, plus the Server object's own
+        # every item costs CPU on every change of its value: the total is what the site needs, not more
         total = 2 * variable_count + 50 * 500 + 10_000
-        return cls(max_monitored_items=max(total, 100_000),
-                   max_monitored_items_per_subscription=max(per_subscription, 50_000))
+        return cls(max_monitored_items=total, max_monitored_items_per_subscription=per_subscription)
 
 
 @dataclass
@@ -419,6 +420,55 @@ def _install_protocol_checks() -> None:
     OPCUAProtocol.data_received = data_received  # type: ignore[method-assign]
 
 
+def _install_decoder_bounds() -> None:
+    """Patch asyncua 2.1.0's binary decoder (ua/ua_binary.py) once per process: an array whose
+    declared length is more than the bytes left in the message is refused before any element is
+    decoded, and an array of Null Variants must be empty.
+
+    Why: `_create_uatype_array_deserializer` and `_create_list_deserializer` loop `range(length)`
+    over the declared Int32 length. A Null Variant decodes from zero bytes, so one small Write or Call
+    with a Variant array of type Null and length 2**31-1 kept the event loop in that loop (and
+    growing a list of two billion None) until the process died: found by bench/fuzz_opcua.py in the
+    session depth, any logged-in client (an anonymous Viewer too) could do it. Every other element
+    takes at least one byte, so `length <= bytes left` bounds the work by the message size (16 MiB).
+    Refused with BadDecodingError (a ServiceFault; the channel stays). No hook exists: the decoders
+    are module functions, cached (functools.cache); the caches are cleared so that every cached
+    deserializer is rebuilt on the bounded ones.
+    """
+    from asyncua.common.utils import Buffer
+    from asyncua.ua import ua_binary
+
+    if getattr(ua_binary._create_uatype_array_deserializer, "_cmcs_bounded", False):
+        return
+    uatype_arrays = ua_binary._create_uatype_array_deserializer.__wrapped__
+    struct_lists = ua_binary._create_list_deserializer.__wrapped__
+
+    def bounded(deserialize, zero_size_elements: bool):
+        def checked(data):
+            if isinstance(data, Buffer) and len(data) >= 4:
+                (length,) = struct.unpack_from("<i", data._data, data._cur_pos)
+                if length > len(data) - 4 or (zero_size_elements and length > 0):
+                    raise ServiceError(SC.BadDecodingError)
+            return deserialize(data)
+
+        return checked
+
+    @functools.cache
+    def array_deserializer(vtype):
+        return bounded(uatype_arrays(vtype), vtype == ua.VariantType.Null)
+
+    @functools.cache
+    def list_deserializer(uatype):
+        return bounded(struct_lists(uatype), False)
+
+    array_deserializer._cmcs_bounded = True  # type: ignore[attr-defined]
+    ua_binary._create_uatype_array_deserializer = array_deserializer
+    ua_binary._create_list_deserializer = list_deserializer
+    for value in list(vars(ua_binary).values()):
+        if callable(getattr(value, "cache_clear", None)) and value not in (array_deserializer, list_deserializer):
+            value.cache_clear()
+
+
 class _LargeRequestCounter(logging.Filter):
     """asyncua refuses a request past max_message_size / max_chunk_count (BadRequestTooLarge, in
     `SecureConnection._receive`) with an ERR of its own and leaves no trace but its log record
@@ -456,6 +506,7 @@ async def install(server: "Server", variable_count: int, namespace_index: int,
     iserver = server.iserver
     iserver.cmcs_limits = guard  # type: ignore[attr-defined]
     _install_protocol_checks()
+    _install_decoder_bounds()
     _count_large_requests(guard)
     # asyncua's own knobs (internal_server.py)
     iserver.max_connections = limits.max_connections

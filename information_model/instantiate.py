@@ -774,6 +774,8 @@ async def write_values(
     sent = 0
     for callbacks, dv in notify:
         for handle, callback in list(callbacks.items()):
+            if handle not in callbacks:  # its monitored item was deleted while we were awaiting (asyncua
+                continue  # would raise KeyError and the rest of the batch would not be notified)
             await callback(handle, dv)
             sent += 1
             if sent % yield_every == 0:

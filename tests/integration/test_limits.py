@@ -1,10 +1,12 @@
-"""Resource limits against hostile OPC UA clients (gateway/limits.py), with real asyncua clients on
+"""Resource limits and hostile input (gateway/limits.py, bench/fuzz_opcua.py), with real asyncua clients on
 loopback against a real gateway on the demo site with its simulators.
 
 What a site relies on: a client cannot hold more sessions, subscriptions or monitored items than the
 server advertises (refused with the Bad codes of Part 4, counted); subscriptions left behind by a
 closed session go away within their revised lifetime and the memory comes back; a message with a
-lying size is refused at once and the server keeps serving.
+lying size is refused at once and the server keeps serving; a short run of our fuzzer at its three
+depths (raw bytes and lying sizes, mutated OpenSecureChannel, malformed bodies inside a
+Basic256Sha256 SignAndEncrypt session) leaves it serving (`cmcs bench robustness`: >= 100k inputs).
 """
 
 from __future__ import annotations
@@ -21,8 +23,12 @@ import psutil
 import pytest
 import pytest_asyncio
 from asyncua import Client, ua
+from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
+from asyncua.ua.ua_binary import nodeid_from_binary, struct_from_binary, struct_to_binary
 
+from bench.fuzz_opcua import fuzz_channel, fuzz_raw, fuzz_session
 from gateway.app import Gateway
+from gateway.security import ensure_cmcs_client
 from gateway.users import set_user
 from simulator.endpoints import SimulatorHost
 from siteconfig.demo import demo_site
@@ -45,10 +51,12 @@ async def running(tmp_path_factory):
     opcua = dataclasses.replace(site.gateway.opcua, host="127.0.0.1", port=free_port(), allow_security_none=True)
     site = dataclasses.replace(site, gateway=dataclasses.replace(site.gateway, opcua=opcua))
     set_user(data, USER, "Operator", password=PASSWORD)
+    identity = ensure_cmcs_client(data)  # a trusted client certificate (role Engineer), for the fuzzer
     host = SimulatorHost(site)
     await host.start()
     gw = Gateway(site, data)
     await gw.start()
+    gw.fuzz_identity = identity
     yield gw
     await gw.stop()
     await host.stop()
@@ -281,3 +289,99 @@ async def test_subscriptions_of_closed_sessions_are_freed_within_their_lifetime(
     # the memory the orphans held is given back: a second round does not grow the process
     assert after_mb - baseline_mb < 5.0, (baseline_mb, peak_mb, after_mb)
     await probe.disconnect()
+
+
+class Probe:
+    """A normal client's read; a failure to answer it is a liveness failure."""
+
+    def __init__(self, url):
+        self.url, self.client, self.failures, self.reads = url, None, 0, 0
+
+    async def __call__(self) -> bool:
+        self.reads += 1
+        try:
+            if self.client is None:
+                self.client = Client(self.url, timeout=5)
+                await self.client.connect()
+            await self.client.get_node(ua.NodeId(ua.ObjectIds.Server_ServerStatus_State)).read_value()
+            return True
+        except Exception:  # noqa: BLE001 - any failure to answer a normal read is a liveness failure
+            self.failures += 1
+            self.client = None
+            return False
+
+
+async def test_fuzz_raw_bytes_and_lying_sizes(gateway):
+    probe = Probe(_url(gateway))
+    sent = await fuzz_raw("127.0.0.1", gateway.server.port, _url(gateway), 800, seed=1, probe=probe, probe_every=250)
+    assert sent == 800
+    assert await probe() and probe.failures == 0
+    await probe.client.disconnect()
+
+
+async def test_fuzz_mutated_open_secure_channel(gateway):
+    probe = Probe(_url(gateway))
+    sent = await fuzz_channel("127.0.0.1", gateway.server.port, _url(gateway), 1500, seed=2, probe=probe,
+                              probe_every=250)
+    assert sent >= 1500
+    assert await probe() and probe.failures == 0
+    await probe.client.disconnect()
+
+
+async def test_fuzz_malformed_bodies_in_an_encrypted_session(gateway):
+    cert, key, uri = gateway.fuzz_identity
+    probe = Probe(_url(gateway))
+
+    async def secure_client() -> Client:
+        client = Client(_url(gateway), timeout=10)
+        client.application_uri = uri
+        await client.set_security(SecurityPolicyBasic256Sha256, str(cert), str(key),
+                                  mode=ua.MessageSecurityMode.SignAndEncrypt)
+        await client.load_client_certificate(str(cert))
+        await client.load_private_key(key)
+        await client.connect()
+        return client
+
+    first = await secure_client()
+    ns = await first.get_namespace_index(f"urn:cmcs-gateway:site:{gateway.site.name}")
+    await first.disconnect()
+    t0 = time.monotonic()
+    result = await fuzz_session(secure_client, ns, 1000, seed=3, probe=probe, probe_every=250)
+    assert result["inputs"] == 1000
+    assert result["answered"] > 0.5 * result["inputs"], result
+    assert await probe() and probe.failures == 0, result
+    assert time.monotonic() - t0 < 30
+    await probe.client.disconnect()
+
+
+async def test_a_variant_array_of_null_with_a_huge_length_is_refused_at_once(gateway):
+    """Found by the fuzzer: asyncua decodes a Null Variant from zero bytes, so a Write carrying a Null
+    array of length 2**31-1 kept the server's event loop busy until the process died."""
+    client = await _connect(gateway)
+    try:
+        ns = await client.get_namespace_index(f"urn:cmcs-gateway:site:{gateway.site.name}")
+        proto = client.uaclient.protocol
+        request = ua.WriteRequest()
+        request.Parameters.NodesToWrite = [ua.WriteValue(NodeId=ua.NodeId("SourceA.Available", ns),
+                                                         AttributeId=ua.AttributeIds.Value,
+                                                         Value=ua.DataValue(ua.Variant(True, ua.VariantType.Boolean)))]
+        proto._setup_request_header(request.RequestHeader, 10)
+        body = bytearray(struct_to_binary(request))
+        # the DataValue at the end: mask 0x03 (value, status), Variant Boolean (0x01) True (0x01), status Good
+        at = body.rindex(bytes([0x03, 0x01, 0x01, 0, 0, 0, 0])) + 1
+        body[at:at + 2] = bytes([0x80]) + struct.pack("<i", 2**31 - 1)  # a Variant array of Null, 2**31-1 long
+        request_id = proto._request_id = proto._request_id + 1
+        future = asyncio.get_running_loop().create_future()
+        proto._callbackmap[request_id] = future
+        t0 = time.monotonic()
+        proto.transport.write(proto._connection.message_to_binary(bytes(body), message_type=ua.MessageType.SecureMessage,
+                                                                  request_id=request_id))
+        answer = await asyncio.wait_for(future, 5)
+        assert time.monotonic() - t0 < 1.0
+        typeid = answer.copy()
+        assert nodeid_from_binary(typeid) == ua.FourByteNodeId(ua.ObjectIds.ServiceFault_Encoding_DefaultBinary)
+        assert struct_from_binary(ua.ResponseHeader, typeid).ServiceResult.value == SC.BadDecodingError
+        # the session is still there and served
+        assert await client.get_node(ua.NodeId(ua.ObjectIds.Server_ServerStatus_State)).read_value() == 0
+    finally:
+        await client.disconnect()
