@@ -50,7 +50,9 @@ class Processes:
     async def _start(self, *args: str) -> asyncio.subprocess.Process:
         log_path = Path(self.data_dir).parent / f"{args[0]}.log"  # the worker's log, for the report
         with open(log_path, "ab") as log_file:
-            proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "bench.workers", *args,
+            # another checkout (env PYTHONPATH) runs from its own directory: `-m` puts the cwd first on the path
+            cwd = self.env.get("PYTHONPATH", "").split(os.pathsep)[0] or None
+            proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "bench.workers", *args, cwd=cwd,
                                                         stdout=asyncio.subprocess.PIPE, stderr=log_file, env=self.env)
         line = await asyncio.wait_for(proc.stdout.readline(), timeout=300)
         if not line:
