@@ -41,8 +41,10 @@ SUMMARY_KEYS = ("opcua_inputs", "modbus_frames", "crashes", "liveness_failures",
 class Processes:
     """The simulators and the gateway as bench/workers.py processes (`env`: e.g. another PYTHONPATH)."""
 
-    def __init__(self, site_file: Path, port: int, data_dir: str, env: dict | None = None):
+    def __init__(self, site_file: Path, port: int, data_dir: str, env: dict | None = None,
+                 gateway_site_file: Path | None = None):
         self.site_file, self.port, self.data_dir = site_file, port, data_dir
+        self.gateway_site_file = gateway_site_file or site_file  # e.g. with one endpoint moved to a hostile device
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.sim: asyncio.subprocess.Process | None = None
         self.gateway: asyncio.subprocess.Process | None = None
@@ -62,7 +64,7 @@ class Processes:
     async def start(self, with_sim: bool = True) -> None:
         if with_sim:
             self.sim = await self._start("sim", str(self.site_file))
-        self.gateway = await self._start("gateway", str(self.site_file), "--port", str(self.port),
+        self.gateway = await self._start("gateway", str(self.gateway_site_file), "--port", str(self.port),
                                          "--data-dir", self.data_dir)
 
     def rss_mb(self) -> float:
@@ -256,18 +258,204 @@ async def orphan_experiment(sessions: int = 1000, items: int = 700, env: dict | 
                 shutil.copy(Path(tmp) / "gateway.log", os.environ["CMCS_BENCH_KEEP_LOGS"])
 
 
+async def opcua_fuzz(procs: Processes, site, identity, per_depth: int, probe_every: int = 1000) -> dict:
+    """The three fuzzing depths against the running gateway; a crash is the gateway process gone."""
+    from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
+
+    from bench.fuzz_opcua import fuzz_channel, fuzz_raw, fuzz_session
+
+    url = f"opc.tcp://127.0.0.1:{procs.port}/cmcs"
+    probe = Probe(url, site)
+    await probe.alive()
+    ns = await probe.client.get_namespace_index(f"urn:cmcs-gateway:site:{site.name}")
+    rss0 = procs.rss_mb()
+    cert, key, uri = identity
+
+    async def secure_client() -> Client:
+        client = Client(url, timeout=10)
+        client.application_uri = uri
+        await client.set_security(SecurityPolicyBasic256Sha256, str(cert), str(key),
+                                  mode=ua.MessageSecurityMode.SignAndEncrypt)
+        await client.load_client_certificate(str(cert))
+        await client.load_private_key(key)
+        await client.connect()
+        return client
+
+    result: dict = {}
+    t0 = time.monotonic()
+    result["raw"] = await fuzz_raw("127.0.0.1", procs.port, url, per_depth, seed=1, probe=probe.alive,
+                                   probe_every=probe_every)
+    result["channel"] = await fuzz_channel("127.0.0.1", procs.port, url, per_depth, seed=2, probe=probe.alive,
+                                           probe_every=probe_every)
+    result["session"] = await fuzz_session(secure_client, ns, per_depth, seed=3, probe=probe.alive,
+                                           probe_every=probe_every)
+    result["seconds"] = round(time.monotonic() - t0, 1)
+    await probe.alive()
+    result["inputs"] = result["raw"] + result["channel"] + result["session"]["inputs"]
+    result["liveness_probes"], result["liveness_failures"] = probe.reads, probe.failures
+    result["rss_before_mb"], result["rss_after_mb"] = round(rss0, 1), round(procs.rss_mb(), 1)
+    await probe.close()
+    return result
+
+
+def hostile_site(site, hostile_port: int):
+    """`site` with the devices of its first aisle's endpoint moved to `hostile_port`; (site, endpoint)."""
+    first = site.aisles[0].pdbs[0].device
+
+    def move(ep):
+        return dataclasses.replace(ep, port=hostile_port) if (ep.host, ep.port) == (first.host, first.port) else ep
+
+    aisles = []
+    for aisle in site.aisles:
+        pdbs = tuple(dataclasses.replace(p, device=move(p.device)) for p in aisle.pdbs)
+        units = tuple(dataclasses.replace(u, device=move(u.device),
+                                          storage=dataclasses.replace(u.storage, device=move(u.storage.device))
+                                          if u.storage else None) for u in aisle.units)
+        aisles.append(dataclasses.replace(aisle, pdbs=pdbs, units=units))
+    return dataclasses.replace(site, aisles=tuple(aisles)), (first.host, first.port)
+
+
+async def modbus_fuzz(procs: Processes, site, device, frames_target: int, hostile_s: float = 15.0,
+                      max_cycles: int = 40) -> dict:
+    """Cycles of a hostile period (the aisle must go Bad, the gateway stay up) and a good one (time
+    until the aisle's values are Good again: recovery_s)."""
+    url = f"opc.tcp://127.0.0.1:{procs.port}/cmcs"
+    probe = Probe(url, site)
+    await probe.alive()
+    ns = await probe.client.get_namespace_index(f"urn:cmcs-gateway:site:{site.name}")
+    watched = ua.NodeId(f"{site.aisles[0].pdbs[0].name}.Current", ns)
+    other = ua.NodeId(f"{site.aisles[-1].pdbs[0].name}.Current", ns)
+    poll_s = site.gateway.scan_groups_s.get(site.aisles[0].pdbs[0].device.scan_group, 1.0)
+    cycles, recoveries, not_bad, others_bad = 0, [], 0, 0
+    t0 = time.monotonic()
+    while device.frames < frames_target and cycles < max_cycles and procs.gateway_alive():
+        cycles += 1
+        device.hostile = True
+        await asyncio.sleep(max(hostile_s, site.gateway.stale_time_s + 3 * poll_s))
+        status = (await probe._read(watched)).StatusCode
+        not_bad += not status.is_bad()
+        others_bad += not (await probe._read(other)).StatusCode.is_good()  # the other aisles keep serving
+        await probe.alive()
+        device.hostile = False
+        behaved_at = time.monotonic()
+        while time.monotonic() - behaved_at < 60.0:
+            if (await probe._read(watched)).StatusCode.is_good():
+                break
+            await asyncio.sleep(0.1)
+        recoveries.append(round(time.monotonic() - behaved_at, 2))
+    await probe.close()
+    return {"frames": device.frames, "requests": device.requests, "connections": device.connections,
+            "cycles": cycles, "seconds": round(time.monotonic() - t0, 1), "poll_period_s": poll_s,
+            "recovery_s": recoveries, "recovery_s_max": max(recoveries) if recoveries else None,
+            "recovered_within_two_polls": sum(r <= 2 * poll_s for r in recoveries),
+            "hostile_periods_not_marked_bad": not_bad, "other_aisle_not_good": others_bad,
+            "liveness_failures": probe.failures, "gateway_alive": procs.gateway_alive()}
+
+
+def interlocks(examples: int) -> dict:
+    """The interlock property with `examples` random plant states and targets (hypothesis)."""
+    from hypothesis import HealthCheck, given, settings
+
+    from bench.interlock_property import Bench, Tally, plant_state, targets
+    from siteconfig.demo import demo_site
+
+    site = demo_site()
+    bench = Bench(site)
+    tally = Tally()
+    loop = asyncio.new_event_loop()
+
+    @settings(max_examples=examples, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(state=plant_state(site), target=targets())
+    def check(state, target):
+        loop.run_until_complete(bench.switch(state, target, tally))
+
+    check()
+    loop.close()
+    return {"examples": tally.unsafe + tally.safe, "unsafe": tally.unsafe, "refused_exactly": tally.refused_exactly,
+            "mismatches": tally.mismatches[:5], "unsafe_commands_refused_pct": round(tally.refused_pct, 3)}
+
+
+async def _phases(quick: bool) -> dict:
+    from gateway.security import ensure_cmcs_client
+    from siteconfig.demo import demo_site, free_port
+
+    from bench.fuzz_modbus import HostileDevice
+
+    details: dict = {"crashes": 0}
+    with tempfile.TemporaryDirectory() as tmp:
+        site = bench_site(demo_site(), Path(tmp) / "site.yaml")
+        hostile_port = free_port()
+        gateway_site, upstream = hostile_site(site, hostile_port)
+        from siteconfig.demo import site_to_yaml
+
+        (Path(tmp) / "gateway-site.yaml").write_text(site_to_yaml(gateway_site))
+        device = HostileDevice(hostile_port, upstream)
+        await device.start()  # behaves (a proxy to the simulator) until told otherwise
+        data_dir = Path(tmp) / "data"
+        data_dir.mkdir()
+        identity = ensure_cmcs_client(data_dir)  # the fuzzer's trusted certificate (Engineer)
+        procs = Processes(Path(tmp) / "site.yaml", free_port(), str(data_dir),
+                          gateway_site_file=Path(tmp) / "gateway-site.yaml")
+        await procs.start()
+        try:
+            phases = os.environ.get("CMCS_BENCH_PHASES", "orphans,opcua,modbus").split(",")
+            # (a) orphans: a first round brings the process to its working size; then the 1,000
+            sessions = 100 if quick else 1000
+            if "orphans" in phases:
+                details["orphans_warmup"] = await orphans(procs, site, max(20, sessions // 10), 700, settle_s=90.0)
+                details["orphans"] = await orphans(procs, site, sessions, 700, settle_s=90.0)
+                details["crashes"] += not procs.gateway_alive()
+            # (b) the OPC UA fuzzer
+            if "opcua" in phases and procs.gateway_alive():
+                details["opcua"] = await opcua_fuzz(procs, site, identity, 3000 if quick else 35_000)
+                details["crashes"] += not procs.gateway_alive()
+            # (c) the hostile Modbus device in place of the first aisle's endpoint
+            if "modbus" in phases and procs.gateway_alive():
+                details["modbus"] = await modbus_fuzz(procs, site, device, 5000 if quick else 100_000)
+                details["crashes"] += not procs.gateway_alive()
+        finally:
+            await procs.stop()
+            await device.stop()
+            details["gateway_log_errors"] = _log_summary(Path(tmp) / "gateway.log")
+    return details
+
+
+def _log_summary(path: Path) -> dict:
+    """ERROR lines of the gateway's log by logger and message start (what broke, and how often)."""
+    counts: dict[str, int] = {}
+    if path.exists():
+        for line in path.read_text(errors="replace").splitlines():
+            if line.startswith("ERROR:"):
+                key = line[:110]
+                counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1])[:15])
+
+
 def run(out: Path, json_path: Path | None, quick: bool = False) -> dict:
     """The whole benchmark; `quick`: small counts (a smoke run)."""
     out.mkdir(parents=True, exist_ok=True)
-    details: dict = {}
-    details["orphans"] = asyncio.run(orphan_experiment(100 if quick else 1000, 700, settle_s=90.0))
+    t0 = time.monotonic()
+    details = asyncio.run(_phases(quick))
+    details["interlocks"] = interlocks(500 if quick else 5000)
+    opcua = details.get("opcua", {})
     summary = {
-        "opcua_inputs": 0, "modbus_frames": 0, "crashes": 0, "liveness_failures": 0,
-        "rss_growth_pct": details["orphans"]["rss_growth_pct"], "recovery_s_max": None,
-        "unsafe_commands_refused_pct": None,
+        "opcua_inputs": opcua.get("inputs", 0),
+        "modbus_frames": details.get("modbus", {}).get("frames", 0),
+        "crashes": details["crashes"],
+        "liveness_failures": opcua.get("liveness_failures", 0) + details.get("orphans", {}).get("liveness_failures", 0)
+        + details.get("modbus", {}).get("liveness_failures", 0),
+        "rss_growth_pct": round(100.0 * (details["orphans"]["rss_after_mb"] - details["orphans_warmup"]["rss_after_mb"])
+                                / details["orphans_warmup"]["rss_after_mb"], 1) if "orphans" in details else None,
+        "recovery_s_max": details.get("modbus", {}).get("recovery_s_max"),
+        "unsafe_commands_refused_pct": details["interlocks"]["unsafe_commands_refused_pct"],
     }
+    details["seconds"] = round(time.monotonic() - t0, 1)
     result = {**summary, "details": details}
-    (out / "robustness.md").write_text("# cmcs bench robustness\n\n```json\n" + json.dumps(result, indent=1) + "\n```\n")
+    (out / "robustness.md").write_text(
+        "# cmcs bench robustness\n\nrss_growth_pct: the gateway's RSS once the 1,000 sessions' orphaned subscriptions "
+        "are gone, against its RSS after a first round of the same (its working size); the cold figures are in "
+        "details.orphans.\n\n```json\n" + json.dumps(result, indent=1) + "\n```\n")
     write_json(json_path, result)
     print(json.dumps(summary))
     return result

@@ -26,7 +26,9 @@ from asyncua import Client, ua
 from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
 from asyncua.ua.ua_binary import nodeid_from_binary, struct_from_binary, struct_to_binary
 
+from bench.fuzz_modbus import HostileDevice
 from bench.fuzz_opcua import fuzz_channel, fuzz_raw, fuzz_session
+from bench.robustness import hostile_site
 from gateway.app import Gateway
 from gateway.security import ensure_cmcs_client
 from gateway.users import set_user
@@ -49,16 +51,22 @@ async def running(tmp_path_factory):
     data = tmp_path_factory.mktemp("limits")
     site = relocate_site(demo_site())
     opcua = dataclasses.replace(site.gateway.opcua, host="127.0.0.1", port=free_port(), allow_security_none=True)
-    site = dataclasses.replace(site, gateway=dataclasses.replace(site.gateway, opcua=opcua))
+    site = dataclasses.replace(site, gateway=dataclasses.replace(site.gateway, opcua=opcua, stale_time_s=2.0))
+    # aisle 1's endpoint is reached through a hostile device (bench/fuzz_modbus.py), faithful until told not to be
+    gateway_site, upstream = hostile_site(site, free_port())
     set_user(data, USER, "Operator", password=PASSWORD)
     identity = ensure_cmcs_client(data)  # a trusted client certificate (role Engineer), for the fuzzer
     host = SimulatorHost(site)
     await host.start()
-    gw = Gateway(site, data)
+    device = HostileDevice(gateway_site.aisles[0].pdbs[0].device.port, upstream, seed=7, burst=20)
+    await device.start()
+    gw = Gateway(gateway_site, data)
     await gw.start()
     gw.fuzz_identity = identity
+    gw.hostile_device = device
     yield gw
     await gw.stop()
+    await device.stop()
     await host.stop()
 
 
@@ -278,10 +286,10 @@ async def test_subscriptions_of_closed_sessions_are_freed_within_their_lifetime(
         return peak_mb, freed_s
 
     # a first round brings the process to its working size (allocator arenas, caches)
-    await round_of(30)
+    await round_of(20)
     gc.collect()
     baseline_mb = _rss_mb()
-    peak_mb, freed_s = await round_of(30)
+    peak_mb, freed_s = await round_of(20)
     assert freed_s <= guard.limits.orphan_lifetime_s + 1.5
     assert await _read_server(probe, ua.ObjectIds.Server_ServerDiagnostics_ServerDiagnosticsSummary_CurrentSubscriptionCount) == 0
     gc.collect()
@@ -384,4 +392,41 @@ async def test_a_variant_array_of_null_with_a_huge_length_is_refused_at_once(gat
         # the session is still there and served
         assert await client.get_node(ua.NodeId(ua.ObjectIds.Server_ServerStatus_State)).read_value() == 0
     finally:
+        await client.disconnect()
+
+
+async def test_a_hostile_modbus_device_marks_its_aisle_bad_and_the_gateway_recovers(gateway):
+    """A hostile device (bench/fuzz_modbus.py) in place of aisle 1's endpoint: garbage, lying lengths,
+    wrong ids, exceptions, fragments, stalls. The gateway keeps serving, aisle 1 goes Bad while the
+    other aisles stay Good, and aisle 1 is Good again soon after the device behaves."""
+    device, site = gateway.hostile_device, gateway.site
+    client = await _connect(gateway)
+    try:
+        ns = await client.get_namespace_index(f"urn:cmcs-gateway:site:{site.name}")
+        watched = client.get_node(ua.NodeId(f"{site.aisles[0].pdbs[0].name}.Current", ns))
+        other = client.get_node(ua.NodeId(f"{site.aisles[1].pdbs[0].name}.Current", ns))
+
+        async def status(node) -> ua.StatusCode:
+            return (await node.read_data_value(raise_on_bad_status=False)).StatusCode
+
+        async def until(node, good: bool, timeout_s: float) -> float:
+            t0 = time.monotonic()
+            while (await status(node)).is_good() != good:
+                assert time.monotonic() - t0 < timeout_s, f"{node} not {'Good' if good else 'Bad'} in {timeout_s} s"
+                await asyncio.sleep(0.1)
+            return time.monotonic() - t0
+
+        await until(watched, True, 15)
+        frames0 = device.frames
+        device.hostile = True
+        await until(watched, False, 10)
+        await asyncio.sleep(2.5)  # past the stale time: Bad, not Uncertain
+        assert (await status(watched)).is_bad()
+        assert (await status(other)).is_good()
+        assert device.frames - frames0 > 50
+        device.hostile = False
+        await until(watched, True, 15)
+        assert (await status(other)).is_good()
+    finally:
+        device.hostile = False
         await client.disconnect()

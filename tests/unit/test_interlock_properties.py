@@ -17,7 +17,7 @@ BENCH = Bench(SITE)
 LOOP = asyncio.new_event_loop()  # one loop for every example (a new one each costs more than the check)
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(state=plant_state(SITE), target=targets())
 def test_every_unsafe_switch_is_refused_with_its_status_and_sends_nothing(state, target):
     tally = Tally()
@@ -25,7 +25,7 @@ def test_every_unsafe_switch_is_refused_with_its_status_and_sends_nothing(state,
     assert not tally.mismatches, tally.mismatches[0]
 
 
-@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(states=st.lists(st.tuples(plant_state(SITE), targets(), st.floats(0.0, 40.0)), min_size=2, max_size=6))
 def test_a_sequence_of_commands_never_lets_an_unsafe_one_through(states):
     """Commands one after the other, the plant changing in between and the clock moving on: a switch
