@@ -1,7 +1,9 @@
 """A hostile Modbus TCP device: it stands in for one endpoint (an aisle's devices) and is either a
 faithful proxy to the real simulator ("behave") or answers every request with a burst of hostile
 frames: garbage, MBAP headers with lying lengths, wrong transaction ids, wrong unit ids, exception
-responses, wrong byte counts, fragments dribbled out, stalls, and dropped connections.
+responses, wrong byte counts, fragments dribbled out, stalls, and dropped connections. It never
+sends a well-formed answer to the request it got (a plausible lie would be indistinguishable
+from a real device's values), so the endpoint's devices must end up Bad.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import struct
 class HostileDevice:
     """`await start()`, then set `hostile` True/False; `frames` counts the hostile frames sent."""
 
-    def __init__(self, listen_port: int, upstream: tuple[str, int], seed: int = 0, burst: int = 40,
+    def __init__(self, listen_port: int, upstream: tuple[str, int], seed: int = 0, burst: int = 400,
                  host: str = "127.0.0.1"):
         self.host, self.port, self.upstream = host, listen_port, upstream
         self.rng = random.Random(seed)
@@ -79,8 +81,21 @@ class HostileDevice:
         """A burst of hostile frames for one request; False when the connection is to be dropped."""
         rng = self.rng
         function = pdu[0] if pdu else 3
+        if rng.random() < 0.05:  # a stall: the gateway must time out, not hang
+            self.frames += 1
+            await asyncio.sleep(rng.uniform(0.05, 1.5))
+            return True
+        if rng.random() < 0.05:  # an answer in fragments, one byte short of what its header says
+            frame = self._read_reply(tid, unit, function, rng.randint(1, 60))[:-1]
+            self.frames += 1
+            for i in range(0, len(frame), 3):
+                writer.write(frame[i:i + 3])
+                await writer.drain()
+                await asyncio.sleep(0.002)
+            return True
+        frames = []
         for _ in range(self.burst):
-            kind = rng.randrange(10)
+            kind = rng.randrange(8)
             if kind == 0:  # garbage
                 frame = rng.randbytes(rng.randint(1, 300))
             elif kind == 1:  # a length that lies (longer or shorter than what follows)
@@ -99,26 +114,13 @@ class HostileDevice:
                                     rng.choice([0, 1, 255, 2 * registers + 2])) + rng.randbytes(2 * registers)
             elif kind == 6:  # another protocol id, another function
                 frame = struct.pack(">HHHBB", tid, rng.randint(1, 65535), 2, unit, rng.randint(0, 255))
-            elif kind == 7:  # the right answer's shape, dribbled out in fragments
-                frame = self._read_reply(tid, unit, function, rng.randint(1, 60))
-                self.frames += 1
-                for i in range(0, len(frame), rng.randint(1, 4)):
-                    writer.write(frame[i:i + 4])
-                    await writer.drain()
-                    await asyncio.sleep(0.001)
-                continue
-            elif kind == 8:  # a stall: the gateway must time out, not hang
-                self.frames += 1
-                await asyncio.sleep(rng.uniform(0.05, 1.5))
-                continue
             else:  # an empty or truncated header
                 frame = struct.pack(">HHHB", tid, 0, 6, unit)[:rng.randint(0, 7)]
-            writer.write(frame)
-            self.frames += 1
+            frames.append(frame)
+        writer.write(b"".join(frames))
+        self.frames += len(frames)
         await writer.drain()
-        if rng.random() < 0.1:  # and sometimes the connection is simply dropped
-            return False
-        return True
+        return rng.random() >= 0.1  # and sometimes the connection is simply dropped
 
     def _read_reply(self, tid: int, unit: int, function: int, registers: int) -> bytes:
         data = self.rng.randbytes(2 * registers)

@@ -58,7 +58,7 @@ async def running(tmp_path_factory):
     identity = ensure_cmcs_client(data)  # a trusted client certificate (role Engineer), for the fuzzer
     host = SimulatorHost(site)
     await host.start()
-    device = HostileDevice(gateway_site.aisles[0].pdbs[0].device.port, upstream, seed=7, burst=20)
+    device = HostileDevice(gateway_site.aisles[0].pdbs[0].device.port, upstream, seed=7, burst=100)
     await device.start()
     gw = Gateway(gateway_site, data)
     await gw.start()
