@@ -73,7 +73,8 @@ class ResourceLimits:
     max_monitored_items: int = 35_000
     max_monitored_items_per_subscription: int = 10_000
     max_monitored_items_per_call: int = 10_000  # asyncua advertises 10,000 in OperationLimits
-    max_queue_size: int = 100  # notifications queued per monitored item
+    max_queue_size: int = 100  # notifications queued per monitored item (data changes)
+    event_queue_size: int = 1000  # queued per event monitored item: what 0 gets, and the most
     max_unacked_notifications: int = 20  # NotificationMessages kept per subscription for Republish
     max_message_size: int = 16 * 1024 * 1024  # one request, all chunks
     max_chunk_size: int = 65535  # one TCP chunk (asyncua's default receive buffer)
@@ -236,8 +237,11 @@ class ResourceGuard:
         return create_subscription
 
     # ---- CreateMonitoredItems / ModifyMonitoredItems ---------------------------------------------------
-    def _queue_size(self, requested: int) -> int:
-        # Part 4 7.21: 0 and 1 both mean a queue of one (asyncua gives 0 its maximum)
+    def _queue_size(self, requested: int, events: bool = False) -> int:
+        # Part 4 7.21: for data changes 0 and 1 both mean a queue of one (asyncua gives 0 its maximum);
+        # for events 0 asks for the server's default event queue
+        if events:
+            return min(int(requested) or self.limits.event_queue_size, self.limits.event_queue_size)
         return max(1, min(int(requested), self.limits.max_queue_size))
 
     def create_monitored_items(self, original):
@@ -258,7 +262,8 @@ class ResourceGuard:
                 pass
             room = max(0, min(wanted, lim.max_monitored_items - self.monitored_item_count()))
             for item in items:
-                item.RequestedParameters.QueueSize = self._queue_size(item.RequestedParameters.QueueSize)
+                events = item.ItemToMonitor.AttributeId == ua.AttributeIds.EventNotifier
+                item.RequestedParameters.QueueSize = self._queue_size(item.RequestedParameters.QueueSize, events)
             refused = items[room:]
             params.ItemsToCreate = items[:room]
             results = await original(params) if params.ItemsToCreate else []
@@ -274,8 +279,12 @@ class ResourceGuard:
 
     def modify_monitored_items(self, original):
         def modify_monitored_items(params: ua.ModifyMonitoredItemsParameters):
+            sub = self.iserver.subscription_service.subscriptions.get(params.SubscriptionId)
+            existing = sub.monitored_item_srv._monitored_items if sub is not None else {}
             for item in params.ItemsToModify:  # asyncua takes the requested queue size as it is
-                item.RequestedParameters.QueueSize = self._queue_size(item.RequestedParameters.QueueSize)
+                mdata = existing.get(item.MonitoredItemId)
+                events = mdata is not None and mdata.read_value_id.AttributeId == ua.AttributeIds.EventNotifier
+                item.RequestedParameters.QueueSize = self._queue_size(item.RequestedParameters.QueueSize, events)
             return original(params)
 
         return modify_monitored_items
@@ -298,7 +307,7 @@ class ResourceGuard:
             caps.Server_ServerCapabilities_MaxSubscriptionsPerSession: lim.max_subscriptions_per_session,
             caps.Server_ServerCapabilities_MaxMonitoredItems: lim.max_monitored_items,
             caps.Server_ServerCapabilities_MaxMonitoredItemsPerSubscription: lim.max_monitored_items_per_subscription,
-            caps.Server_ServerCapabilities_MaxMonitoredItemsQueueSize: lim.max_queue_size,
+            caps.Server_ServerCapabilities_MaxMonitoredItemsQueueSize: max(lim.max_queue_size, lim.event_queue_size),
             caps.Server_ServerCapabilities_OperationLimits_MaxMonitoredItemsPerCall: lim.max_monitored_items_per_call,
             # Part 5 6.3.2: 0 = no limit. asyncua keeps no browse/query continuation points (Browse
             # answers everything at once, BrowseNext is unsupported) and history continuation
