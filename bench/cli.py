@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from gateway.cli import CliError
 
-AVAILABLE = ("sim", "mission", "gateway", "tsn")
+AVAILABLE = ("sim", "mission", "gateway", "tsn", "robustness")
 
 
 def cli_bench(args) -> int:
@@ -42,4 +42,10 @@ def cli_bench(args) -> int:
                 tsn.run(args.out, json_path, quick=args.quick)
             except RuntimeError as exc:
                 raise CliError(f"bench tsn: {exc}") from None
+        elif w == "robustness":
+            from bench import robustness
+
+            json_path = args.json if len(which) == 1 else (args.json.with_name(f"{args.json.stem}-robustness.json")
+                                                           if args.json else None)
+            robustness.run(args.out, json_path, quick=args.quick)
     return 0

@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(handler="gateway.metrics:cli_hash_password")
 
     p = sub.add_parser("bench", help="benchmarks; write a Markdown report, PNG plots and JSON")
-    p.add_argument("which", choices=["sim", "mission", "gateway", "tsn", "all"])
+    p.add_argument("which", choices=["sim", "mission", "gateway", "tsn", "robustness", "all"])
     p.add_argument("--json", type=Path, help="write the figures as JSON to this file")
     p.add_argument("--out", type=Path, default=Path("reports"), help="report directory (default ./reports)")
     p.add_argument("--scenarios", type=Path, help="folder of scenario files (mission)")

@@ -26,7 +26,7 @@ from asyncua import Server, ua
 from asyncua.common import event_objects
 
 from drivers.pointtable import Birth, Change, CoalescingBuffer, PointTable, Quality, Sink
-from gateway import asyncua_hooks, security
+from gateway import asyncua_hooks, limits, security
 from gateway.alarms import REQUIRED_ROLE as ALARM_ROLES
 from gateway.alarms import AlarmEngine
 from gateway.alarms import attach as attach_alarms
@@ -135,6 +135,7 @@ class GatewayServer:
             "Advise": self._advise,
         })
         await self._write_cmcs_defaults()
+        self.limits = await limits.install(server, self.model.variable_count, self.model.ns_index)
         self.alarms = await attach_alarms(self)
         # the condition methods' UserExecutable must match who may call them
         for method, node_id in (("Acknowledge", ua.ObjectIds.AcknowledgeableConditionType_Acknowledge),

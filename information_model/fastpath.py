@@ -149,6 +149,8 @@ async def notify(pending: list[tuple[dict[int, Callable[..., Any]], ua.DataValue
     triggered: set = set()
     for callbacks, dv in pending:
         for handle, callback in list(callbacks.items()):
+            if handle not in callbacks:  # its monitored item was deleted while we were awaiting (asyncua would
+                continue  # raise KeyError and the rest of the batch would not be notified)
             if getattr(callback, "__func__", None) is _ORIGINAL_DATACHANGE and _enqueue(callback.__self__, handle,
                                                                                         dv, triggered):
                 pass
