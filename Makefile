@@ -18,7 +18,7 @@ run: $(STAMP)
 	$(BIN)/cmcs run
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) cmcs-data .pytest_cache

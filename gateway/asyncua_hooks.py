@@ -18,6 +18,20 @@ docstring that says why (docs/notes/asyncua.md has the findings behind them):
    cannot select the ConditionId, so a client filtering on ConditionType or ActiveState/Id would
    never get an alarm (gateway/alarms).
 
+Three more live beside the code they serve, and are installed from here too, so that this module
+is the one place that says what of asyncua is replaced:
+
+5. `OPCUAProtocol.connection_made` / `data_received` (gateway/limits.py
+   `install_protocol_checks`): an ERR BadMaxConnectionsReached instead of a silent close past the
+   connection limit, and a chunk whose declared size is past the negotiated limit refused at once
+   (asyncua buffered whatever size a peer declared: one connection could make it hold 4 GB).
+6. `ua_binary._create_uatype_array_deserializer` / `_create_list_deserializer` (gateway/limits.py
+   `install_decoder_bounds`): an array longer than the bytes left is refused (BadDecodingError);
+   one Write with a Null-Variant array of length 2**31-1 froze the server (found by our fuzzer).
+7. `ua_binary.struct_to_binary` for DataChangeNotification (information_model/fastpath.py
+   `install_fast_encoding`): a precompiled, byte-identical encoder; asyncua's generic one was the
+   largest share of the cost of publishing to a client subscribed to every variable.
+
 `install()` puts them all in place, once per process (idempotent). They only ever change what a
 server *with our state* does: a server without `cmcs_security` is served by asyncua's own code.
 
@@ -44,7 +58,12 @@ from asyncua.server.monitored_item_service import MonitoredItemValues
 from asyncua.server.uaprocessor import UaProcessor
 from asyncua.ua.ua_binary import uatcp_to_binary
 
+from asyncua.server.binary_server_asyncio import OPCUAProtocol
+from asyncua.ua import ua_binary
+
+from gateway.limits import install_decoder_bounds, install_protocol_checks
 from gateway.session import CURRENT_PROCESSOR, CURRENT_SESSION
+from information_model.fastpath import install_fast_encoding
 from siteconfig.errors import CliError
 
 log = logging.getLogger(__name__)
@@ -73,6 +92,9 @@ def install() -> None:
     _install_cheap_datachange()
     _install_connection_checks()
     _install_event_filter()
+    install_protocol_checks()
+    install_decoder_bounds()
+    install_fast_encoding()
 
 
 def installed() -> dict[str, bool]:
@@ -83,6 +105,9 @@ def installed() -> dict[str, bool]:
         "UaProcessor.process": getattr(UaProcessor.process, _MARK, False),
         "UaProcessor._process_message": getattr(UaProcessor._process_message, _MARK, False),
         "WhereClauseEvaluator": monitored_item_service.WhereClauseEvaluator is SpecWhereClauseEvaluator,
+        "OPCUAProtocol.data_received": getattr(OPCUAProtocol.data_received, "_cmcs_limits", False),
+        "ua_binary array decoders": getattr(ua_binary._create_uatype_array_deserializer, "_cmcs_bounded", False),
+        "ua_binary.struct_to_binary": getattr(ua_binary.struct_to_binary, "_cmcs_fast", False),
     }
 
 

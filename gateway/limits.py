@@ -367,7 +367,7 @@ def _guard_of(protocol: OPCUAProtocol) -> ResourceGuard | None:
     return getattr(protocol.iserver, "cmcs_limits", None)
 
 
-def _install_protocol_checks() -> None:
+def install_protocol_checks() -> None:
     """Patch asyncua 2.1.0's OPCUAProtocol (binary_server_asyncio.py) once per process; a server
     without `cmcs_limits` is served unchanged.
 
@@ -429,7 +429,7 @@ def _install_protocol_checks() -> None:
     OPCUAProtocol.data_received = data_received  # type: ignore[method-assign]
 
 
-def _install_decoder_bounds() -> None:
+def install_decoder_bounds() -> None:
     """Patch asyncua 2.1.0's binary decoder (ua/ua_binary.py) once per process: an array whose
     declared length is more than the bytes left in the message is refused before any element is
     decoded, and an array of Null Variants must be empty.
@@ -514,8 +514,8 @@ async def install(server: "Server", variable_count: int, namespace_index: int,
     guard = ResourceGuard(server, limits)
     iserver = server.iserver
     iserver.cmcs_limits = guard  # type: ignore[attr-defined]
-    _install_protocol_checks()
-    _install_decoder_bounds()
+    install_protocol_checks()  # idempotent; gateway.asyncua_hooks.install() has put them in place already
+    install_decoder_bounds()
     _count_large_requests(guard)
     # asyncua's own knobs (internal_server.py)
     iserver.max_connections = limits.max_connections

@@ -34,7 +34,7 @@ from gateway.audit_events import set_field, trigger
 from gateway.commands import CommandOutcome, CommandService
 from gateway.security import AccessPolicy
 from gateway.session import caller
-from information_model.fastpath import install_fast_encoding, point_datavalues
+from information_model.fastpath import point_datavalues
 from information_model.instantiate import (MethodCall, SiteModel, bind_methods, build_site,
                                            load_information_model, write_values)
 from siteconfig.model import CmcsMode, Site
@@ -112,7 +112,6 @@ class GatewayServer:
         """The address space, security, methods and the alarm engine; not yet listening. Then the
         gateway attaches the sinks (`self.values`, `self.alarms`, ...) and calls `serve()`."""
         asyncua_hooks.install()
-        install_fast_encoding()  # after install(), which checked the asyncua version (fastpath reads 2.1 internals)
         server = self.server
         await server.init()
         server.set_endpoint(f"opc.tcp://{self.host}:{self.port}{self.path}")
