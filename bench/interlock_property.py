@@ -1,7 +1,7 @@
 """Interlocks by property: over plant states and command sequences, every unsafe command is refused
-with its exact INTERFACE.md status ("Method results") and changes nothing.
+with its exact docs/interface.md status ("Method results") and changes nothing.
 
-The oracle below is written from INTERFACE.md and DOMAIN.md (ITIC band 0.90-1.10 pu, the site's
+The oracle below is written from docs/interface.md and docs/domain.md (ITIC band 0.90-1.10 pu, the site's
 derating and dwell time), not from siteconfig/interlocks.py, so the two can disagree. A command is
 sent to the real CommandService (gateway/commands.py) over a real PointTable; the only stand-in is
 the device connection, which records what reaches it (the property is that nothing does when the
@@ -21,7 +21,7 @@ from gateway.commands import AuditLog, CommandService
 from siteconfig.model import AtsState, Site, StorageMode
 from siteconfig.points import POINTS
 
-ITIC_LOW_PU, ITIC_HIGH_PU = 0.90, 1.10  # DOMAIN.md: steady-state tolerance of the IT load
+ITIC_LOW_PU, ITIC_HIGH_PU = 0.90, 1.10  # docs/domain.md: steady-state tolerance of the IT load
 
 
 class RecordingDevices:
@@ -93,7 +93,7 @@ def targets():
 
 
 def expected_switch(site: Site, state: dict, target) -> str | None:
-    """The INTERFACE.md status of SwitchSource(target) in `state`; None when the command is safe."""
+    """The docs/interface.md status of SwitchSource(target) in `state`; None when the command is safe."""
     if isinstance(target, bool) or not isinstance(target, (int, float)) or target != int(target):
         return "BadInvalidArgument"
     t = int(target)

@@ -1,4 +1,4 @@
-"""`cmcs bench robustness`: hostile clients, hostile devices and unsafe commands (INTERFACE.md section 7).
+"""`cmcs bench robustness`: hostile clients, hostile devices and unsafe commands (docs/interface.md section 7).
 
 It starts its own device simulators and gateway (bench/workers.py processes, SecurityNone allowed on
 loopback for the plain-transport depths) on free ports, and measures:
@@ -13,7 +13,7 @@ loopback for the plain-transport depths) on free ports, and measures:
 - interlocks: unsafe commands over random plant states (tests/unit/test_interlock_properties.py
   runs the same property with hypothesis).
 
-The JSON has the keys of INTERFACE.md section 7 plus a "details" object.
+The JSON has the keys of docs/interface.md section 7 plus a "details" object.
 """
 
 from __future__ import annotations

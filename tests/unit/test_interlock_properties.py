@@ -1,6 +1,6 @@
 """Interlocks by property (hypothesis): over plant states and SwitchSource targets, every unsafe
-command is refused by the real CommandService with its exact INTERFACE.md status, and nothing
-reaches the device (bench/interlock_property.py has the oracle, written from INTERFACE.md)."""
+command is refused by the real CommandService with its exact docs/interface.md status, and nothing
+reaches the device (bench/interlock_property.py has the oracle, written from docs/interface.md)."""
 
 from __future__ import annotations
 
