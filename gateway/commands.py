@@ -71,7 +71,8 @@ class AuditLog:
             path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, record: dict) -> None:
-        record = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z",
+        now = time.time()  # one reading: seconds and milliseconds of the same instant
+        record = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z",
                   **record}
         if self.path is not None:
             line = json.dumps(record, sort_keys=False, default=str)

@@ -7,7 +7,9 @@ dead device stalls only the devices behind the same connection, and only for its
 
 Quality per device: Good after a successful read; UncertainLastUsableValue as soon as a read
 fails; BadCommunicationError once the last good read is older than the stale time; Good again
-on recovery. Lost connections come back with bounded exponential backoff.
+on recovery. Lost connections come back with exponential backoff bounded by the shortest poll
+period of the connection's devices (and BACKOFF_MAX_S): Good again within two poll periods of the
+device answering.
 
 The log says when a connection (or one device behind a working connection) becomes unavailable,
 with the reason, and when it is back online: one line each, as Home Assistant's coordinator
@@ -106,15 +108,16 @@ class DeviceBinding:
 
 @dataclass
 class _Backoff:
+    max_s: float = BACKOFF_MAX_S
     delay: float = BACKOFF_INITIAL_S
 
     def next(self) -> float:
-        d = self.delay * random.uniform(0.8, 1.2)
-        self.delay = min(self.delay * 2.0, BACKOFF_MAX_S)
+        d = min(self.delay * random.uniform(0.8, 1.2), self.max_s)
+        self.delay = min(self.delay * 2.0, self.max_s)
         return d
 
     def reset(self) -> None:
-        self.delay = BACKOFF_INITIAL_S
+        self.delay = min(BACKOFF_INITIAL_S, self.max_s)
 
 
 class ModbusConnection:
@@ -135,7 +138,9 @@ class ModbusConnection:
         self._client: AsyncModbusTcpClient | None = None
         self._lock = asyncio.Lock()  # commands and polls share the connection, one request at a time
         self._task: asyncio.Task | None = None
-        self._backoff = _Backoff()
+        # never wait longer than the shortest poll period between attempts: a device that answers
+        # again is Good within two poll periods, not after a backoff of seconds
+        self._backoff = _Backoff(max_s=min([BACKOFF_MAX_S, *(d.period_s for d in devices)]))
         self._stopping = False
         self._tls_unproven = False  # a TLS session that has not carried an answer yet
         self._available: bool | None = None  # None until the first read or failure: nothing to report yet
@@ -242,6 +247,10 @@ class ModbusConnection:
             if due:
                 self.health.polls += 1
                 self.health.poll_duration_ms = (time.monotonic() - started) * 1000.0
+            if broken:
+                # the connection is gone: every device behind it stops being refreshed now, not only
+                # the one whose request failed (else the others stayed Good until the reconnect failed)
+                self._mark_unreachable(time.time())
             self._check_stale(time.time())
             if broken:
                 self._close()
