@@ -7,6 +7,8 @@ devices off the way a pulled cable does (the packets go nowhere, nothing is refu
 UncertainLastUsableValue at the first failed poll, BadCommunicationError after `gateway.stale_time_s`,
 and Good again once the link is back, within two poll periods plus one connect timeout (the driver's
 reconnect backoff is bounded by the shortest poll period of the connection, drivers/modbus/driver.py).
+Then the devices are killed (kill -9 of the simulator) for 5 s and started again: Good within two poll
+periods of their serving again (connects are refused at once, so no connect timeout here).
 A SwitchSource to a unit whose data is not fresh is refused with BadCommunicationError by the command
 service, audited, and nothing reaches the device.
 
@@ -42,6 +44,7 @@ from tests.integration.conftest import free_port, relocate_site
 POLL_S = 0.5  # every scan group: the bound below is in poll periods
 STALE_S = 2.0
 UNIT = "MATS-01-01"
+KILLED_FOR_S = 5.0  # an unbounded backoff (0.25 s doubling, up to 5 s) would be at 4 s by then
 ENGINEER, ENGINEER_PASSWORD = "nina", "nina-engineer-pw"
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: network namespaces and veth")
@@ -79,6 +82,22 @@ def link():
     assert veth.dev_ns not in ip("netns", "list").stdout
 
 
+def _simulate(link, path: Path, log) -> subprocess.Popen:
+    """`cmcs simulate --config` inside the device namespace."""
+    return subprocess.Popen([*link.exec_prefix(link.dev_ns), sys.executable, "-m", "gateway", "simulate", "--config",
+                             str(path)], stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+async def _until_serving(log_path: Path, timeout: float) -> float:
+    """Wait for the simulator's start-up line; returns how long ago (s) it was seen at most (one check period)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if "cmcs simulate: serving site" in log_path.read_text():
+            return 0.02
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"the simulator did not start: {log_path.read_text()[-2000:]}")
+
+
 async def _status(client: Client, ns: int, name: str) -> tuple[int, object]:
     dv = await client.get_node(ua.NodeId(f"{name}.LoadPower", ns)).read_data_value(raise_on_bad_status=False)
     return dv.StatusCode.value, dv.Value.Value
@@ -106,8 +125,7 @@ async def test_a_cut_link_goes_uncertain_then_bad_recovers_in_two_polls_and_refu
     path = tmp_path / "site.yaml"
     path.write_text(site_to_yaml(site))
     log = open(tmp_path / "simulate.log", "w")
-    sim = subprocess.Popen([*link.exec_prefix(link.dev_ns), sys.executable, "-m", "gateway", "simulate", "--config",
-                            str(path)], stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    sim = _simulate(link, path, log)
     set_user(tmp_path, ENGINEER, "Engineer", password=ENGINEER_PASSWORD)
     gateway = Gateway(site, tmp_path)
     client = Client(f"opc.tcp://127.0.0.1:{site.gateway.opcua.port}/cmcs", timeout=10)
@@ -118,7 +136,6 @@ async def test_a_cut_link_goes_uncertain_then_bad_recovers_in_two_polls_and_refu
         await client.connect()
         ns = await client.get_namespace_index(f"urn:cmcs-gateway:site:{site.name}")
         await _until_status(client, ns, UNIT, {ua.StatusCodes.Good}, 30)
-        _, active_before = await _status(client, ns, UNIT)
         active_node = client.get_node(ua.NodeId(f"{UNIT}.ActiveSource", ns))
         active_before = await active_node.read_value()
         target = SourceSelection.SOURCE_B if active_before == SourceSelection.SOURCE_A else SourceSelection.SOURCE_A
@@ -144,7 +161,7 @@ async def test_a_cut_link_goes_uncertain_then_bad_recovers_in_two_polls_and_refu
         assert refused.value.code == ua.StatusCodes.BadCommunicationError
 
         # keep it down long enough for the driver's backoff to grow to its bound
-        await asyncio.sleep(3.0)
+        await asyncio.sleep(1.5)
         ip("-n", link.dev_ns, "link", "set", link.dev_if, "up")
         good_after = await _until_status(client, ns, UNIT, {ua.StatusCodes.Good}, 15)
         # within two poll periods of the device answering again; the attempt under way when the link
@@ -156,8 +173,26 @@ async def test_a_cut_link_goes_uncertain_then_bad_recovers_in_two_polls_and_refu
         records = [json.loads(line) for line in (tmp_path / "audit.log").read_text().splitlines()]
         switches = [r for r in records if r.get("method") == "SwitchSource"]
         assert [(r["object"], r["user"], r["status"]) for r in switches] == [(UNIT, ENGINEER, "BadCommunicationError")]
+
+        # the devices killed (kill -9 of the simulator: connections reset, then refused) and started
+        # again after long enough for an unbounded backoff to have grown to seconds
+        sim.kill()
+        sim.wait(timeout=10)
+        await _until_status(client, ns, UNIT, {ua.StatusCodes.UncertainLastUsableValue,
+                                               ua.StatusCodes.BadCommunicationError}, 5)
+        await asyncio.sleep(KILLED_FOR_S)
+        log.close()
+        log = open(tmp_path / "simulate2.log", "w")
+        sim = _simulate(link, path, log)
+        answering = await _until_serving(tmp_path / "simulate2.log", 30)
+        restarted_after = await _until_status(client, ns, UNIT, {ua.StatusCodes.Good}, 15) + answering
+        # refused connects fail at once: Good within two poll periods of the device serving again
+        restart_bound = 2 * POLL_S + 0.3
+        assert restarted_after <= restart_bound, (f"Good {restarted_after:.2f} s after the device served again "
+                                                  f"(bound {restart_bound:.2f} s)")
         print(f"Uncertain {uncertain_after:.2f} s, Bad {bad_after:.2f} s after the cut; "
-              f"Good {good_after:.2f} s after the link came back (bound {bound:.2f} s)")
+              f"Good {good_after:.2f} s after the link came back (bound {bound:.2f} s); "
+              f"Good {restarted_after:.2f} s after the killed device served again (bound {restart_bound:.2f} s)")
     finally:
         try:
             await client.disconnect()

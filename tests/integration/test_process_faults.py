@@ -7,7 +7,7 @@ historian commits thousands of values at each flush, and the CMCS in Automatic m
 seconds (the demo plant's slow micro-ATS: StartBridging, SetPreferredSource).
 
 The process is killed with SIGKILL right after the CMCS's latest call is in the audit log, and
-started again on the same data directory with the devices answering only 3 s after the gateway.
+started again on the same data directory with the devices answering only 2 s after the gateway.
 
 What is checked:
 - history: the SQLite file passes `PRAGMA integrity_check`; everything committed before the kill is
@@ -49,7 +49,7 @@ from tests.integration.conftest import free_port, relocate_site
 
 SPEED = 120.0
 DWELL_PLANT_S = 300.0  # the site's dwell time: 5 min of plant time, 2.5 s here
-DEVICES_AFTER_S = 3.0
+DEVICES_AFTER_S = 2.0
 FLUSH_INTERVAL_S = 1.0  # gateway/historian.py Historian.flush_interval_s default
 LOST_AT_MOST_S = FLUSH_INTERVAL_S + 1.0
 POINT = "MATS-02-03.LoadPower"
@@ -168,7 +168,7 @@ async def test_kill_9_during_history_writes_and_a_cmcs_action_then_a_safe_restar
         records = _audit(data)  # every line parses: none torn by the kill
         assert _cmcs_calls(records)[:len(calls)] == calls
 
-        # ---- second life: the devices answer only 3 s after the gateway --------------------------
+        # ---- second life: the devices answer only 2 s after the gateway --------------------------
         gw = _start(path, data, tmp_path / "run2.log", devices_after_s=DEVICES_AFTER_S)
         client = await _connect(url, 30)
         cmcs, ns, types_ns = await _mode(client, site)
