@@ -112,7 +112,8 @@ def _committed(db: Path, key: str) -> list[tuple[int, int, object]]:
         conn.close()
 
 
-async def _mode(client: Client, site) -> tuple[object, int, int]:
+async def _cmcs_object(client: Client, site) -> tuple[object, int, int]:
+    """(the Cmcs object node, the site namespace index, the types namespace index)."""
     ns = await client.get_namespace_index(f"urn:cmcs-gateway:site:{site.name}")
     types_ns = await client.get_namespace_index("urn:cmcs-gateway:UA:PowerDistribution")
     site_obj = await client.nodes.objects.get_child(f"{ns}:{site.name}")
@@ -136,7 +137,7 @@ async def test_kill_9_during_history_writes_and_a_cmcs_action_then_a_safe_restar
     try:
         # ---- first life: Automatic, acting; killed right after one of its calls -------------------
         client = await _connect(url, 30)
-        cmcs, ns, types_ns = await _mode(client, site)
+        cmcs, ns, types_ns = await _cmcs_object(client, site)
         await _set_automatic(cmcs, types_ns)
         deadline = time.monotonic() + 30
         while not _cmcs_calls(_audit(data)) and time.monotonic() < deadline:
@@ -171,7 +172,7 @@ async def test_kill_9_during_history_writes_and_a_cmcs_action_then_a_safe_restar
         # ---- second life: the devices answer only 2 s after the gateway --------------------------
         gw = _start(path, data, tmp_path / "run2.log", devices_after_s=DEVICES_AFTER_S)
         client = await _connect(url, 30)
-        cmcs, ns, types_ns = await _mode(client, site)
+        cmcs, ns, types_ns = await _cmcs_object(client, site)
         mode_node = await cmcs.get_child(f"{types_ns}:Mode")
         assert await mode_node.read_value() == CmcsMode.ADVISORY  # safe mode; it was Automatic when killed
         await _set_automatic(cmcs, types_ns)  # the operator lets it act again at once, before any data
