@@ -20,7 +20,13 @@ Each cycle (every `Predictor.sample_interval_s`, 10 s):
    of its own and its DES's), PredictedLoad of every unit (5-min forecast), CycleTime,
    ActiveMitigations and ModelVersion of the Cmcs object; a component latched at risk gets its
    PredictedFailureAlarm (`Cmcs.ReportPrediction`, with the lead time and the mitigation),
-   cleared (`Cmcs.ClearPrediction`) when the latch releases.
+   cleared (`Cmcs.ClearPrediction`) when the latch releases; a micro-ATS whose second path is at
+   risk or gone (`cmcs.redundancy`, the function the mission benchmark counts warnings with) gets
+   its LossOfRedundancyAlarm (`Cmcs.ReportLossOfRedundancy`, with the path and its DES's
+   ride-through time), reported again when the path changes, goes from at risk to gone, or the
+   ride-through moves by more than 10 %, and cleared (`Cmcs.ClearLossOfRedundancy`) when both
+   paths are back. Only units whose data is fresh (the unit, its DES, its segments and the
+   sources) are reported or cleared: a stale unit's alarm stays as it was.
 
 `Cmcs.RiskThreshold` moves the operating points: the per-kind thresholds of the model bundle
 (chosen for 1 false alarm per 100 unit-days) hold at the default 0.5 and scale with it
@@ -51,6 +57,7 @@ from asyncua.common.subscription import Subscription
 from asyncua.crypto import security_policies
 
 from cmcs.layout import check_layout, model_version_text
+from cmcs.redundancy import redundancy
 from cmcs.policy import (Observation, PolicyConfig, PolicyState, SetPreferredSource, StartBridging, StopBridging,
                          SwitchSource, Topology, decide)
 from siteconfig.model import CmcsMode, Site
@@ -63,6 +70,7 @@ CMCS_POINTS = ("Mode", "RiskThreshold")
 DEFAULT_RISK_THRESHOLD = 0.5
 HORIZON_S = 900.0  # the risk models' horizon
 ADVICE_REPEAT_S = 900.0  # the same advice is notified again after this long (plant time)
+RIDE_THROUGH_REPORT_CHANGE = 0.1  # a LossOfRedundancy alarm is updated when its ride-through moves by 10 %
 SECURITY_POLICIES = {
     "Basic256Sha256": security_policies.SecurityPolicyBasic256Sha256,
     "Aes128_Sha256_RsaOaep": security_policies.SecurityPolicyAes128Sha256RsaOaep,
@@ -155,6 +163,8 @@ class LiveCmcs:
         self.calls: list[tuple[float, object, str]] = []  # (plant t, action, StatusCode name)
         self.advised: list[tuple[float, object]] = []
         self.reported: dict[str, float] = {}  # component -> risk last reported (alarm active)
+        # unit -> (path at risk, gone, ride-through s) last reported (LossOfRedundancy alarm active)
+        self.redundancy_reported: dict[str, tuple[str, bool, float]] = {}
         self.connections = 0
         self.errors = 0  # cycles that failed on an unexpected error (logged with their traceback)
         self.client: Client | None = None
@@ -378,6 +388,7 @@ class LiveCmcs:
         elif self.mode == CmcsMode.ADVISORY:
             await self._advise(client, t_s, actions)
         await self._report(client, risk)
+        await self._report_redundancy(client, values, fresh)
         self.last_risk, self.last_forecast = risk, forecast
         self.cycles += 1
         self.last_cycle_ms = (time.perf_counter() - t0) * 1000.0
@@ -470,6 +481,63 @@ class LiveCmcs:
             if (await self._call(client, "Cmcs", "ClearPrediction",
                                  [ua.Variant(name, ua.VariantType.String)])) == "Good":
                 del self.reported[name]
+
+    def redundancy_fresh(self, fresh: dict) -> np.ndarray:
+        """Per unit: is everything its loss-of-redundancy state depends on fresh (the unit, its DES,
+        both of its PDB segments, every source)?"""
+        topo = self.topology
+        return (fresh["ats"] & fresh["des"] & fresh["pdb"][topo.pdb_of[:, 0]] & fresh["pdb"][topo.pdb_of[:, 1]]
+                & bool(fresh["source"].all()))
+
+    async def _report_redundancy(self, client: Client, values: dict, fresh: dict) -> None:
+        """LossOfRedundancyAlarm of each fresh unit whose second path is at risk or gone; cleared when it is back."""
+        state = redundancy(values, self.policy_state.at_risk, self.topology)
+        ok = self.redundancy_fresh(fresh)
+        reports, clears = [], []
+        for u in np.flatnonzero(ok):
+            unit = self.names["ats"][u]
+            last = self.redundancy_reported.get(unit)
+            if not state.warning[u]:
+                if last is not None:
+                    clears.append(unit)
+                continue
+            now = (state.path_at_risk[u], bool(state.gone[u]), float(state.ride_through_s[u]))
+            if (last is not None and last[:2] == now[:2]
+                    and abs(now[2] - last[2]) <= RIDE_THROUGH_REPORT_CHANGE * last[2]):
+                continue
+            reports.append((unit, now))
+        requests = [(unit, "ReportLossOfRedundancy",
+                     [ua.Variant(unit, ua.VariantType.String), ua.Variant(path, ua.VariantType.String),
+                      ua.Variant(ride, ua.VariantType.Double), ua.Variant(gone, ua.VariantType.Boolean)])
+                    for unit, (path, gone, ride) in reports]
+        requests += [(unit, "ClearLossOfRedundancy", [ua.Variant(unit, ua.VariantType.String)]) for unit in clears]
+        if not requests:
+            return
+        statuses = await self._call_many(client, "Cmcs", [(m, args) for _u, m, args in requests])
+        for (unit, method, _args), status in zip(requests, statuses, strict=True):
+            if status != "Good":
+                log.warning("CMCS: %s %s refused: %s", method, unit, status)
+            elif method == "ClearLossOfRedundancy":
+                self.redundancy_reported.pop(unit, None)
+        for (unit, now), status in zip(reports, statuses, strict=False):
+            if status == "Good":
+                self.redundancy_reported[unit] = now
+
+    async def _call_many(self, client: Client, device: str, calls: list[tuple[str, list]]) -> list[str]:
+        """Several methods of one object in one Call request per 500 (a hall losing a segment
+        warns about every unit of the aisle at once); their StatusCode names, in order."""
+        out: list[str] = []
+        for i in range(0, len(calls), 500):
+            chunk = calls[i:i + 500]
+            reqs, index = [], []
+            for method, args in chunk:
+                ids = self.nodes.methods.get((device, method))
+                index.append(ids is not None)
+                if ids is not None:
+                    reqs.append(ua.CallMethodRequest(ObjectId=ids[0], MethodId=ids[1], InputArguments=args))
+            results = iter(await client.uaclient.call(reqs) if reqs else [])
+            out += [next(results).StatusCode.name if found else "BadMethodInvalid" for found in index]
+        return out
 
     async def _publish(self, client: Client, risk: dict | None, forecast: np.ndarray | None) -> None:
         nodes = self.nodes
@@ -629,7 +697,8 @@ async def discover(client: Client, site: Site) -> _Nodes:
     for point in ("Mode", "RiskThreshold", "CycleTime", "ModelVersion", "ActiveMitigations"):
         if cmcs + (point,) in tree:
             nodes.cmcs_var[point] = tree[cmcs + (point,)]
-    for method in ("ReportPrediction", "ClearPrediction", "Advise", "SetMode"):
+    for method in ("ReportPrediction", "ClearPrediction", "Advise", "SetMode", "ReportLossOfRedundancy",
+                   "ClearLossOfRedundancy"):
         if cmcs + (method,) in tree:
             nodes.methods[("Cmcs", method)] = (tree[cmcs], tree[cmcs + (method,)])
     return nodes

@@ -98,7 +98,8 @@ _WRITE_BITS = (ua.AccessLevel.CurrentWrite.mask | ua.AccessLevel.HistoryWrite.ma
 ROLE_RANK = {role: rank for rank, role in enumerate(ROLES)}  # Viewer 0 < Operator 1 < Engineer 2 < Admin 3
 REQUIRED_ROLE = {"SwitchSource": "Operator", "SetPreferredSource": "Operator", "StartBridging": "Operator",
                  "StopBridging": "Operator", "SetMode": "Engineer", "Write": "Engineer",
-                 "ReportPrediction": "Engineer", "ClearPrediction": "Engineer", "Advise": "Engineer"}
+                 "ReportPrediction": "Engineer", "ClearPrediction": "Engineer", "Advise": "Engineer",
+                 "ReportLossOfRedundancy": "Engineer", "ClearLossOfRedundancy": "Engineer"}
 
 
 CMCS_USER = "cmcs"  # the built-in CMCS's OPC UA user (role Engineer, X509 token)

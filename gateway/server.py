@@ -132,6 +132,8 @@ class GatewayServer:
             "ReportPrediction": self._report_prediction,
             "ClearPrediction": self._clear_prediction,
             "Advise": self._advise,
+            "ReportLossOfRedundancy": self._report_loss_of_redundancy,
+            "ClearLossOfRedundancy": self._clear_loss_of_redundancy,
         })
         await self._write_cmcs_defaults()
         self.limits = await limits.install(server, self.model.variable_count, self.model.ns_index)
@@ -392,6 +394,37 @@ class GatewayServer:
             self.alarms.clear_predicted_failure(component)
 
         return await self._cmcs_report(call, lambda: self._known_component(component), body)
+
+    def _known_unit(self, name: str) -> int | None:
+        return None if self.model.device_kinds.get(name) == "ats" else ua.StatusCodes.BadInvalidArgument
+
+    def _paths_of(self, unit: str) -> set[str]:
+        """The components a unit's paths run through: its aisle's PDB segments and the sources."""
+        aisle = next((u.aisle for u in self.site.units if u.name == unit), None)
+        return {p.name for p in self.site.pdbs if p.aisle == aisle} | {s.name for s in self.site.sources}
+
+    async def _report_loss_of_redundancy(self, call: MethodCall):
+        unit, path, ride_through_s, gone = call.args
+
+        def check():
+            if (bad := self._known_unit(unit)) is not None or path not in self._paths_of(unit):
+                return bad or ua.StatusCodes.BadInvalidArgument
+            if not 0.0 <= ride_through_s <= 7 * 86400.0:  # False for NaN
+                return ua.StatusCodes.BadOutOfRange
+            return None
+
+        async def body():
+            self.alarms.raise_loss_of_redundancy(unit, path, ride_through_s, bool(gone))
+
+        return await self._cmcs_report(call, check, body)
+
+    async def _clear_loss_of_redundancy(self, call: MethodCall):
+        (unit,) = call.args
+
+        async def body():
+            self.alarms.clear_loss_of_redundancy(unit)
+
+        return await self._cmcs_report(call, lambda: self._known_unit(unit), body)
 
     async def _advise(self, call: MethodCall):
         component, action = call.args

@@ -315,6 +315,22 @@ CMCS = ObjectTypeSpec(
                 Argument("Action", "String", "The recommended action and its reason."),
             ),
         ),
+        Method(
+            "ReportLossOfRedundancy",
+            "The CMCS sees a micro-ATS whose second path is at risk or gone: raise (or update) its "
+            "LossOfRedundancyAlarm.",
+            (
+                Argument("Unit", "String", "BrowseName of the micro-ATS."),
+                Argument("PathAtRisk", "String", "The path at risk or gone: one of the unit's PDB segments or a source."),
+                Argument("RideThroughTime", "Double", "s the unit's DES can carry its present load alone (0: none)."),
+                Argument("PathGone", "Boolean", "True when the path is gone (not merely at risk)."),
+            ),
+        ),
+        Method(
+            "ClearLossOfRedundancy",
+            "The micro-ATS has its second path again: its LossOfRedundancyAlarm returns to normal.",
+            (Argument("Unit", "String", "BrowseName of the micro-ATS."),),
+        ),
     ),
 )
 

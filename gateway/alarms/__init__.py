@@ -12,7 +12,8 @@ Wiring: GatewayServer.start (gateway/server.py) starts the engine (`attach`) onc
 space is built and makes the condition methods' UserExecutable follow `REQUIRED_ROLE`; the
 gateway (gateway/app.py `Gateway.sinks`) attaches it to the point table; GatewayServer.stop
 stops it. The CMCS (in-process) calls `gateway_server.alarms.raise_predicted_failure(...)` /
-`clear_predicted_failure(...)` on the server's event loop.
+`clear_predicted_failure(...)`, and `raise_loss_of_redundancy(...)` / `clear_loss_of_redundancy(...)`,
+on the server's event loop.
 
 The event filter that lets a client select our alarms (OfType a supertype, ActiveState/Id, the
 ConditionId) is gateway.asyncua_hooks.SpecWhereClauseEvaluator.
@@ -20,8 +21,10 @@ ConditionId) is gateway.asyncua_hooks.SpecWhereClauseEvaluator.
 
 from __future__ import annotations
 
-from gateway.alarms.conditions import (ALARM_TYPES, CONDITION_CLASSES, CONDITION_NAMES, REQUIRED_ROLE, SERVER_NODE,
-                                       Condition, ConditionSet, spec_description)
+from gateway.alarms.conditions import (ALARM_TYPES, CONDITION_CLASSES, CONDITION_NAMES, REQUIRED_ROLE,
+                                       RIDE_THROUGH_SHORT_S, SERVER_NODE, SEVERITY_REDUNDANCY_AT_RISK,
+                                       SEVERITY_REDUNDANCY_GONE, SEVERITY_REDUNDANCY_GONE_SHORT, Condition,
+                                       ConditionSet, loss_of_redundancy_severity, spec_description)
 from gateway.alarms.engine import TICK_S, AlarmEngine, attach
 from gateway.alarms.rules import (CELL_HIGH_DEGC, CELL_HYSTERESIS_K, CELL_WARNING_DEGC, DELAYS_S, ITIC_HIGH_PU,
                                   ITIC_LONG_S, ITIC_LOW_PU, LOADING_HYSTERESIS_PCT, NETA_AMBIENT_MAJOR_K,
@@ -36,7 +39,9 @@ from gateway.alarms.rules import (CELL_HIGH_DEGC, CELL_HYSTERESIS_K, CELL_WARNIN
 
 __all__ = [
     "ALARM_TYPES", "CONDITION_CLASSES", "CONDITION_NAMES", "REQUIRED_ROLE", "SERVER_NODE", "Condition", "ConditionSet",
-    "spec_description", "TICK_S", "AlarmEngine", "attach", "CELL_HIGH_DEGC", "CELL_HYSTERESIS_K", "CELL_WARNING_DEGC",
+    "spec_description", "RIDE_THROUGH_SHORT_S", "SEVERITY_REDUNDANCY_AT_RISK", "SEVERITY_REDUNDANCY_GONE",
+    "SEVERITY_REDUNDANCY_GONE_SHORT", "loss_of_redundancy_severity", "TICK_S", "AlarmEngine", "attach",
+    "CELL_HIGH_DEGC", "CELL_HYSTERESIS_K", "CELL_WARNING_DEGC",
     "DELAYS_S", "ITIC_HIGH_PU", "ITIC_LONG_S", "ITIC_LOW_PU", "LOADING_HYSTERESIS_PCT", "NETA_AMBIENT_MAJOR_K",
     "NETA_AMBIENT_MONITOR_K", "NETA_AMBIENT_PROBABLE_K", "NETA_SIMILAR_MAJOR_K", "NETA_SIMILAR_PROBABLE_K",
     "OVERLOAD_HIGH_PCT", "SEVERITY_BUS_DEAD", "SEVERITY_CELL_HIGH", "SEVERITY_CELL_WARNING", "SEVERITY_MAJOR",

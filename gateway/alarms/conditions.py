@@ -58,13 +58,23 @@ SC = ua.StatusCodes
 
 ALARM_TYPES = {t.name: t for t in spec.ALARM_TYPES}
 CONDITION_NAMES = {"SourceLossAlarmType": "SourceLoss", "OverTemperatureAlarmType": "OverTemperature",
-                   "OverloadAlarmType": "Overload", "PredictedFailureAlarmType": "PredictedFailure"}
+                   "OverloadAlarmType": "Overload", "PredictedFailureAlarmType": "PredictedFailure",
+                   "LossOfRedundancyAlarmType": "LossOfRedundancy"}
 CONDITION_CLASSES = {  # Part 9 5.9 condition classes
     "SourceLossAlarmType": (_OID.ProcessConditionClassType, "ProcessConditionClassType"),
     "OverTemperatureAlarmType": (_OID.ProcessConditionClassType, "ProcessConditionClassType"),
     "OverloadAlarmType": (_OID.ProcessConditionClassType, "ProcessConditionClassType"),
     "PredictedFailureAlarmType": (_OID.MaintenanceConditionClassType, "MaintenanceConditionClassType"),
+    # the state of the plant's paths, not of a device's health: IT acts on it (moves workloads)
+    "LossOfRedundancyAlarmType": (_OID.ProcessConditionClassType, "ProcessConditionClassType"),
 }
+# LossOfRedundancy severities (Part 9 1-1000; same scale as gateway/alarms/rules.py): a second path at
+# risk is a warning; gone, the next failure drops the load unless the DES carries it; gone with a
+# ride-through too short for IT to move or shut down the workloads (issue 16: 15 min) is critical.
+SEVERITY_REDUNDANCY_AT_RISK = 500
+SEVERITY_REDUNDANCY_GONE = 700
+SEVERITY_REDUNDANCY_GONE_SHORT = 900
+RIDE_THROUGH_SHORT_S = 900.0
 # Who may call what (docs/interface.md section 4 names no role for alarms: acknowledging and commenting
 # is the operator's job (ISA-18.2), switching an alarm off the engineer's).
 REQUIRED_ROLE = {"Acknowledge": "Operator", "AddComment": "Operator", "Enable": "Engineer", "Disable": "Engineer"}
@@ -174,6 +184,13 @@ def _mandatory_declarations(aspace: AddressSpace, type_id: ua.NodeId) -> list[_D
     for tid in chain:
         walk(tid, "")
     return list(out.values())
+
+def loss_of_redundancy_severity(path_gone: bool, ride_through_s: float) -> int:
+    """Severity of a LossOfRedundancy alarm: at risk < gone < gone with less than 15 min of ride-through."""
+    if not path_gone:
+        return SEVERITY_REDUNDANCY_AT_RISK
+    return SEVERITY_REDUNDANCY_GONE_SHORT if ride_through_s < RIDE_THROUGH_SHORT_S else SEVERITY_REDUNDANCY_GONE
+
 
 def _lt(text: str) -> ua.LocalizedText:
     return ua.LocalizedText(text, "en")

@@ -4,7 +4,8 @@ It is a sink of the point table (drivers/pointtable.py): its birth seeds every w
 each batch re-evaluates the rules whose inputs changed (one dict lookup per change for the ~14
 watched point names), and a rule's new level is taken only after its on-delay (a higher level)
 or off-delay (a lower one), checked every TICK_S. The CMCS raises and clears the PredictedFailure
-alarm (`raise_predicted_failure()` / `clear_predicted_failure()`, on the server's event loop).
+alarm (`raise_predicted_failure()` / `clear_predicted_failure()`) and the LossOfRedundancy alarm
+of a micro-ATS (`raise_loss_of_redundancy()` / `clear_loss_of_redundancy()`), on the server's event loop.
 The rules are gateway/alarms/rules.py; the conditions, their events and methods
 gateway/alarms/conditions.py. The gateway's wiring (gateway/app.py `Gateway.sinks`) attaches it.
 """
@@ -21,7 +22,7 @@ from typing import Any
 from asyncua import Server, ua
 
 from drivers.pointtable import Birth, Change, Quality, Sink
-from gateway.alarms.conditions import ConditionSet, Condition
+from gateway.alarms.conditions import Condition, ConditionSet, loss_of_redundancy_severity
 from gateway.alarms.rules import DELAYS_S, site_rules
 from gateway.audit_events import AuditEventEmitter
 from information_model.instantiate import SiteModel
@@ -238,6 +239,45 @@ class AlarmEngine(ConditionSet, Sink):
         cond = self.conditions.get((device, "PredictedFailureAlarmType"))
         if cond is not None and cond.active:
             self._set_level(cond, 0, cond.severity, f"{device}: failure no longer predicted")
+
+    # ---- the CMCS's loss-of-redundancy warnings -----------------------------------------------
+    def raise_loss_of_redundancy(self, unit: str, path_at_risk: str, ride_through_s: float, path_gone: bool,
+                                 message: str | None = None) -> ua.NodeId:
+        """Raise (or update) the LossOfRedundancy alarm of the micro-ATS `unit`, whose second path
+        `path_at_risk` (a PDB segment or source) is at risk or gone (`path_gone`); `ride_through_s`
+        is how long its DES can carry it alone. Returns its ConditionId. Severity:
+        `loss_of_redundancy_severity` (a new level needs a new acknowledgement). Call on the server's event loop."""
+        if self.model.device_kinds.get(unit) != "ats":
+            raise KeyError(f"no micro-ATS {unit!r} in the address space")
+        if not float(ride_through_s) >= 0.0:
+            raise ValueError(f"ride_through_s must be >= 0, got {ride_through_s}")
+        cond = self._condition(unit, "LossOfRedundancyAlarmType")
+        ride = float(ride_through_s)
+        severity = loss_of_redundancy_severity(bool(path_gone), ride)
+        level = 1 + (severity > 400) + (severity > 600) + (severity > 800)  # Part 9 severity ranges
+        carry = f"its DES can carry it {ride / 60.0:.0f} min" if ride > 0 else "no DES can carry it"
+        text = message or (f"{unit}: second path {path_at_risk} {'gone' if path_gone else 'at risk'}; "
+                           f"one more failure drops the load; {carry}")
+        extra = {"RideThroughTime": (ride, _V.Double), "PathAtRisk": (str(path_at_risk), _V.String)}
+        if cond.active and cond.extra == extra and cond.severity == severity and cond.message == text:
+            return cond.node_id
+        cond.extra = extra
+        if cond.input_node.is_null():
+            cond.input_node = self.model.points.get((unit, "ActiveSource"), ua.NodeId())
+        if not cond.active or level != cond.level:
+            self._set_level(cond, level, severity, text)
+        else:  # same level, new figures (the ride-through moved): an update, no new acknowledgement
+            cond.message = text
+            if severity != cond.severity:
+                cond.last_severity, cond.severity, cond.severity_ts = cond.severity, severity, datetime.now(timezone.utc)
+            self._publish(cond)
+        return cond.node_id
+
+    def clear_loss_of_redundancy(self, unit: str) -> None:
+        """Return the LossOfRedundancy alarm of `unit` to normal (it stays until acknowledged)."""
+        cond = self.conditions.get((unit, "LossOfRedundancyAlarmType"))
+        if cond is not None and cond.active:
+            self._set_level(cond, 0, cond.severity, f"{unit}: both paths available again")
 
 
 async def attach(gateway_server) -> AlarmEngine:

@@ -10,7 +10,9 @@ Engineer), the real models and policy.
 What is checked: in Advisory mode the CMCS only advises (events, no transfer); switched to
 Automatic it moves every unit off PDB-01-A before the joint fails, writes RiskScore and the
 PredictedFailureAlarm (with component and lead time), CycleTime and ActiveMitigations are live,
-its calls are audited under its own user, and no IT load drops.
+its calls are audited under its own user, and no IT load drops. The units of aisle 1 left with
+PDB-01-A as their second path get a LossOfRedundancyAlarm naming it, with their DES's
+ride-through time, before it fails.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from tests.integration.conftest import free_port, relocate_site
 
 SPEED = 60.0
 PREDICTED_TYPE_ID = next(t.nodeid for t in spec.ALARM_TYPES if t.name == "PredictedFailureAlarmType")
+REDUNDANCY_TYPE_ID = next(t.nodeid for t in spec.ALARM_TYPES if t.name == "LossOfRedundancyAlarmType")
 ONSET_S = 3600.0
 ENGINEER, ENGINEER_PASSWORD = "erin", "erin-engineer-pw"
 SCENARIO = f"""name: live-joint
@@ -61,6 +64,17 @@ class Events:
 
     def event_notification(self, event):
         self.items.append(event)
+
+
+class PlantTimedEvents(Events):
+    """Events with the plant time they arrived at."""
+
+    def __init__(self, plant):
+        super().__init__()
+        self.plant = plant
+
+    def event_notification(self, event):
+        self.items.append((self.plant.t_s, event))
 
 
 class Values:
@@ -102,6 +116,9 @@ async def test_cmcs_advises_then_moves_load_off_a_degrading_joint_before_it_fail
         await sub.subscribe_events(client.nodes.server, ua.ObjectIds.BaseEventType)
         asub = await client.create_subscription(100, alarms)
         await asub.subscribe_events(client.nodes.server, client.get_node(ua.NodeId(PREDICTED_TYPE_ID, types_ns)))
+        redundancy = PlantTimedEvents(plant)
+        rsub = await client.create_subscription(100, redundancy)
+        await rsub.subscribe_events(client.nodes.server, client.get_node(ua.NodeId(REDUNDANCY_TYPE_ID, types_ns)))
         vsub = await client.create_subscription(100, values)
         await vsub.subscribe_data_change([risk_node, await cmcs.get_child(f"{types_ns}:ActiveMitigations"),
                                           await cmcs.get_child(f"{types_ns}:CycleTime")])
@@ -132,6 +149,33 @@ async def test_cmcs_advises_then_moves_load_off_a_degrading_joint_before_it_fail
             await asyncio.sleep(0.05)
         assert moved_at is not None, (f"aisle 1 still has units on PDB-01-A at the joint's failure; "
                                       f"calls {gateway.live.calls}")
+        # IT is warned before the failure: each unit of aisle 1 now has PDB-01-A as its second path,
+        # and an OPC UA client sees that unit's LossOfRedundancyAlarm with its DES's ride-through
+        aisle1_names = {site.units[i].name for i in aisle1}
+
+        def warnings():  # unit -> the latest active warning naming PDB-01-A that arrived before the failure
+            return {e.SourceName: e for t, e in redundancy.items if t < ONSET_S and e.SourceName in aisle1_names
+                    and e.PathAtRisk == "PDB-01-A" and getattr(e, "ActiveState/Id")}
+
+        while time.monotonic() < deadline and plant.t_s < ONSET_S and set(warnings()) != aisle1_names:
+            await asyncio.sleep(0.05)
+        warned = warnings()
+        assert set(warned) == aisle1_names, (plant.t_s, [(round(t), e.SourceName, e.PathAtRisk, e.RideThroughTime)
+                                                         for t, e in redundancy.items][-10:])
+        assert not any(e.SourceName not in aisle1_names for _t, e in redundancy.items)  # the other aisles are whole
+        # RideThroughTime is what the DES can carry: (SoC - floor) x capacity / load, 0 where it cannot carry the load
+        snap = plant.snapshot()
+        for i in aisle1:
+            unit, load_kw = site.units[i], float(snap["ats"]["LoadPower"][i])
+            des = unit.storage
+            got = warned[unit.name].RideThroughTime
+            if des.max_power_kw >= 1.1 * load_kw:
+                expected = 3600.0 * (float(snap["des"]["StateOfCharge"][i]) - des.soc_min_pct) / 100.0 \
+                    * des.capacity_kwh / load_kw
+                assert 0.75 * expected <= got <= 1.25 * expected, (unit.name, got, expected)
+            elif des.max_power_kw <= 0.9 * load_kw:
+                assert got == 0.0, (unit.name, got, load_kw)
+        assert any(e.RideThroughTime > 0 for e in warned.values())
         # ... and keeps them there through the failure
         while time.monotonic() < deadline and plant.t_s < ONSET_S + 300:
             await asyncio.sleep(0.2)
@@ -159,7 +203,7 @@ async def test_cmcs_advises_then_moves_load_off_a_degrading_joint_before_it_fail
         assert switches and all(r["user"] == CMCS_USER and r["role"] == "Engineer" for r in switches)
         assert {r["object"] for r in switches if r["status"] == "Good"} >= {site.units[i].name for i in on_a}
         assert all(status == "Good" for _t, _a, status in gateway.live.calls)  # no interlock refused it
-        for s in (sub, asub, vsub):
+        for s in (sub, asub, rsub, vsub):
             await s.delete()
     finally:
         try:

@@ -1,9 +1,10 @@
 """The gateway's side of the CMCS: the Cmcs object's report methods and the writable results.
 
-Over a real OPC UA session: who may call ReportPrediction / ClearPrediction / Advise and write
+Over a real OPC UA session: who may call ReportPrediction / ClearPrediction / Advise /
+ReportLossOfRedundancy / ClearLossOfRedundancy and write
 RiskScore, PredictedLoad, CycleTime, ActiveMitigations, ModelVersion (Engineer and up), which
 arguments are refused with which StatusCode (docs/interface.md "Method results"), and what a client
-sees: the PredictedFailureAlarm, the advice event, the values; the reports are audited, the
+sees: the PredictedFailureAlarm, the LossOfRedundancyAlarm, the advice event, the values; the reports are audited, the
 per-cycle result writes are not.
 """
 
@@ -129,6 +130,56 @@ async def test_the_cmcs_reports_a_prediction_and_clears_it(rig):
     methods = [(r["method"], r["status"]) for r in records if r.get("object") == "Cmcs"]
     assert ("ReportPrediction", "BadInvalidArgument") in methods and ("ReportPrediction", "Good") in methods
     assert ("Advise", "Good") in methods and ("ClearPrediction", "Good") in methods
+    await sub.delete()
+
+
+def _b(flag):
+    return ua.Variant(bool(flag), ua.VariantType.Boolean)
+
+
+async def test_the_cmcs_reports_a_loss_of_redundancy_on_a_micro_ats_and_clears_it(rig):
+    gateway, connect, data = rig
+    alarms = gateway.server.alarms
+    operator, ns, types = await connect(OPERATOR, OPERATOR_PW)
+    assert await _call(operator, ns, types, "ReportLossOfRedundancy", _s("MATS-01-01"), _s("PDB-01-A"), _d(600),
+                       _b(False)) == SC.BadUserAccessDenied
+    client, ns, types = await connect(ENGINEER, ENGINEER_PW)
+    events = Events()
+    sub = await client.create_subscription(50, events)
+    await sub.subscribe_events(client.nodes.server, client.get_node(ua.NodeId(2040, types)))  # LossOfRedundancyAlarmType
+    # refused arguments change nothing: not a micro-ATS, a path that is not the unit's, a bad time
+    for args, expected in (((_s("PDB-01-A"), _s("PDB-01-B"), _d(600), _b(False)), SC.BadInvalidArgument),
+                           ((_s("MATS-99-99"), _s("PDB-01-A"), _d(600), _b(False)), SC.BadInvalidArgument),
+                           ((_s("MATS-01-01"), _s("PDB-02-A"), _d(600), _b(False)), SC.BadInvalidArgument),
+                           ((_s("MATS-01-01"), _s("PDB-01-A"), _d(-1), _b(False)), SC.BadOutOfRange),
+                           # NaN: refused argument by argument (InputArgumentResults BadOutOfRange)
+                           ((_s("MATS-01-01"), _s("PDB-01-A"), _d(float("nan")), _b(False)), SC.BadInvalidArgument)):
+        assert await _call(client, ns, types, "ReportLossOfRedundancy", *args) == expected, args
+    assert await _call(client, ns, types, "ClearLossOfRedundancy", _s("SourceA")) == SC.BadInvalidArgument
+    assert not alarms.is_raised("MATS-01-01", "LossOfRedundancyAlarmType")
+    # at risk, 40 min of ride-through: a warning; then gone with 10 min left: critical
+    assert await _call(client, ns, types, "ReportLossOfRedundancy", _s("MATS-01-01"), _s("PDB-01-A"), _d(2400),
+                       _b(False)) == SC.Good
+    assert alarms.condition_of("MATS-01-01", "LossOfRedundancyAlarmType").severity == 500
+    assert await _call(client, ns, types, "ReportLossOfRedundancy", _s("MATS-01-01"), _s("PDB-01-A"), _d(600),
+                       _b(True)) == SC.Good
+    assert alarms.condition_of("MATS-01-01", "LossOfRedundancyAlarmType").severity == 900
+    assert await _call(client, ns, types, "ClearLossOfRedundancy", _s("MATS-01-01")) == SC.Good
+    assert not alarms.is_raised("MATS-01-01", "LossOfRedundancyAlarmType")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and len(events.items) < 3:
+        await asyncio.sleep(0.05)
+    seen = [(e.SourceName, e.PathAtRisk, e.RideThroughTime, e.Severity, getattr(e, "ActiveState/Id"))
+            for e in events.items]
+    assert seen == [("MATS-01-01", "PDB-01-A", 2400.0, 500, True), ("MATS-01-01", "PDB-01-A", 600.0, 900, True),
+                    ("MATS-01-01", "PDB-01-A", 600.0, 900, False)], seen
+    assert "second path PDB-01-A gone" in events.items[1].Message.Text
+    assert events.items[0].SourceNode == ua.NodeId("MATS-01-01", ns)
+    records = [json.loads(line) for line in (data / "audit.log").read_text().splitlines()]
+    methods = [(r["method"], r["status"]) for r in records if r.get("object") == "Cmcs"]
+    assert ("ReportLossOfRedundancy", "BadUserAccessDenied") in methods
+    assert ("ReportLossOfRedundancy", "BadOutOfRange") in methods and ("ReportLossOfRedundancy", "Good") in methods
+    assert ("ClearLossOfRedundancy", "Good") in methods
     await sub.delete()
 
 
