@@ -54,7 +54,6 @@ from pathlib import Path
 import numpy as np
 from asyncua import Client, ua
 from asyncua.common.subscription import Subscription
-from asyncua.crypto import security_policies
 
 from cmcs.layout import check_layout, model_version_text
 from cmcs.redundancy import redundancy
@@ -62,6 +61,7 @@ from cmcs.policy import (Observation, PolicyConfig, PolicyState, SetPreferredSou
                          SwitchSource, Topology, decide)
 from siteconfig.model import CmcsMode, Site
 from siteconfig.points import POINTS
+from cmcs.identity import SECURITY_POLICIES
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +71,6 @@ DEFAULT_RISK_THRESHOLD = 0.5
 HORIZON_S = 900.0  # the risk models' horizon
 ADVICE_REPEAT_S = 900.0  # the same advice is notified again after this long (plant time)
 RIDE_THROUGH_REPORT_CHANGE = 0.1  # a LossOfRedundancy alarm is updated when its ride-through moves by 10 %
-SECURITY_POLICIES = {
-    "Basic256Sha256": security_policies.SecurityPolicyBasic256Sha256,
-    "Aes128_Sha256_RsaOaep": security_policies.SecurityPolicyAes128Sha256RsaOaep,
-    "Aes256_Sha256_RsaPss": security_policies.SecurityPolicyAes256Sha256RsaPss,
-}
 
 
 @dataclass

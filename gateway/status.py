@@ -14,7 +14,6 @@ Operator setting the mode) is shown on the bottom line with its StatusCode, neve
 from __future__ import annotations
 
 import asyncio
-import getpass
 import logging
 import os
 import signal
@@ -25,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from asyncua import Client, Node, ua
-from asyncua.crypto import security_policies
 from rich.console import Console, Group
 from rich.layout import Layout
 from rich.live import Live
@@ -34,17 +32,13 @@ from rich.table import Table
 from rich.text import Text
 
 from siteconfig.errors import CliError
+from cmcs.identity import SECURITY_POLICIES, client_identity
 
 log = logging.getLogger(__name__)
 
 TYPES_URI = "urn:cmcs-gateway:UA:PowerDistribution"
 SITE_URI_PREFIX = "urn:cmcs-gateway:site:"
 DERATED_LOADING_PCT = 80.0  # NEC 210.20(A): continuous load at most 80 % of rating (docs/domain.md)
-SECURITY_POLICIES = {
-    "Basic256Sha256": security_policies.SecurityPolicyBasic256Sha256,
-    "Aes128_Sha256_RsaOaep": security_policies.SecurityPolicyAes128Sha256RsaOaep,
-    "Aes256_Sha256_RsaPss": security_policies.SecurityPolicyAes256Sha256RsaPss,
-}
 SOURCE_LETTER = {0: "-", 1: "A", 2: "B"}
 ATS_STATES = ("Normal", "Transferring", "Bridging", "Fault", "Offline")
 STORAGE_MODES = ("Standby", "Charging", "Bridging", "Smoothing", "Fault")
@@ -621,37 +615,11 @@ def _keys(data: str) -> list[str]:
 
 
 def options_from_args(args) -> StatusOptions:
-    """The identity options of `cmcs agent` (cmcs/agent.py), checked the same way."""
-    policy, _, mode = args.security.partition(":")
-    mode = mode or "SignAndEncrypt"
-    if policy != "None" and policy not in SECURITY_POLICIES:
-        raise CliError(f"--security: unknown policy {policy!r}; one of None, {', '.join(SECURITY_POLICIES)}")
-    if mode not in ("Sign", "SignAndEncrypt"):
-        raise CliError(f"--security: unknown mode {mode!r}; Sign or SignAndEncrypt")
-    for opt in ("certificate", "private_key"):
-        path = getattr(args, opt)
-        if path is not None and not Path(path).is_file():
-            raise CliError(f"--{opt.replace('_', '-')} {path}: no such file")
-    if policy != "None" and (args.certificate is None or args.private_key is None):
-        raise CliError(f"--security {policy} needs --certificate and --private-key "
-                       "(or --security None where the gateway allows it)")
-    if args.user is None and args.certificate is None:
-        raise CliError("give --certificate/--private-key (X509 user token) or --user (password on the terminal)")
-    password = None
-    if args.user:
-        password = getpass.getpass(f"password for {args.user}: ") if sys.stdin.isatty() else \
-            sys.stdin.readline().rstrip("\r\n")
-    uri = args.application_uri
-    if uri is None and args.certificate is not None:
-        from cmcs.agent import _uri_of
-
-        try:
-            uri = _uri_of(Path(args.certificate))
-        except ValueError as exc:
-            raise CliError(f"--certificate {args.certificate}: not a certificate ({exc})") from None
+    """The identity options of `cmcs agent`, checked by the same function (cmcs.identity.client_identity)."""
+    identity = client_identity(args, default_uri="urn:cmcs-gateway:status")
     return StatusOptions(endpoint=args.endpoint, certificate=args.certificate, private_key=args.private_key,
-                         username=args.user, password=password, security_policy=policy, security_mode=mode,
-                         application_uri=uri or "urn:cmcs-gateway:status")
+                         username=args.user, password=identity.password, security_policy=identity.policy,
+                         security_mode=identity.mode, application_uri=identity.application_uri)
 
 
 def cli_status(args) -> int:
