@@ -104,6 +104,8 @@ class Refusals:
     connections: int = 0  # TCP connect: ERR BadMaxConnectionsReached
     messages_too_large: int = 0  # ERR BadTcpMessageTooLarge / BadRequestTooLarge
     malformed_messages: int = 0  # ERR BadTcpMessageTypeInvalid
+    foreign_subscriptions: int = 0  # a request on another session's subscription: BadSubscriptionIdInvalid
+    transfers_refused: int = 0  # TransferSubscriptions by another user: BadUserAccessDenied
     orphaned_subscriptions_reclaimed: int = 0  # deleted early to make room
     abandoned_sessions_reclaimed: int = 0  # closed early to make room
 
@@ -175,9 +177,123 @@ class ResourceGuard:
             if external:
                 session.cmcs_created_at = time.monotonic()
                 self.cumulated_sessions += 1
+                self.guard_ownership(session)
             return session
 
         return create_session
+
+    # ---- subscription ownership ------------------------------------------------------------------
+    def guard_ownership(self, session: InternalSession) -> None:
+        """Part 4 5.13: a Subscription belongs to the Session that created it. asyncua's subscription
+        service keys subscriptions by id alone, so any session could delete, modify, acknowledge,
+        republish or take over any other's (the built-in CMCS's included) by guessing a small integer.
+        The session's own services are wrapped here (instance attributes: the UaProcessor calls them
+        through the session): another session's subscription is answered exactly like one that does
+        not exist (BadSubscriptionIdInvalid), and TransferSubscriptions (Part 4 5.13.7) is allowed only
+        to a session of the same user (not anonymous), else BadUserAccessDenied."""
+        service = self.iserver.subscription_service
+
+        def owns(sub_id) -> bool:
+            sub = service.subscriptions.get(int(sub_id))
+            return sub is None or sub.session_id == session.session_id  # asyncua answers unknown ids itself
+
+        def foreign(sub_id) -> None:
+            if not owns(sub_id):
+                self.refusals.foreign_subscriptions += 1
+                raise ServiceError(SC.BadSubscriptionIdInvalid)
+
+        def refused_status():
+            self.refusals.foreign_subscriptions += 1
+            return ua.StatusCode(SC.BadSubscriptionIdInvalid)
+
+        create_subscription = session.create_subscription
+        create_monitored_items, modify_monitored_items = session.create_monitored_items, session.modify_monitored_items
+        set_monitoring_mode, delete_monitored_items = session.set_monitoring_mode, session.delete_monitored_items
+        set_publishing_mode, delete_subscriptions = session.set_publishing_mode, session.delete_subscriptions
+        modify_subscription, republish, publish = session.modify_subscription, session.republish, session.publish
+        transfer_subscriptions = session.transfer_subscriptions
+
+        async def g_create_subscription(params, callback, request_callback=None):
+            result = await create_subscription(params, callback, request_callback=request_callback)
+            sub = service.subscriptions.get(result.SubscriptionId)
+            if sub is not None:
+                sub.cmcs_owner = _identity(session.user)
+            return result
+
+        async def g_create_monitored_items(params):
+            foreign(params.SubscriptionId)
+            return await create_monitored_items(params)
+
+        async def g_modify_monitored_items(params):
+            foreign(params.SubscriptionId)
+            return await modify_monitored_items(params)
+
+        async def g_set_monitoring_mode(params):
+            foreign(params.SubscriptionId)
+            return await set_monitoring_mode(params)
+
+        async def g_delete_monitored_items(params):
+            foreign(params.SubscriptionId)
+            return await delete_monitored_items(params)
+
+        def g_modify_subscription(params):
+            foreign(params.SubscriptionId)
+            return modify_subscription(params)
+
+        def g_republish(params):
+            foreign(params.SubscriptionId)
+            return republish(params)
+
+        async def g_set_publishing_mode(params):
+            mask = [owns(i) for i in params.SubscriptionIds]
+            if all(mask):
+                return await set_publishing_mode(params)
+            params.SubscriptionIds = [i for i, ok in zip(params.SubscriptionIds, mask) if ok]
+            return _merge(mask, await set_publishing_mode(params) if params.SubscriptionIds else [], refused_status)
+
+        async def g_delete_subscriptions(ids):
+            mask = [owns(i) for i in ids]
+            if all(mask):
+                return await delete_subscriptions(ids)
+            mine = [i for i, ok in zip(ids, mask) if ok]
+            return _merge(mask, await delete_subscriptions(mine) if mine else [], refused_status)
+
+        def g_publish(acks=None):
+            acks = list(acks or [])
+            mask = [owns(a.SubscriptionId) for a in acks]
+            if all(mask):
+                return publish(acks)
+            count, results = publish([a for a, ok in zip(acks, mask) if ok])
+            return count, _merge(mask, results, refused_status)
+
+        async def g_transfer_subscriptions(params, callback):
+            me = _identity(session.user)
+            mask = []
+            for sub_id in params.SubscriptionIds:
+                sub = service.subscriptions.get(int(sub_id))
+                mask.append(sub is None or sub.session_id == session.session_id
+                            or (me[0] != "anonymous" and getattr(sub, "cmcs_owner", None) == me))
+                if not mask[-1]:
+                    self.refusals.transfers_refused += 1
+                    log.warning("refused TransferSubscriptions of subscription %s to session %s: another user",
+                                sub_id, session.name)
+            if all(mask):
+                return await transfer_subscriptions(params, callback)
+            params.SubscriptionIds = [i for i, ok in zip(params.SubscriptionIds, mask) if ok]
+            results = await transfer_subscriptions(params, callback) if params.SubscriptionIds else []
+            return _merge(mask, results, lambda: ua.TransferResult(StatusCode=ua.StatusCode(SC.BadUserAccessDenied)))
+
+        session.create_subscription = g_create_subscription
+        session.create_monitored_items = g_create_monitored_items
+        session.modify_monitored_items = g_modify_monitored_items
+        session.set_monitoring_mode = g_set_monitoring_mode
+        session.delete_monitored_items = g_delete_monitored_items
+        session.modify_subscription = g_modify_subscription
+        session.republish = g_republish
+        session.set_publishing_mode = g_set_publishing_mode
+        session.delete_subscriptions = g_delete_subscriptions
+        session.publish = g_publish
+        session.transfer_subscriptions = g_transfer_subscriptions
 
     # ---- CreateSubscription --------------------------------------------------------------------
     def revise_subscription(self, params: ua.CreateSubscriptionParameters) -> None:
@@ -361,6 +477,18 @@ class ResourceGuard:
             var = await obj.add_variable(ua.NodeId(f"ResourceRefusals.{browse}", namespace_index),
                                          ua.QualifiedName(browse, namespace_index), ua.Variant(0, ua.VariantType.UInt32))
             server.set_attribute_value_callback(var.nodeid, reader(get))
+
+
+def _identity(user) -> tuple[str, str]:
+    """Who a session acts for, as TransferSubscriptions compares it: (token kind, user name)."""
+    return (getattr(user, "token", None) or "anonymous", getattr(user, "name", None) or "anonymous")
+
+
+def _merge(mask: list[bool], results: list, refused) -> list:
+    """One result per requested operation, in order: the served ones (mask True) from `results`,
+    the others from `refused()`."""
+    done = iter(results)
+    return [next(done) if ok else refused() for ok in mask]
 
 
 def _guard_of(protocol: OPCUAProtocol) -> ResourceGuard | None:

@@ -299,6 +299,85 @@ async def test_subscriptions_of_closed_sessions_are_freed_within_their_lifetime(
     await probe.disconnect()
 
 
+async def test_a_session_cannot_touch_another_sessions_subscription(gateway):
+    """Part 4 5.13: a subscription belongs to its session. Another session (here an anonymous one,
+    and a second session of the same user) gets BadSubscriptionIdInvalid for every service on it,
+    as for an id that does not exist; TransferSubscriptions works for the same user only. The owner's
+    subscription keeps delivering throughout."""
+    guard = gateway.server.limits
+    owner = await _connect(gateway)
+    intruder = await _connect(gateway, anonymous=True)
+    same_user = await _connect(gateway)
+    try:
+        ns = await owner.get_namespace_index(f"urn:cmcs-gateway:site:{gateway.site.name}")
+        node = owner.get_node(_variables(gateway, ns)[0])
+        received: list = []
+
+        class Handler:
+            def datachange_notification(self, _node, value, _data):
+                received.append(value)
+
+        sub = await owner.create_subscription(100, Handler())
+        [handle] = await sub.subscribe_data_change([node], queuesize=1)
+        sid = sub.subscription_id
+        server_sub = gateway.server.server.iserver.subscription_service.subscriptions[sid]
+        before = guard.refusals.foreign_subscriptions
+        s = intruder.uaclient.session
+        invalid = ua.StatusCode(SC.BadSubscriptionIdInvalid)
+
+        assert await s.delete_subscriptions([sid]) == [invalid]
+        with pytest.raises(ua.UaStatusCodeError) as refused:
+            await s.create_monitored_items(ua.CreateMonitoredItemsParameters(
+                SubscriptionId=sid, ItemsToCreate=[ua.MonitoredItemCreateRequest(
+                    ItemToMonitor=ua.ReadValueId(NodeId=node.nodeid, AttributeId=ua.AttributeIds.Value),
+                    MonitoringMode=ua.MonitoringMode.Reporting,
+                    RequestedParameters=ua.MonitoringParameters(ClientHandle=99, SamplingInterval=0, QueueSize=1))]))
+        assert refused.value.code == SC.BadSubscriptionIdInvalid
+        for call in (
+            lambda: s.delete_monitored_items(ua.DeleteMonitoredItemsParameters(SubscriptionId=sid, MonitoredItemIds=[handle])),
+            lambda: s.modify_monitored_items(ua.ModifyMonitoredItemsParameters(SubscriptionId=sid)),
+            lambda: s.set_monitoring_mode(ua.SetMonitoringModeParameters(
+                SubscriptionId=sid, MonitoringMode=ua.MonitoringMode.Disabled, MonitoredItemIds=[handle])),
+            lambda: s.update_subscription(ua.ModifySubscriptionParameters(SubscriptionId=sid, RequestedPublishingInterval=60000)),
+            lambda: s.republish(sid, 1),
+        ):
+            with pytest.raises(ua.UaStatusCodeError) as refused:
+                await call()
+            assert refused.value.code == SC.BadSubscriptionIdInvalid
+        assert await s.set_publishing_mode(ua.SetPublishingModeParameters(PublishingEnabled=False, SubscriptionIds=[sid])) \
+            == [invalid]
+        # another user may not take it over; the same user may (a client reconnecting, Part 4 5.13.7)
+        [result] = await s.transfer_subscriptions(ua.TransferSubscriptionsParameters(SubscriptionIds=[sid]))
+        assert result.StatusCode == ua.StatusCode(SC.BadUserAccessDenied)
+        assert guard.refusals.transfers_refused == 1
+        assert guard.refusals.foreign_subscriptions - before == 8
+
+        # nothing changed: the owner's subscription is whole and still publishing
+        assert server_sub.session_id == _server_session_id(gateway, owner)
+        assert gateway.server.server.iserver.subscription_service.subscriptions[sid] is server_sub
+        assert list(server_sub.monitored_item_srv._monitored_items) == [handle]
+        assert server_sub.data.RevisedPublishingInterval < 60000
+        assert server_sub._publishing_enabled
+        received.clear()
+        deadline = time.monotonic() + 5
+        while not received and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert received, "the owner's subscription stopped delivering"
+
+        [moved] = await same_user.uaclient.session.transfer_subscriptions(
+            ua.TransferSubscriptionsParameters(SubscriptionIds=[sid]))
+        assert moved.StatusCode.is_good()
+        assert server_sub.session_id == _server_session_id(gateway, same_user)
+    finally:
+        for c in (intruder, same_user, owner):
+            await c.disconnect()
+
+
+def _server_session_id(gw: Gateway, client: Client) -> ua.NodeId:
+    """The server-side SessionId of a client's session (found by its authentication token)."""
+    return gw.server.server.iserver._external_sessions[client.uaclient.session.authentication_token].session_id
+
+
 class Probe:
     """A normal client's read; a failure to answer it is a liveness failure."""
 
