@@ -29,10 +29,25 @@ BDSEQ = "bdSeq"
 ALIAS_BLOCK = 1000
 _RESULT_OFFSET = 100  # CMCS results
 _ALARM_OFFSET = 200  # alarms: + 10 * alarm type index + field index
+_COMMAND_OFFSET = 300  # command metrics (DCMD), declared only with `commands: true`
 
 # CMCS results the CMCS writes over OPC UA (gateway/security.py WRITABLE_POINTS), per device kind
 CMCS_RESULTS = {"source": (("RiskScore", DOUBLE, ""),), "pdb": (("RiskScore", DOUBLE, ""),),
                 "ats": (("RiskScore", DOUBLE, ""), ("PredictedLoad", DOUBLE, "kW")), "des": ()}
+
+# Command metrics a host writes with DCMD (docs/sparkplug.md "Commands"), per device kind; declared in
+# DBIRTH (Sparkplug 3.0 6.4.2: a host writes only metrics it was born with) with value 0 / false:
+# writing one is a command, not a setpoint, and the device's state comes back as DDATA of its points
+COMMAND_METRICS = {"source": (), "pdb": (),
+                   "ats": (("SwitchSource", INT32, ""), ("SetPreferredSource", INT32, "")),
+                   "des": (("StartBridging/Power", DOUBLE, "kW"), ("StartBridging/Duration", DOUBLE, "s"),
+                           ("StopBridging", BOOLEAN, ""))}
+
+# The per-metric quality a host reads from the metric property "Quality" (Int32), in the codes that
+# Ignition / Cirrus Link MQTT Engine use: 192 good, 500 stale (our Uncertain: the device did not
+# answer its last poll, the value is the last one read). Bad devices are not marked: they get DDEATH.
+QUALITY = "Quality"
+QUALITY_GOOD, QUALITY_STALE = 192, 500
 
 # Alarm types (docs/interface.md section 3 "Events and alarms"), in alias order; the metric prefix
 # is the type name without "AlarmType": Alarms/OverTemperature/Active
@@ -78,7 +93,8 @@ class Catalogue:
     kinds: dict[str, str]  # device -> source|pdb|ats|des
 
     @classmethod
-    def of_site(cls, site: Site) -> Catalogue:
+    def of_site(cls, site: Site, commands: bool = False) -> Catalogue:
+        """`commands`: declare the DCMD metrics of COMMAND_METRICS (gateway.mqtt `commands: true`)."""
         node = {name: MetricDef(name, i + 1, dt, unit) for i, (name, dt, unit) in enumerate(NODE_METRICS)}
         devices: dict[str, dict[str, MetricDef]] = {}
         kinds: dict[str, str] = {}
@@ -92,8 +108,20 @@ class Catalogue:
                 for f, (field, dt) in enumerate(ALARM_FIELDS):
                     name = alarm_metric(type_name, field)
                     metrics[name] = MetricDef(name, base + _ALARM_OFFSET + 10 * t + f, dt, "")
+            if commands:
+                for j, (name, dt, unit) in enumerate(COMMAND_METRICS[kind]):
+                    metrics[name] = MetricDef(name, base + _COMMAND_OFFSET + j, dt, unit)
             devices[device], kinds[device] = metrics, kind
         return cls(node, devices, kinds)
+
+    def name_of(self, device: str, metric) -> str | None:
+        """The name a DCMD/NCMD metric means: its name, or (Sparkplug 3.0 6.4.6: a host may write by
+        alias alone) the name of its alias among the device's metrics."""
+        if metric.name:
+            return metric.name
+        if not metric.HasField("alias"):
+            return None
+        return next((d.name for d in self.devices.get(device, {}).values() if d.alias == metric.alias), None)
 
     def alarm_defs(self, device: str) -> list[MetricDef]:
         return [m for m in self.devices[device].values() if m.name.startswith("Alarms/")]
@@ -142,6 +170,14 @@ def birth_metric(payload, d: MetricDef, value, ts_ms: int, with_unit: bool = Tru
         pv.type = STRING
         pv.string_value = d.unit
     return m
+
+
+def set_quality(metric, code: int) -> None:
+    """The metric property QUALITY (Int32) on a DATA metric."""
+    metric.properties.keys.append(QUALITY)
+    pv = metric.properties.values.add()
+    pv.type = INT32
+    pv.int_value = code
 
 
 def topic(group_id: str, message_type: str, edge_node_id: str, device: str | None = None) -> str:

@@ -36,10 +36,12 @@ import paho.mqtt.client as mqtt
 from asyncua import ua
 
 from drivers.pointtable import Birth, Change, Quality, Sink
-from gateway.sparkplug.catalogue import (BDSEQ, NAMESPACE, REBIRTH, ALARM_TYPES, Catalogue, MetricDef, Payload,
-                                         alarm_metric, birth_metric, set_value, topic, value_of)
+from gateway.sparkplug.catalogue import (BDSEQ, BOOLEAN, COMMAND_METRICS, NAMESPACE, QUALITY_GOOD, QUALITY_STALE,
+                                         REBIRTH, ALARM_TYPES, Catalogue, MetricDef, Payload, alarm_metric,
+                                         birth_metric, set_quality, set_value, topic, value_of)
 from gateway.sparkplug.store import MessageStore
 from siteconfig.model import MqttConfig, Site
+from siteconfig.points import POINTS
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +100,7 @@ class EdgeNode(Sink):
         self.data_dir = Path(data_dir)
         self.group_id = config.group_id
         self.edge_node_id = config.edge_node_id or site.name
-        self.catalogue = Catalogue.of_site(site)
+        self.catalogue = Catalogue.of_site(site, commands=config.commands)
         self.commands = commands
         self.loop = loop
         self.window = inflight_window
@@ -111,6 +113,7 @@ class EdgeNode(Sink):
         self.values: dict[str, dict[str, tuple[Any, float]]] = {d: {} for d in self.catalogue.devices}
         self.node_values: dict[str, tuple[Any, float]] = {}
         self.alive: dict[str, bool] = {d: False for d in self.catalogue.devices}
+        self.stale: set[str] = set()  # alive devices whose points were last sent with QUALITY_STALE
         self.alarms_seen: dict[str, set[str]] = {d: set() for d in self.catalogue.devices}
         self.primary_online = config.primary_host_id is None
         self.store: MessageStore | None = None
@@ -334,10 +337,34 @@ class EdgeNode(Sink):
         dead = quality in _DEAD
         if dead and self.alive[device]:
             self.alive[device] = False
+            self.stale.discard(device)
             self._queue("DDEATH", device, Payload(timestamp=int(time.time() * 1000)), 0)
         elif not dead and not self.alive[device]:
             self.alive[device] = True
             self._queue("DBIRTH", device, Payload(timestamp=int(time.time() * 1000)), 0)  # built when sent
+            if quality is Quality.UNCERTAIN_LAST_USABLE:
+                self.stale.add(device)
+                self._queue_quality(device, QUALITY_STALE)
+        elif not dead:
+            # alive either way: Uncertain marks its points' last values stale, Good marks them good again
+            stale = quality is Quality.UNCERTAIN_LAST_USABLE
+            if stale != (device in self.stale):
+                (self.stale.add if stale else self.stale.discard)(device)
+                self._queue_quality(device, QUALITY_STALE if stale else QUALITY_GOOD)
+
+    def _queue_quality(self, device: str, code: int) -> None:
+        """DDATA of every point of the device with its last value and the property Quality = code."""
+        now_ms = int(time.time() * 1000)
+        payload = Payload(timestamp=now_ms)
+        state = self.values[device]
+        for p in POINTS[self.catalogue.kinds[device]]:
+            d = self.catalogue.devices[device][p.name]
+            value, _ts = state.get(p.name, (None, None))
+            m = payload.metrics.add()
+            m.alias, m.timestamp = d.alias, now_ms
+            set_value(m, d.datatype, value)
+            set_quality(m, code)
+        self._queue("DDATA", device, payload, len(payload.metrics))
 
     def _on_result(self, device: str, point: str, value, ts: float) -> None:
         if device == "Cmcs":
@@ -396,8 +423,12 @@ class EdgeNode(Sink):
         now_ms = int(time.time() * 1000)
         payload = Payload(timestamp=now_ms)
         state = self.values[device]
+        commands = {name for name, _dt, _unit in COMMAND_METRICS[self.catalogue.kinds[device]]}
         for d in self._device_metrics(device):
-            value, ts = state.get(d.name, (None, None))
+            if d.name in commands:  # a command metric: 0 / false, no command pending
+                value, ts = (False if d.datatype == BOOLEAN else 0), None
+            else:
+                value, ts = state.get(d.name, (None, None))
             birth_metric(payload, d, value, int(ts * 1000) if ts else now_ms)
         return payload
 
@@ -615,7 +646,13 @@ class EdgeNode(Sink):
         if self.commands is None or self.loop is None or device not in self.catalogue.devices:
             log.warning("DCMD for %s: no such device or no command service; ignored", device)
             return
-        args = {m.name: value_of(m) for m in payload.metrics if m.name}
+        args = {}
+        for m in payload.metrics:
+            name = self.catalogue.name_of(device, m)
+            if name is None or name not in DCMD_METRICS:
+                log.warning("DCMD for %s: metric %s is no command; ignored", device, m.name or f"alias {m.alias}")
+                continue
+            args[name] = value_of(m)
         user, role = self.config.command_user, self.config.command_role
         svc = self.commands
         calls = []

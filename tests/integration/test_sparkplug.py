@@ -98,6 +98,12 @@ def _metrics(msg) -> dict:
     return {m.name: m for m in msg.payload.metrics}
 
 
+def _quality(metric) -> int | None:
+    """The metric property "Quality" (Int32), None without it."""
+    keys = list(metric.properties.keys)
+    return metric.properties.values[keys.index("Quality")].int_value if "Quality" in keys else None
+
+
 def _seqs_consecutive(messages) -> None:
     """After an NBIRTH (seq 0) every message of the node has the next seq, wrapping at 256."""
     seq = None
@@ -161,6 +167,21 @@ def test_births_data_deaths_rebirth_and_an_independent_decoder(pki, broker, tmp_
         _all_good(table, site, base=2.0)
         sub.wait_for(lambda ms: len([m for m in ms if m.topic.endswith("/DBIRTH/small-hall/PDB-01-A")]) > n_births,
                      what="DBIRTH after recovery")
+
+        # Uncertain (a missed poll): the last values again, each with the property Quality = 500
+        # (stale); Good again: Quality = 192
+        def qualities(code):
+            return lambda ms: any(m.topic.endswith(f"/DDATA/small-hall/{UNIT}") and len(m.payload.metrics) > 1
+                                  and {_quality(x) for x in m.payload.metrics} == {code} for m in ms)
+
+        table.set_quality(UNIT, Quality.UNCERTAIN_LAST_USABLE)
+        sub.wait_for(qualities(500), what="the unit's values marked stale")
+        stale = next(m for m in reversed(sub.of("DDATA", UNIT)) if _quality(m.payload.metrics[0]) == 500)
+        assert {x.alias for x in stale.payload.metrics} == {unit[p.name].alias for p in POINTS["ats"]}
+        assert any(x.alias == load.alias and x.double_value == 2.0 for x in stale.payload.metrics)  # the last value (_all_good)
+        assert '1: "Quality"' in _decode_raw(stale.raw)
+        _all_good(table, site, base=4.0)  # every point read again
+        sub.wait_for(qualities(192), what="the unit's values marked good again")
 
         # NCMD Rebirth: NBIRTH and every DBIRTH again, same bdSeq, seq from 0
         cmd = Payload(timestamp=int(time.time() * 1000))
@@ -380,10 +401,18 @@ async def test_the_gateway_publishes_its_site_with_cmcs_results_alarms_and_dcmd(
                                   and _metrics(m).get("Alarms/PredictedFailure/Active")
                                   and _metrics(m)["Alarms/PredictedFailure/Active"].boolean_value for m in ms),
                    "the alarm as metrics")
-        # DCMD SwitchSource (commands: true): the command service decides, the audit log says who
+        # the command metrics are declared in DBIRTH (commands: true), 0 / false: no command pending
+        unit_birth = _metrics(next(m for m in sub.of("DBIRTH", UNIT)))
+        switch = unit_birth["SwitchSource"]
+        assert switch.datatype == 3 and switch.int_value == 0 and "SetPreferredSource" in unit_birth
+        des = next(d for d, kind, _e in site.devices() if kind == "des")
+        des_birth = _metrics(next(m for m in sub.of("DBIRTH", des)))
+        assert des_birth["StartBridging/Power"].datatype == 10 and des_birth["StopBridging"].boolean_value is False
+        # DCMD SwitchSource by alias alone (as a host may write a metric it was born with): the command
+        # service decides, the audit log says who
         cmd = Payload(timestamp=int(time.time() * 1000))
         m = cmd.metrics.add()
-        m.name, m.datatype, m.int_value = "SwitchSource", 3, 2
+        m.alias, m.datatype, m.int_value = switch.alias, 3, 2
         sub.client.publish(f"spBv1.0/dc1/DCMD/{site.name}/{UNIT}", cmd.SerializeToString(), qos=1)
         audit = tmp_path / "data" / "audit.log"
         deadline = time.monotonic() + 15
