@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, default=None,
                    help="site file (YAML) to train for: scenarios on its layout; the bundle records it")
     p.add_argument("--scenarios", type=Path, help="folder of scenario files (default for --eval-only: the shipped held-out set)")
-    p.add_argument("--bundle", type=Path, help="model bundle directory (default: <data-dir>/models/current, else the shipped one)")
+    p.add_argument("--bundle", type=Path, help="--eval-only: the model bundle to evaluate (default: the shipped one)")
     p.add_argument("--json", type=Path, help="write the metrics as JSON to this file")
     p.add_argument("--out", type=Path, default=None, help="where to write the bundle (train) or the plots (eval)")
     p.add_argument("--scenario-count", type=int, default=None, help="number of random training scenarios")
