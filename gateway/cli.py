@@ -31,6 +31,15 @@ def _data_dir_arg(p: argparse.ArgumentParser) -> None:
                    help="state directory: pki/, users.yaml, history, model bundle, audit log (default ./cmcs-data)")
 
 
+ROLES = ("Viewer", "Operator", "Engineer", "Admin")
+
+
+def _role(text: str) -> str:
+    """A role name in any case (docs/interface.md section 2), as the canonical name; argparse's
+    choices refuse anything else in one line."""
+    return {role.lower(): role for role in ROLES}.get(text.lower(), text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cmcs", description="cmcs-gateway: data-centre power distribution gateway")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
@@ -128,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = usub.add_parser("add", help="add a user, or change its role or password")
     _data_dir_arg(c)
     c.add_argument("name")
-    c.add_argument("--role", required=True, choices=["Viewer", "Operator", "Engineer", "Admin"])
+    c.add_argument("--role", required=True, type=_role, choices=ROLES,
+                   help="Viewer, Operator, Engineer or Admin (any case)")
     c.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
     c.add_argument("--certificate", help="X509 user certificate (PEM or DER) that logs in as this user")
     c.set_defaults(handler="gateway.users:cli_users_add")
