@@ -19,7 +19,8 @@ docstring that says why (docs/notes/asyncua.md has the findings behind them):
    never get an alarm (gateway/alarms).
 
 Three more live beside the code they serve, and are installed from here too, so that this module
-is the one place that says what of asyncua is replaced:
+is the one place that says what of asyncua is replaced (with 8 and 9 below, put on a server's
+instances):
 
 5. `OPCUAProtocol.connection_made` / `data_received` (gateway/limits.py
    `install_protocol_checks`): an ERR BadMaxConnectionsReached instead of a silent close past the
@@ -35,8 +36,40 @@ is the one place that says what of asyncua is replaced:
 `install()` puts them all in place, once per process (idempotent). They only ever change what a
 server *with our state* does: a server without `cmcs_security` is served by asyncua's own code.
 
+Those seven replace asyncua's classes or modules, for every server in the process. Two more are
+put on one server's *instances* (its InternalServer and the services it holds) while that server
+is set up, by the code they serve (gateway/server.py calls both); they are not in `install()` or
+`installed()`, because there is nothing to install before a server exists:
+
+8. gateway/limits.py `install(server, ...)` (the resource limits, issue 19) wraps, on that
+   server only, `iserver.create_session` (MaxSessions: BadTooManySessions, after closing sessions
+   never activated or left without a channel) and `iserver.subscription_service`'s
+   `create_subscription` (per session and in total: BadTooManySubscriptions, after deleting an
+   orphaned subscription; the lifetime and keep-alive counts revised so that an orphan dies within
+   60 s), `create_monitored_items` and `modify_monitored_items` (BadTooManyMonitoredItems per item,
+   BadTooManyOperations per call, queue sizes clamped). asyncua calls these services through those
+   attributes (`UaProcessor` -> `iserver.create_session`, `InternalSession` ->
+   `subscription_service.*`), so a wrapper there sees every client request, and asyncua has no
+   hook before any of them. The same function sets asyncua's own knobs (`iserver.max_*`,
+   `Server.limits`, and `InternalSession.max_connections`, which asyncua keeps on the class, so it
+   holds for every server in the process), adds a logging filter on `asyncua.server.uaprocessor`
+   that counts the requests asyncua refuses as past the transport limits (it counts them nowhere
+   else), and writes ServerCapabilities, ServerDiagnosticsSummary and `ResourceRefusals`.
+9. gateway/security.py `secure_server` (its `_install_access_policy`) replaces
+   `iserver.attribute_service` with `RoleAwareAttributeService` (asyncua's AttributeService
+   subclassed): a client's Write is
+   decided by its role (only the site's writable setpoints, Engineer and up, values in range,
+   audited); asyncua alone lets any authenticated user write a CurrentWrite variable and has no
+   per-write hook. (The UserAccessLevel/UserExecutable answers use asyncua's PostRead callback,
+   an ordinary hook.)
+
+State hung on asyncua's objects, read by the code above: `iserver.cmcs_security`
+(gateway.security.SecurityState), `iserver.cmcs_limits` (gateway.limits.ResourceGuard), and on an
+InternalSession `cmcs_created_at` (limits) and `cmcs_channel_certificate` (security).
+
 The patches reach into private parts of asyncua (`_process_message`, `_connection`,
-`_transport`, `_aspace`, `_eval_el`, `_eval_op`); they were written for, and tested with, asyncua
+`_transport`, `_aspace`, `_eval_el`, `_eval_op`; hook 8 also reads `_external_sessions`,
+`_monitored_items` and `bserver.clients`); they were written for, and tested with, asyncua
 `ASYNCUA_VERSION`. On any other version `install()` refuses to start (`AsyncuaVersionError`, one
 line on the command line) instead of warning: patch 3 carries the channel-certificate and None
 checks, and a silent mismatch there would leave a server that looks secured and is not. To move

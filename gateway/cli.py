@@ -31,6 +31,15 @@ def _data_dir_arg(p: argparse.ArgumentParser) -> None:
                    help="state directory: pki/, users.yaml, history, model bundle, audit log (default ./cmcs-data)")
 
 
+ROLES = ("Viewer", "Operator", "Engineer", "Admin")
+
+
+def _role(text: str) -> str:
+    """A role name in any case (docs/interface.md section 2), as the canonical name; argparse's
+    choices refuse anything else in one line."""
+    return {role.lower(): role for role in ROLES}.get(text.lower(), text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cmcs", description="cmcs-gateway: data-centre power distribution gateway")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
@@ -94,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, default=None,
                    help="site file (YAML) to train for: scenarios on its layout; the bundle records it")
     p.add_argument("--scenarios", type=Path, help="folder of scenario files (default for --eval-only: the shipped held-out set)")
-    p.add_argument("--bundle", type=Path, help="model bundle directory (default: <data-dir>/models/current, else the shipped one)")
+    p.add_argument("--bundle", type=Path, help="--eval-only: the model bundle to evaluate (default: the shipped one)")
     p.add_argument("--json", type=Path, help="write the metrics as JSON to this file")
     p.add_argument("--out", type=Path, default=None, help="where to write the bundle (train) or the plots (eval)")
     p.add_argument("--scenario-count", type=int, default=None, help="number of random training scenarios")
@@ -128,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = usub.add_parser("add", help="add a user, or change its role or password")
     _data_dir_arg(c)
     c.add_argument("name")
-    c.add_argument("--role", required=True, choices=["Viewer", "Operator", "Engineer", "Admin"])
+    c.add_argument("--role", required=True, type=_role, choices=ROLES,
+                   help="Viewer, Operator, Engineer or Admin (any case)")
     c.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
     c.add_argument("--certificate", help="X509 user certificate (PEM or DER) that logs in as this user")
     c.set_defaults(handler="gateway.users:cli_users_add")

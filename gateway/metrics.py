@@ -22,7 +22,7 @@ Series (all prefixed `cmcs_`):
                                           "Method results" table exists at 0 from start-up
 - mqtt_queue_messages                     Sparkplug messages waiting for the broker (0 without MQTT)
 - build_info{version}                     1
-- alarms_active, sink_errors_total{sink}, devices (by quality) as extras.
+- alarms_active, sink_errors_total{sink}              extras: active alarm conditions, sink exceptions
 """
 
 from __future__ import annotations

@@ -21,11 +21,13 @@ from siteconfig.model import (
     GatewayConfig,
     MetricsConfig,
     MicroAtsConfig,
+    MqttConfig,
     PdbConfig,
     Site,
     SourceConfig,
     SourceSelection,
     StorageConfig,
+    TsnConfig,
 )
 
 __all__ = ["MAX_UNITS_PER_AISLE", "demo_site", "generate_site", "site_to_yaml"]
@@ -175,6 +177,33 @@ def _metrics_dict(metrics: MetricsConfig) -> dict[str, Any]:
     return out
 
 
+def _mqtt_dict(mqtt: MqttConfig) -> dict[str, Any]:
+    """`gateway.mqtt` as the site file writes it (keys left unset stay out: the loader's defaults)."""
+    out: dict[str, Any] = {"host": mqtt.host, "port": mqtt.port}
+    tls = {"ca": mqtt.tls_ca, "cert": mqtt.tls_cert, "key": mqtt.tls_key}
+    if any(tls.values()):
+        out["tls"] = {key: path for key, path in tls.items() if path is not None}
+    out.update({"insecure": mqtt.insecure, "group_id": mqtt.group_id})
+    for key in ("edge_node_id", "primary_host_id"):
+        if getattr(mqtt, key) is not None:
+            out[key] = getattr(mqtt, key)
+    out.update({"store_forward_mb": _num(mqtt.store_forward_mb), "commands": mqtt.commands,
+                "command_user": mqtt.command_user, "command_role": mqtt.command_role})
+    return out
+
+
+def _tsn_dict(tsn: TsnConfig) -> dict[str, Any]:
+    """`gateway.tsn` as the site file writes it."""
+    return {
+        "interface": tsn.interface, "cycle_us": _num(tsn.cycle_us),
+        "windows": [{"class": w.traffic_class, "pcp": w.pcp, "offset_us": _num(w.offset_us),
+                     "length_us": _num(w.length_us)} for w in tsn.windows],
+        "base_time_ns": tsn.base_time_ns, "link_rate_mbps": _num(tsn.link_rate_mbps),
+        "best_effort_pcp": tsn.best_effort_pcp, "security": tsn.security,
+        "max_frame_age_ms": _num(tsn.max_frame_age_ms), "realtime_priority": tsn.realtime_priority,
+    }
+
+
 def site_to_yaml(site: Site) -> str:
     """The site as a site file that parse_site reads back to an equal Site."""
     endpoints = [endpoint for _, _, endpoint in site.devices()]
@@ -202,6 +231,10 @@ def site_to_yaml(site: Site) -> str:
         document["gateway"]["metrics"] = _metrics_dict(gateway.metrics)
     if gateway.log_summary_s != GatewayConfig.log_summary_s:
         document["gateway"]["log_summary_s"] = _num(gateway.log_summary_s)
+    if gateway.mqtt is not None:
+        document["gateway"]["mqtt"] = _mqtt_dict(gateway.mqtt)
+    if gateway.tsn is not None:
+        document["gateway"]["tsn"] = _tsn_dict(gateway.tsn)
     if shared:
         document["defaults"] = {"device": shared}
     document["sources"] = [
@@ -253,7 +286,10 @@ def _device_dict(device: DeviceEndpoint, shared: dict[str, Any]) -> dict[str, An
     entry = {
         "driver": device.driver, "host": device.host, "port": device.port, "unit_id": device.unit_id,
         "profile": device.profile, "scan_group": device.scan_group, "tls": tls or None,
+        "mac": device.mac, "vlan": device.vlan, "publisher_id": device.publisher_id, "key_file": device.key_file,
     }
+    if device.driver == "tsn":  # reached by its MAC address: the loader fills in port 0, a written one is refused
+        del entry["port"]
     # Leave out what `defaults.device` already says and what the loader fills in anyway.
     return {key: value for key, value in entry.items()
             if key not in shared and value is not None and not (key == "scan_group" and value == "normal")}

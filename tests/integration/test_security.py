@@ -55,8 +55,8 @@ def test_users_add_stores_an_scrypt_hash_not_the_password(tmp_path):
     assert scheme == "scrypt" and int(n) >= 2**14 and int(r) >= 8 and int(p) >= 1
     assert verify_password(password, entry["password"]) and not verify_password("wrong", entry["password"])
 
-    # changing the role keeps the password; list shows one line per user
-    assert cmcs("users", "add", "alice", "--role", "Engineer", "--password-stdin", "--data-dir", str(data),
+    # changing the role keeps the password (role names in any case); list shows one line per user
+    assert cmcs("users", "add", "alice", "--role", "engineer", "--password-stdin", "--data-dir", str(data),
                 stdin=password + "\n").returncode == 0
     assert cmcs("users", "add", "bob", "--role", "Viewer", "--password-stdin", "--data-dir", str(data),
                 stdin="bob-password\n").returncode == 0

@@ -26,3 +26,33 @@ def test_the_cited_contract_documents_exist():
     for name in ("interface.md", "domain.md", "design.md"):
         text = (ROOT / "docs" / name).read_text(encoding="utf-8")
         assert len(text) > 2000, f"docs/{name} is missing or a stub"
+
+
+def _interface_section(number: int) -> str:
+    text = (ROOT / "docs" / "interface.md").read_text(encoding="utf-8")
+    match = re.search(rf"^## {number}\. .*?(?=^## \d+\. |\Z)", text, re.MULTILINE | re.DOTALL)
+    assert match, f"docs/interface.md has no section {number}"
+    return match.group(0)
+
+
+def test_interface_md_names_every_site_file_key_the_loader_accepts():
+    from siteconfig import loader
+
+    section = _interface_section(5) + _interface_section(9)
+    groups = {name: keys for name, keys in vars(loader).items() if name.startswith("_") and name.endswith("_KEYS")}
+    assert {"_GATEWAY_KEYS", "_MQTT_KEYS", "_TSN_KEYS", "_DEVICE_KEYS", "_METRICS_KEYS"} <= set(groups)
+    groups["TLS_FIELDS"] = tuple(loader.TLS_FIELDS)
+    missing = [f"{group}: {key}" for group, keys in groups.items() for key in keys
+               if not re.search(rf"(?<![\w.]){re.escape(key)}(?!\w)", section)]
+    assert not missing, "docs/interface.md sections 5 and 9 do not name these site-file keys:\n" + "\n".join(missing)
+
+
+def test_interface_md_names_every_prometheus_series_the_exporter_serves():
+    from gateway.metrics import MetricsExporter
+
+    names = {sample.name.removesuffix("_bucket").removesuffix("_sum").removesuffix("_count")
+             for family in MetricsExporter("0").registry.collect() for sample in family.samples}
+    names |= {family.name + "_total" for family in MetricsExporter("0").registry.collect() if family.type == "counter"}
+    section = _interface_section(9)
+    missing = sorted(n for n in names if f"`{n}" not in section)
+    assert names and not missing, f"docs/interface.md section 9 does not list {missing}"

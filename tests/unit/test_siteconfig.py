@@ -10,11 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from drivers import base as drivers_base
 from siteconfig.demo import demo_site, generate_site, site_to_yaml
 from siteconfig.loader import load_site, parse_site
-from siteconfig.model import DeviceEndpoint, GatewayConfig, OpcUaConfig, SourceSelection
+from siteconfig.model import (DeviceEndpoint, GatewayConfig, MetricsConfig, MqttConfig, OpcUaConfig, SourceSelection,
+                              TsnConfig, TsnWindowConfig)
 from siteconfig.yamlpos import ConfigError, ConfigErrors, ErrorCollector, read_document
 
 REPO = Path(__file__).resolve().parents[2]
@@ -117,6 +120,92 @@ def test_non_default_gateway_and_device_settings_round_trip():
         gateway=GatewayConfig(opcua=OpcUaConfig(port=4841, allow_security_none=True), scan_groups_s={"fast": 0.2, "normal": 2.0},
                               stale_time_s=5.5, dwell_time_s=0, derating=1.0))
     assert parse_site(site_to_yaml(site), profiles_dir=None) == site
+
+
+NAMES = st.from_regex(r"[A-Za-z0-9_.-]{1,12}", fullmatch=True)
+PATHS = st.from_regex(r"[a-z]{1,8}/[a-z]{1,8}\.pem", fullmatch=True)
+HALF_MS = st.integers(1, 4000).map(lambda n: n / 2)  # whole and fractional numbers, both written back exactly
+
+
+@st.composite
+def optional_gateway_blocks(draw):
+    """gateway.metrics, gateway.mqtt and gateway.tsn, each absent or with any of its optional keys set."""
+    metrics = draw(st.none() | st.builds(
+        lambda tls, auth, port: MetricsConfig(
+            host="0.0.0.0", port=port, tls_cert="m/cert.pem" if tls else None, tls_key="m/key.pem" if tls else None,
+            basic_auth_user="prom" if auth else None,
+            basic_auth_password_hash="scrypt$16384$8$1$c2FsdA==$a2V5" if auth else None),
+        st.booleans(), st.booleans(), st.integers(1, 65535)))
+    mqtt = None
+    if draw(st.booleans()):
+        tls = draw(st.booleans())
+        mqtt = MqttConfig(
+            host=draw(NAMES), port=draw(st.integers(1, 65535)),
+            tls_ca=draw(PATHS) if tls else None, tls_cert=draw(PATHS) if tls else None,
+            tls_key=draw(PATHS) if tls else None, insecure=not tls or draw(st.booleans()),
+            group_id=draw(NAMES), edge_node_id=draw(st.none() | NAMES), primary_host_id=draw(st.none() | NAMES),
+            store_forward_mb=draw(HALF_MS), commands=draw(st.booleans()), command_user=draw(NAMES),
+            command_role=draw(st.sampled_from(["Viewer", "Operator", "Engineer", "Admin"])))
+    tsn = None
+    if draw(st.booleans()):
+        command_us, telemetry_us = draw(HALF_MS), draw(HALF_MS)
+        tsn = TsnConfig(
+            interface=draw(st.from_regex(r"[a-z0-9-]{1,15}", fullmatch=True)),
+            cycle_us=command_us + telemetry_us + draw(st.sampled_from([0.0, 0.5, 300.0])),
+            windows=(TsnWindowConfig("command", draw(st.integers(0, 7)), 0.0, command_us),
+                     TsnWindowConfig("telemetry", draw(st.integers(0, 7)), command_us, telemetry_us)),
+            base_time_ns=draw(st.integers(0, 2**62)), link_rate_mbps=draw(HALF_MS),
+            best_effort_pcp=draw(st.integers(0, 7)), security=draw(st.sampled_from(["sign_and_encrypt", "sign"])),
+            max_frame_age_ms=draw(HALF_MS), realtime_priority=draw(st.integers(0, 99)))
+    return metrics, mqtt, tsn
+
+
+def _as_tsn(endpoint: DeviceEndpoint, k: int) -> DeviceEndpoint:
+    return dataclasses.replace(endpoint, driver="tsn", port=0, mac=f"02:00:00:00:{k // 256:02x}:{k % 256:02x}",
+                               vlan=100 + k % 3, publisher_id=10 + k, key_file=f"keys/dev{k % 2}.key")
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(blocks=optional_gateway_blocks(), log_summary_s=st.sampled_from([60.0, 0.0, 12.5]),
+       storage_on=st.lists(st.booleans(), min_size=3, max_size=3))
+def test_every_optional_key_round_trips_through_site_to_yaml(blocks, log_summary_s, storage_on):
+    """site_to_yaml writes everything the loader reads: metrics, mqtt and tsn blocks, log_summary_s and the
+    TSN device keys; parse_site(site_to_yaml(site)) gives back the same site."""
+    metrics, mqtt, tsn = blocks
+    site = generate_site(1, 3, name="prop-hall")
+    units = []
+    for k, (unit, with_storage) in enumerate(zip(site.aisles[0].units, storage_on)):
+        device = _as_tsn(unit.device, k) if tsn is not None else unit.device  # tsn devices need gateway.tsn
+        units.append(dataclasses.replace(unit, device=device, storage=unit.storage if with_storage else None))
+    aisle = dataclasses.replace(site.aisles[0], units=tuple(units))
+    site = dataclasses.replace(site, aisles=(aisle,), gateway=GatewayConfig(
+        opcua=OpcUaConfig(host="10.0.0.1", port=4841, path="/x", allow_security_none=True, allow_anonymous=False),
+        metrics=metrics, log_summary_s=log_summary_s, mqtt=mqtt, tsn=tsn))
+    assert parse_site(site_to_yaml(site), profiles_dir=None) == site
+
+
+def test_a_site_with_mqtt_metrics_and_tsn_devices_round_trips_through_a_file(tmp_path):
+    """load_site of the written file: the key file is checked and resolved (absolute), every block comes back."""
+    from tsnwire.keys import generate_key_file
+
+    key_file = tmp_path / "keys" / "hall.key"
+    key_file.parent.mkdir()
+    generate_key_file(key_file)
+    site = demo_site()
+    units = tuple(dataclasses.replace(u, device=dataclasses.replace(_as_tsn(u.device, k), key_file=str(key_file)))
+                  for k, u in enumerate(site.aisles[0].units))
+    site = dataclasses.replace(site, aisles=(dataclasses.replace(site.aisles[0], units=units), *site.aisles[1:]),
+                               gateway=GatewayConfig(
+                                   metrics=MetricsConfig(port=9465, basic_auth_user="prom",
+                                                         basic_auth_password_hash="scrypt$16384$8$1$c2FsdA==$a2V5"),
+                                   log_summary_s=0.0,
+                                   mqtt=MqttConfig(port=1884, insecure=True, edge_node_id="hall1", primary_host_id="scada",
+                                                   store_forward_mb=64, commands=True, command_user="bms",
+                                                   command_role="Engineer"),
+                                   tsn=TsnConfig(interface="veth-gw", security="sign", realtime_priority=80)))
+    path = tmp_path / "site.yaml"
+    path.write_text(site_to_yaml(site))
+    assert dataclasses.replace(load_site(path, profiles_dir=None), path=None) == site
 
 
 def test_demo_site_follows_the_documented_layout():
