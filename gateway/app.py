@@ -98,7 +98,7 @@ class Gateway:
             self.commands.transfer_watch,  # dwell time after automatic transfers (lossless, inline)
             self.server.values,  # the OPC UA address space (coalescing, flushed every 100 ms)
             self.server.alarms,  # alarm rules -> Part 9 conditions (lossless, inline)
-            self.historian.feed,  # history.db (lossless, written by the historian's thread)
+            self.historian.feed,  # history.sqlite3 (lossless, written by the historian's thread)
         ]
         if self.sparkplug is not None:
             sinks.append(self.sparkplug)  # Sparkplug B edge node (lossless, its own thread and queue)

@@ -1,4 +1,4 @@
-"""The gateway's state directory (`--data-dir`): pki/, users.yaml, history.db, audit.log, models/."""
+"""The gateway's state directory (`--data-dir`): pki/, users.yaml, history.sqlite3, audit.log, models/."""
 
 from __future__ import annotations
 

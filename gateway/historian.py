@@ -47,7 +47,8 @@ from drivers.pointtable import Birth, Change, LosslessBuffer, PointTable, Qualit
 log = logging.getLogger(__name__)
 
 DEFAULT_RETENTION_S = 7 * 86400.0
-DB_FILE_NAME = "history.db"
+DB_FILE_NAME = "history.sqlite3"
+OLD_DB_FILE_NAME = "history.db"  # earlier versions: moved to DB_FILE_NAME at start-up (with its -wal and -shm)
 SCHEMA_VERSION = "1"
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -794,9 +795,20 @@ class PointTableFeed(Sink):
         return len(watched)
 
 
+def _move_old_file(data_dir: Path) -> None:
+    """A data dir of an earlier version holds `history.db`: rename it (and its WAL and shared-memory
+    files, which hold committed rows) to the contract's name, once, before SQLite opens it."""
+    old, new = data_dir / OLD_DB_FILE_NAME, data_dir / DB_FILE_NAME
+    if old.exists() and not new.exists():
+        for suffix in ("", "-wal", "-shm"):
+            if Path(f"{old}{suffix}").exists():
+                Path(f"{old}{suffix}").rename(f"{new}{suffix}")
+        log.warning("historian: moved %s to %s (the history file's name in the data dir is now history.sqlite3)", old, new)
+
+
 async def attach(gateway_server, data_dir: Path, *, retention_s: float = DEFAULT_RETENTION_S,
                  flush_interval_s: float = 1.0) -> Historian:
-    """Open `<data_dir>/history.db`, serve HistoryRead from it, and record every change of the
+    """Open `<data_dir>/history.sqlite3`, serve HistoryRead from it, and record every change of the
     historized variables: from the point table through `historian.feed` (a sink the caller
     attaches: `table.attach(historian.feed)`), and from the address space for the others.
 
@@ -805,6 +817,7 @@ async def attach(gateway_server, data_dir: Path, *, retention_s: float = DEFAULT
     if model is None:
         raise RuntimeError("attach the historian after GatewayServer.build(): the address space is not built")
     server = gateway_server.server
+    _move_old_file(Path(data_dir))
     historian = await asyncio.to_thread(Historian, Path(data_dir) / DB_FILE_NAME, retention_s, flush_interval_s)
     storage = HistorianStorage(historian, await server.get_namespace_array(), server=server)
     server.iserver.history_manager.set_storage(storage)

@@ -149,7 +149,7 @@ async def test_cmcs_run_notifies_systemd_reloads_on_sighup_and_flushes_history_o
         log.close()
     text = (tmp_path / "gateway.log").read_text()
     assert "cmcs-gateway: stopped" in text and "Traceback" not in text, text[-3000:]
-    with sqlite3.connect(data_dir / "history.db") as db:
+    with sqlite3.connect(data_dir / "history.sqlite3") as db:
         stored = db.execute("SELECT COUNT(*) FROM sample_readable WHERE node LIKE ? AND value = 0.4242",
                             (f"%{unit.name}.RiskScore%",)).fetchone()[0]
     assert stored == 1  # the last value reached the history before exit (the historian writes once a second)

@@ -33,7 +33,7 @@ KEEP_ALL = 100 * 365 * 86400.0  # retention for tests whose timestamps are fixed
 
 @pytest.fixture
 async def hist(tmp_path):
-    h = Historian(tmp_path / "history.db", retention_s=KEEP_ALL, flush_interval_s=0.05)
+    h = Historian(tmp_path / "history.sqlite3", retention_s=KEEP_ALL, flush_interval_s=0.05)
     yield h
     await h.close()
 
@@ -190,7 +190,7 @@ async def test_types_and_statuses_round_trip(hist, storage):
 # ---- retention, restart, kill -9 ------------------------------------------------------------------
 
 async def test_retention_deletes_old_rows_in_chunks(tmp_path):
-    hist = Historian(tmp_path / "history.db", retention_s=3600, flush_interval_s=0.05, prune_chunk_rows=100)
+    hist = Historian(tmp_path / "history.sqlite3", retention_s=3600, flush_interval_s=0.05, prune_chunk_rows=100)
     storage = HistorianStorage(hist, NS)
     now_us = int(time.time() * 1e6)
     old_start = now_us - 2 * 3600 * 10**6
@@ -205,7 +205,7 @@ async def test_retention_deletes_old_rows_in_chunks(tmp_path):
     pruned_before = hist.stats["rows_pruned"]
     await hist.prune()
     assert hist.stats["rows_pruned"] - pruned_before == 1001  # 1000 values + 1 event
-    db = sqlite3.connect(tmp_path / "history.db")
+    db = sqlite3.connect(tmp_path / "history.sqlite3")
     assert db.execute("SELECT count(*), min(ts) FROM sample").fetchone() == (250, now_us - 60 * 10**6)
     assert db.execute("SELECT count(*) FROM event").fetchone() == (1,)
     db.close()
@@ -213,7 +213,7 @@ async def test_retention_deletes_old_rows_in_chunks(tmp_path):
 
 
 async def test_reopen_after_close_keeps_data(tmp_path):
-    path = tmp_path / "history.db"
+    path = tmp_path / "history.sqlite3"
     hist = Historian(path, retention_s=KEEP_ALL, flush_interval_s=3600)  # nothing flushes on its own: close() must
     fill(hist, HistorianStorage(hist, NS), "P", 500)
     await hist.close()
@@ -257,7 +257,7 @@ KILLED_CHILD = textwrap.dedent("""
 
 
 def test_kill_9_mid_batch_loses_only_the_unflushed_batch(tmp_path):
-    path, flushed, batch = tmp_path / "history.db", 20_000, 1_500_000
+    path, flushed, batch = tmp_path / "history.sqlite3", 20_000, 1_500_000
     child = subprocess.Popen([sys.executable, "-c", KILLED_CHILD, str(path), str(flushed), str(batch)],
                              cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
@@ -379,7 +379,7 @@ async def test_the_feed_never_drops_when_the_disk_falls_behind(tmp_path):
 
 async def test_measure_insert_throughput_and_size(tmp_path):
     nodes, per_second, seconds = 12_000, 30_000, 34  # ~1M rows: the demo hall x 35 at 2.5 changes/s/point
-    hist = Historian(tmp_path / "history.db", flush_interval_s=3600)
+    hist = Historian(tmp_path / "history.sqlite3", flush_interval_s=3600)
     keys = [hist.key_id(f"urn:test:site|s=U{i // 30}.P{i % 30}") for i in range(nodes)]
     rng = random.Random(1)
     t0_us = int(time.time() * 1e6)
@@ -393,10 +393,10 @@ async def test_measure_insert_throughput_and_size(tmp_path):
         hist.flush_sync()
         flush_ms.append(hist.stats["last_flush_ms"])
     total = per_second * seconds
-    db = sqlite3.connect(tmp_path / "history.db")
+    db = sqlite3.connect(tmp_path / "history.sqlite3")
     db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     db.close()
-    size = (tmp_path / "history.db").stat().st_size
+    size = (tmp_path / "history.sqlite3").stat().st_size
     hist.close_sync()
 
     # the loop-side cost: point-table changes through the feed into the queue
@@ -425,3 +425,22 @@ async def test_measure_insert_throughput_and_size(tmp_path):
           f"capacity; {size / total * 1e6 / 1e6:.1f} MB per million rows ({size / total:.0f} B/row); "
           f"point table + feed {feed_us:.2f} µs per change")
     assert hist.stats["rows_written"] == total
+
+
+async def test_a_data_dir_of_an_earlier_version_keeps_its_history(tmp_path):
+    """Earlier versions named the file history.db: at start-up it becomes history.sqlite3 (the data
+    dir's documented name) with its WAL, and every committed row is read back from the new name."""
+    from gateway.historian import DB_FILE_NAME, OLD_DB_FILE_NAME, _move_old_file
+
+    hist = Historian(tmp_path / OLD_DB_FILE_NAME, retention_s=KEEP_ALL, flush_interval_s=3600)
+    fill(hist, HistorianStorage(hist, NS), "P", 300)
+    await hist.close()
+    _move_old_file(tmp_path)
+    assert not (tmp_path / OLD_DB_FILE_NAME).exists() and (tmp_path / DB_FILE_NAME).exists()
+    db = sqlite3.connect(tmp_path / DB_FILE_NAME)
+    assert db.execute("SELECT count(*) FROM sample").fetchone() == (300,)
+    db.close()
+    # a data dir that has both (a downgrade and upgrade again) keeps the current file untouched
+    (tmp_path / OLD_DB_FILE_NAME).write_bytes(b"old")
+    _move_old_file(tmp_path)
+    assert (tmp_path / OLD_DB_FILE_NAME).read_bytes() == b"old"
