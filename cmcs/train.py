@@ -95,6 +95,9 @@ def cli_train(args) -> int:
     try:
         if getattr(args, "eval_only", False):
             return _cli_eval(args)
+        if getattr(args, "bundle", None) is not None:
+            raise CliError("--bundle names the bundle to evaluate and needs --eval-only; training writes a new "
+                           "bundle into --data-dir (or --out)")
         return _cli_train(args)
     except BundleError as exc:
         raise CliError(str(exc)) from None

@@ -56,3 +56,13 @@ def test_bad_metrics_address_on_the_command_line_is_one_line(tmp_path):
     proc = cmcs("run", "--metrics", "localhost:http", "--data-dir", str(tmp_path / "d"))
     assert proc.returncode == 2
     assert proc.stderr == "cmcs: error: --metrics localhost:http: expected [HOST:]PORT, e.g. 9464 or 0.0.0.0:9464\n"
+
+
+def test_train_refuses_a_bundle_without_eval_only_in_one_line(tmp_path):
+    """`--bundle` names a bundle to evaluate; given to a training run it used to be ignored silently."""
+    proc = cmcs("train", "--bundle", str(tmp_path / "b"), "--quick", "--data-dir", str(tmp_path / "d"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "cmcs: error: --bundle names the bundle to evaluate and needs --eval-only; training writes a new bundle "
+        "into --data-dir (or --out)"]
+    assert not (tmp_path / "d" / "models").exists()  # nothing trained, nothing written
