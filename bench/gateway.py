@@ -229,7 +229,7 @@ def run(out: Path, json_path: Path | None, quick: bool = False, stress: str = "i
     """The benchmark; `stress`: "include" the stress case (bench/stress.py), run "only" it, or "skip" it."""
     from siteconfig.demo import demo_site, generate_site, relocate_site, site_to_yaml
 
-    window = 10.0 if quick else 30.0
+    window = 10.0 if quick else 20.0
     sites = {} if stress == "only" else {"demo": demo_site(), "1000-units": generate_site(20, 50)}
     figures: dict = {"sites": {}, "baseline_naive_asyncua": {}, "window_s": window,
                      "machine": {"cpus": os.cpu_count()}}

@@ -186,7 +186,7 @@ def run_for_gateway_bench(sites: dict[str, Site], quick: bool = False, outage_s:
     outage = outage_s if outage_s is not None else (20.0 if quick else 300.0)
     print(f"  {name} / mqtt (Sparkplug B, TLS, outage {outage:g} s) ...", flush=True)
     try:
-        figures = measure(sites[name], window_s=10.0 if quick else 30.0, outage_s=outage)
+        figures = measure(sites[name], window_s=10.0 if quick else 15.0, outage_s=outage)
     except Exception as exc:  # noqa: BLE001 - the rest of the bench report still counts
         return {"site": name, "error": f"{type(exc).__name__}: {exc}"}
     figures["site"] = name
