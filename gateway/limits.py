@@ -207,11 +207,25 @@ class ResourceGuard:
             return ua.StatusCode(SC.BadSubscriptionIdInvalid)
 
         create_subscription = session.create_subscription
-        create_monitored_items, modify_monitored_items = session.create_monitored_items, session.modify_monitored_items
-        set_monitoring_mode, delete_monitored_items = session.set_monitoring_mode, session.delete_monitored_items
         set_publishing_mode, delete_subscriptions = session.set_publishing_mode, session.delete_subscriptions
-        modify_subscription, republish, publish = session.modify_subscription, session.republish, session.publish
-        transfer_subscriptions = session.transfer_subscriptions
+        publish, transfer_subscriptions = session.publish, session.transfer_subscriptions
+
+        def on_own(original, is_async: bool):
+            """A service on one subscription (params.SubscriptionId): refused unless it is this session's."""
+            if is_async:
+                async def call(params):
+                    foreign(params.SubscriptionId)
+                    return await original(params)
+            else:
+                def call(params):
+                    foreign(params.SubscriptionId)
+                    return original(params)
+            return call
+
+        for name, is_async in (("create_monitored_items", True), ("modify_monitored_items", True),
+                               ("set_monitoring_mode", True), ("delete_monitored_items", True),
+                               ("modify_subscription", False), ("republish", False)):
+            setattr(session, name, on_own(getattr(session, name), is_async))
 
         async def g_create_subscription(params, callback, request_callback=None):
             result = await create_subscription(params, callback, request_callback=request_callback)
@@ -219,30 +233,6 @@ class ResourceGuard:
             if sub is not None:
                 sub.cmcs_owner = _identity(session.user)
             return result
-
-        async def g_create_monitored_items(params):
-            foreign(params.SubscriptionId)
-            return await create_monitored_items(params)
-
-        async def g_modify_monitored_items(params):
-            foreign(params.SubscriptionId)
-            return await modify_monitored_items(params)
-
-        async def g_set_monitoring_mode(params):
-            foreign(params.SubscriptionId)
-            return await set_monitoring_mode(params)
-
-        async def g_delete_monitored_items(params):
-            foreign(params.SubscriptionId)
-            return await delete_monitored_items(params)
-
-        def g_modify_subscription(params):
-            foreign(params.SubscriptionId)
-            return modify_subscription(params)
-
-        def g_republish(params):
-            foreign(params.SubscriptionId)
-            return republish(params)
 
         async def g_set_publishing_mode(params):
             mask = [owns(i) for i in params.SubscriptionIds]
@@ -284,12 +274,6 @@ class ResourceGuard:
             return _merge(mask, results, lambda: ua.TransferResult(StatusCode=ua.StatusCode(SC.BadUserAccessDenied)))
 
         session.create_subscription = g_create_subscription
-        session.create_monitored_items = g_create_monitored_items
-        session.modify_monitored_items = g_modify_monitored_items
-        session.set_monitoring_mode = g_set_monitoring_mode
-        session.delete_monitored_items = g_delete_monitored_items
-        session.modify_subscription = g_modify_subscription
-        session.republish = g_republish
         session.set_publishing_mode = g_set_publishing_mode
         session.delete_subscriptions = g_delete_subscriptions
         session.publish = g_publish
