@@ -17,11 +17,9 @@ import contextvars
 import hashlib
 import hmac
 import logging
-import os
 import re
 import secrets
 import sys
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +29,7 @@ from asyncua.crypto.permission_rules import User, UserRole
 from asyncua.server.user_managers import UserManager
 
 from gateway.datadir import prepare_data_dir
-from gateway.pki import load_certificate_file, thumbprint_of
+from gateway.pki import load_certificate_file, thumbprint_of, write_private
 from siteconfig.errors import CliError
 
 log = logging.getLogger(__name__)
@@ -144,20 +142,7 @@ def save_users(path: Path, users: dict[str, UserRecord]) -> None:
     text = ("# cmcs-gateway OPC UA users; managed with `cmcs users`. Passwords are scrypt hashes\n"
             "# (scrypt$N$r$p$salt$key); certificates are SHA-1 thumbprints of X509 user certificates.\n"
             + yaml.safe_dump(doc, sort_keys=False))
-    fd, tmp = tempfile.mkstemp(prefix=".users.", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    write_private(path, text.encode(), 0o600)
 
 
 # ---- asyncua's hook ---------------------------------------------------------------------------------
