@@ -292,13 +292,17 @@ class Historian:
 
     def flush_sync(self, timeout: float | None = 30.0) -> None:
         """Block until everything queued before this call is committed."""
+        self._wait_for_writer(self._flush_waiters, timeout)
+
+    def _wait_for_writer(self, waiters: list, timeout: float | None) -> None:
+        """Wake the writer thread and block until it has served a waiter put on `waiters`."""
         if self._closed:
             return
         done = threading.Event()
         with self._lock:
             if self._writer_done:
                 return
-            self._flush_waiters.append(done)
+            waiters.append(done)
         self._kick.set()
         done.wait(timeout)
 
@@ -307,15 +311,7 @@ class Historian:
 
     def prune_sync(self, timeout: float | None = 60.0) -> None:
         """Run a full retention pass now and block until it is done."""
-        if self._closed:
-            return
-        done = threading.Event()
-        with self._lock:
-            if self._writer_done:
-                return
-            self._prune_waiters.append(done)
-        self._kick.set()
-        done.wait(timeout)
+        self._wait_for_writer(self._prune_waiters, timeout)
 
     async def prune(self) -> None:
         await asyncio.to_thread(self.prune_sync)
