@@ -37,6 +37,7 @@ import json
 import os
 import random
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -325,6 +326,48 @@ def _run_case(case: str, link, work: Path, cycles: int, key_file: Path, rt: int,
     return result
 
 
+def machine_wakeups(cycles: int, interval_us: int, rt: int, work: Path) -> dict:
+    """What this machine itself allows: cyclictest (rt-tests; C, SCHED_FIFO at `rt`, memory locked,
+    one thread per CPU) sleeping `interval_us` for `cycles` periods; its wake-up lateness is a floor
+    under any user-space schedule's (ours adds Python and the gateway beside it). A late wake-up of
+    more than a cycle is a missed cycle for any scheduler on this machine. {"error": ...} without
+    cyclictest."""
+    exe = shutil.which("cyclictest")
+    if exe is None:
+        return {"error": "cyclictest not installed (Debian: rt-tests)"}
+    hist = work / "cyclictest.hist"
+    proc = subprocess.run([exe, "-m", "-p", str(rt), "-i", str(interval_us), "-l", str(cycles), "-q", "-t",
+                           str(os.cpu_count() or 1), "-a", "-h", "20000", f"--histfile={hist}"],
+                          capture_output=True, text=True, timeout=cycles * interval_us / 1e6 * 3 + 60)
+    if proc.returncode != 0 or not hist.exists():
+        return {"error": f"cyclictest exit {proc.returncode}: {proc.stderr.strip()[:200]}"}
+    counts: dict[int, int] = {}
+    maxima = []
+    for line in hist.read_text().splitlines():
+        if line[:1].isdigit():
+            us, *per_cpu = (int(x) for x in line.split())
+            counts[us] = counts.get(us, 0) + sum(per_cpu)
+        elif line.startswith("# Max Latencies:"):
+            maxima = [int(x) for x in line.split(":")[1].split()]
+    total = sum(counts.values())
+
+    def share_over(limit_us: int) -> float:
+        return round(100.0 * sum(c for us, c in counts.items() if us > limit_us) / total, 3) if total else 0.0
+
+    def percentile(q: float) -> int:
+        seen = 0
+        for us in sorted(counts):
+            seen += counts[us]
+            if seen >= q * total:
+                return us
+        return max(counts) if counts else 0
+
+    return {"tool": "cyclictest", "wakeups": total, "interval_us": interval_us, "priority": rt,
+            "p50_us": percentile(0.5), "p99_us": percentile(0.99), "max_us": max(maxima) if maxima else None,
+            "late_over_one_cycle_percent": share_over(interval_us), "late_over_5ms_percent": share_over(5000),
+            "loadavg": os.getloadavg()[0]}
+
+
 def run(out: Path, json_path: Path | None, quick: bool = False, rt: int = RT_PRIORITY) -> dict:
     """Run the four cases; write tsn.md, a plot and the JSON; return the figures."""
     from bench.report import bar_plot, markdown_table, write_json
@@ -343,6 +386,10 @@ def run(out: Path, json_path: Path | None, quick: bool = False, rt: int = RT_PRI
     figures: dict = {"cases": {}, "cycle_us": CYCLE_US, "link_rate_mbps": LINK_RATE_MBPS,
                      "flood_factor": FLOOD_FACTOR, "cpu_count": os.cpu_count(),
                      "loadavg_at_start": os.getloadavg()[0]}
+    # the floor: the machine's own wake-up lateness at the cycle period (a VM's vCPU can be descheduled)
+    print(f"  machine: cyclictest, {cycles:,} wake-ups of {CYCLE_US} us per CPU ...", flush=True)
+    figures["machine_wakeups"] = machine_wakeups(cycles, CYCLE_US, rt, work)
+    print(f"  machine: {json.dumps(figures['machine_wakeups'])}", flush=True)
     with VethLink(f"b{os.getpid() % 100000}", gw_ns_wanted=True) as link:
         ip("-n", link.gw_ns, "addr", "add", f"{GW_IP}/24", "dev", link.gw_if)
         ip("-n", link.dev_ns, "addr", "add", f"{DEV_IP}/24", "dev", link.dev_if)
@@ -375,7 +422,9 @@ def run(out: Path, json_path: Path | None, quick: bool = False, rt: int = RT_PRI
     (out / "tsn.md").write_text(
         f"# cmcs bench tsn\n\n{cycles:,} cycles per case, {CYCLE_US} us cycle, {LINK_RATE_MBPS:g} Mbit/s link "
         f"budget, flood {FLOOD_FACTOR:g}x the link. p99 off/on under flood: {figures['off_on_p99_ratio']}x.\n\n"
-        f"{table}\n\n![p99](tsn_p99.png)\n")
+        f"{table}\n\nThe machine itself (cyclictest: C, SCHED_FIFO, memory locked, {CYCLE_US} us sleeps, every "
+        f"CPU): {json.dumps(figures['machine_wakeups'])}. A wake-up later than a cycle is a missed cycle for "
+        f"any scheduler here.\n\n![p99](tsn_p99.png)\n")
     write_json(json_path, figures)
     print(table)
     return figures

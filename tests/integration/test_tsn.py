@@ -221,3 +221,15 @@ def test_under_a_flood_the_schedule_keeps_commands_on_time_and_a_fifo_does_not(t
     assert on["flood_offered_mbps"] == 200.0 and on["best_effort_carried_mbps"] < 100.0  # bounded by the budget
     assert on["device_pcp_counts"] == {"6": 500}  # every command on the wire with the command class's PCP
     assert off["p99_us"] > 5 * on["p99_us"]  # the FIFO queues commands behind the flood
+
+
+def test_the_bench_measures_the_machines_own_wakeup_lateness(tmp_path):
+    """`cmcs bench tsn` reports what the machine allows any scheduler (cyclictest at the cycle
+    period, every CPU): the floor under the TSN cases' missed cycles and maximum."""
+    from bench import tsn as bench_tsn
+
+    r = bench_tsn.machine_wakeups(300, 1000, bench_tsn.RT_PRIORITY, tmp_path)
+    assert "error" not in r, r
+    assert r["wakeups"] == 300 * os.cpu_count()
+    assert 0 < r["p50_us"] <= r["p99_us"] <= r["max_us"]
+    assert 0.0 <= r["late_over_5ms_percent"] <= r["late_over_one_cycle_percent"] <= 100.0
