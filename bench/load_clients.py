@@ -231,8 +231,8 @@ def _percentile(hist: list[int], q: float) -> float | None:
     for i, n in enumerate(hist):
         seen += n
         if seen >= rank:
-            return (i + 1) * BIN_S  # the bin's upper edge: never optimistic
-    return BINS * BIN_S
+            return round((i + 1) * BIN_S, 3)  # the bin's upper edge: never optimistic
+    return round(BINS * BIN_S, 3)
 
 
 def _sparse(hist: list[int]) -> dict[str, int]:

@@ -464,11 +464,17 @@ async def load(procs: Processes, site, identity, clients: int, items: int, load_
         for proc in procs_:
             proc.stdin.write((json.dumps({"run_s": load_s}) + "\n").encode())
             await proc.stdin.drain()
-        samples = [(0.0, round(procs.rss_mb(), 1))]
+        history_db = Path(procs.data_dir) / "history.sqlite3"
+
+        def db_mb() -> float:  # the historian's file and its WAL: what its page cache (64 MB at most) fills from
+            return round(sum(p.stat().st_size for p in (history_db, history_db.with_name(history_db.name + "-wal"))
+                             if p.exists()) / 1e6, 1)
+
+        samples = [(0.0, round(procs.rss_mb(), 1), db_mb())]
         while time.monotonic() - t0 < load_s and procs.gateway_alive():
             await asyncio.sleep(min(sample_s, max(0.0, load_s - (time.monotonic() - t0))))
             if procs.gateway_alive():
-                samples.append((round(time.monotonic() - t0, 1), round(procs.rss_mb(), 1)))
+                samples.append((round(time.monotonic() - t0, 1), round(procs.rss_mb(), 1), db_mb()))
         elapsed = time.monotonic() - t0
         cpu1 = (tree_cpu_s(gw_ps), tree_cpu_s(sim_ps), sum(tree_cpu_s(p) for p in client_ps), _own_cpu_s(me))
         result["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
@@ -484,8 +490,11 @@ async def load(procs: Processes, site, identity, clients: int, items: int, load_
                     await asyncio.wait_for(proc.wait(), 30)
                 except asyncio.TimeoutError:
                     proc.kill()
-    warm = next((rss for t, rss in samples if t >= warmup_s), samples[-1][1])
+    warm = next((rss for t, rss, _ in samples if t >= warmup_s), samples[-1][1])
     end = samples[-1][1]
+    # the trend at the end: MB per minute over the last two minutes (flat memory: about 0)
+    tail = [(t, rss) for t, rss, _ in samples if t >= samples[-1][0] - 120.0]
+    tail_slope = (60.0 * (tail[-1][1] - tail[0][1]) / (tail[-1][0] - tail[0][0])) if len(tail) > 1 and tail[-1][0] > tail[0][0] else None
     plant, source = _merge([o.get("plant", {}) for o in outs]), _merge([o.get("source", {}) for o in outs])
     browse = [x for o in outs for x in o.get("browse_s", [])]
     history = [x for o in outs for x in o.get("history_s", [])]
@@ -497,7 +506,9 @@ async def load(procs: Processes, site, identity, clients: int, items: int, load_
     result.update({
         "seconds": round(elapsed, 1), "gateway_alive": procs.gateway_alive(),
         "rss_start_mb": samples[0][1], "rss_after_warmup_mb": warm, "rss_end_mb": end,
-        "rss_max_mb": max(rss for _, rss in samples),
+        "rss_max_mb": max(rss for _, rss, _ in samples),
+        "rss_last_2min_mb_per_min": round(tail_slope, 2) if tail_slope is not None else None,
+        "history_db_mb_end": samples[-1][2],
         "rss_growth_pct": round(100.0 * (end - warm) / warm, 1),
         "notifications": notifications, "notifications_per_s": round(notifications / elapsed, 1),
         "notifications_min_per_client": min((o.get("notifications_min_per_client", 0) for o in outs), default=0),
@@ -517,7 +528,7 @@ async def load(procs: Processes, site, identity, clients: int, items: int, load_
                         "clients_per_process": [round(100.0 * o.get("cpu_s", 0) / elapsed, 1) for o in outs],
                         "bench": round(100.0 * (cpu1[3] - cpu0[3]) / elapsed, 1),
                         "machine_cores": os.cpu_count()},
-        "rss_samples": samples,
+        "rss_samples": samples,  # (s since the start, gateway RSS MB, history file MB)
         "targets": LOAD_TARGETS,
     })
     result["targets_met"] = {"rss_growth_pct": result["rss_growth_pct"] < LOAD_TARGETS["rss_growth_pct"],
