@@ -4,6 +4,11 @@ frames: garbage, MBAP headers with lying lengths, wrong transaction ids, wrong u
 responses, wrong byte counts, fragments dribbled out, stalls, and dropped connections. It never
 sends a well-formed answer to the request it got (a plausible lie would be indistinguishable
 from a real device's values), so the endpoint's devices must end up Bad.
+
+It can also be a slowed device ("slow"): `slow_s` > 0 and each request received then is answered
+faithfully, but that many seconds late (a device whose CPU or link is overloaded; this kernel has
+no netem to delay packets instead). `first_prompt_at` is the monotonic time of the first request
+answered at once after a slowed period: the moment the device "answers again".
 """
 
 from __future__ import annotations
@@ -11,6 +16,10 @@ from __future__ import annotations
 import asyncio
 import random
 import struct
+import time
+
+
+WRITE_FUNCTIONS = (5, 6, 15, 16)  # write single coil / register, multiple coils / registers
 
 
 class HostileDevice:
@@ -22,6 +31,11 @@ class HostileDevice:
         self.rng = random.Random(seed)
         self.burst = burst
         self.hostile = False
+        self.slow_s = 0.0  # > 0: every request received now is answered that late
+        self.late_answers = 0
+        self.writes = 0  # write requests (function codes 5, 6, 15, 16) received: commands that reached the device
+        self.first_prompt_at: float | None = None
+        self._was_slow = False
         self.frames = 0
         self.connections = 0
         self.requests = 0
@@ -51,6 +65,8 @@ class HostileDevice:
                 tid, _proto, length, unit = struct.unpack(">HHHB", header)
                 pdu = await reader.readexactly(max(0, length - 1))
                 self.requests += 1
+                self.writes += bool(pdu) and pdu[0] in WRITE_FUNCTIONS
+                delay = self.slow_s  # what the device is like when the request arrives
                 if not self.hostile:
                     if upstream is None:
                         upstream = await asyncio.open_connection(*self.upstream)
@@ -59,7 +75,15 @@ class HostileDevice:
                     await up_writer.drain()
                     reply_header = await up_reader.readexactly(7)
                     (_, _, reply_length, _) = struct.unpack(">HHHB", reply_header)
-                    writer.write(reply_header + await up_reader.readexactly(max(0, reply_length - 1)))
+                    reply = reply_header + await up_reader.readexactly(max(0, reply_length - 1))
+                    if delay > 0:
+                        self._was_slow = True
+                        await asyncio.sleep(delay)
+                        self.late_answers += 1
+                    elif self._was_slow:
+                        self._was_slow = False
+                        self.first_prompt_at = time.monotonic()
+                    writer.write(reply)
                     await writer.drain()
                     continue
                 if upstream is not None:
@@ -70,7 +94,7 @@ class HostileDevice:
         except (asyncio.IncompleteReadError, ConnectionError, OSError):
             pass
         except asyncio.CancelledError:
-            raise
+            pass  # stop(): end quietly (asyncio's stream callback logs a cancelled handler as an error)
         finally:
             self._tasks.discard(task)
             if upstream is not None:

@@ -11,9 +11,19 @@ loopback for the plain-transport depths) on free ports, and measures:
 - modbus: a hostile device in place of one aisle's endpoint (bench/fuzz_modbus.py): the gateway
   must stay up, mark the aisle Bad, and be Good again within two poll periods once it behaves;
 - interlocks: unsafe commands over random plant states (tests/unit/test_interlock_properties.py
-  runs the same property with hypothesis).
+  runs the same property with hypothesis);
+- load: its own simulators and gateway on the 1,000-unit site (generate_site(20, 50)); 50 OPC UA
+  clients (bench/load_clients.py, in two processes of their own) over Basic256Sha256
+  SignAndEncrypt with a user name, each subscribed to 500 variables (500 ms publishing), browsing an
+  aisle's subtree and reading 3 variables' history every 10 s, for 10 minutes: the gateway's RSS
+  every 5 s (load_rss_growth_pct: from the end of the first minute to the end), the latency from the
+  plant step that produced a value to its arrival at a client (load_latency_p99_s; from the
+  SourceTimestamp too), browse and history round trips, errors, and the CPU of the gateway, the
+  simulator and the clients (so that one can tell which side was the bottleneck).
 
-The JSON has the keys of docs/interface.md section 7 plus a "details" object.
+CMCS_BENCH_PHASES (comma-separated, default orphans,opcua,modbus,load,interlocks) runs only some.
+The JSON has the keys of docs/interface.md section 7, load_rss_growth_pct and load_latency_p99_s,
+plus a "details" object.
 """
 
 from __future__ import annotations
@@ -48,6 +58,7 @@ class Processes:
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.sim: asyncio.subprocess.Process | None = None
         self.gateway: asyncio.subprocess.Process | None = None
+        self.ready: dict[str, dict] = {}  # each worker's ready line (the simulator's: wall0 and speed of its plant clock)
 
     async def _start(self, *args: str) -> asyncio.subprocess.Process:
         log_path = Path(self.data_dir).parent / f"{args[0]}.log"  # the worker's log, for the report
@@ -59,6 +70,7 @@ class Processes:
         line = await asyncio.wait_for(proc.stdout.readline(), timeout=300)
         if not line:
             raise RuntimeError(f"bench.workers {args[0]} did not start")
+        self.ready[args[0]] = json.loads(line)
         return proc
 
     async def start(self, with_sim: bool = True) -> None:
@@ -376,6 +388,186 @@ def interlocks(examples: int) -> dict:
             "mismatches": tally.mismatches[:5], "unsafe_commands_refused_pct": round(tally.refused_pct, 3)}
 
 
+# ---- (e) load: many SCADA clients at once ------------------------------------------------------------
+LOAD_TARGETS = {"rss_growth_pct": 10.0, "latency_p99_s": 1.5}
+
+
+def _merge(hists: list[dict[str, int]]) -> list[int]:
+    from bench.load_clients import BINS
+
+    merged = [0] * BINS
+    for hist in hists:
+        for i, n in hist.items():
+            merged[int(i)] += n
+    return merged
+
+
+def _p(values: list[float], q: float) -> float | None:
+    values = sorted(values)
+    return round(values[min(len(values) - 1, int(q * len(values)))], 3) if values else None
+
+
+def _own_cpu_s(proc: psutil.Process) -> float:
+    t = proc.cpu_times()
+    return t.user + t.system
+
+
+async def load(procs: Processes, site, identity, clients: int, items: int, load_s: float, warmup_s: float,
+               workers: int = 2, browse_every_s: float = 10.0, history_every_s: float = 10.0,
+               sample_s: float = 5.0) -> dict:
+    """`clients` secure OPC UA clients in `workers` processes (bench/load_clients.py), each subscribed to
+    `items` variables, browsing and reading history, for `load_s`; the gateway's RSS every `sample_s`
+    (growth: from the end of the warm-up, the first `warmup_s` of the run, to the end), its CPU and the
+    clients' own, and the latencies, round trips and errors the clients saw."""
+    from bench.load_clients import BIN_S, _percentile
+    from bench.stress import tree_cpu_s
+    from bench.workers import BENCH_PASSWORD, BENCH_USER
+
+    cert, key, uri = identity
+    sim_clock = procs.ready["sim"]
+    base = {"url": f"opc.tcp://127.0.0.1:{procs.port}/cmcs", "ns_uri": f"urn:cmcs-gateway:site:{site.name}",
+            "site_file": str(procs.gateway_site_file), "cert": str(cert), "key": str(key), "uri": uri,
+            "user": BENCH_USER, "password": BENCH_PASSWORD, "wall0": sim_clock["wall0"], "speed": sim_clock["speed"],
+            "total_clients": clients, "items": items, "browse_every_s": browse_every_s,
+            "history_every_s": history_every_s}
+    workers = max(1, min(workers, clients))
+    log_path = Path(procs.data_dir).parent / "load_clients.log"
+    cwd = procs.env.get("PYTHONPATH", "").split(os.pathsep)[0] or None
+    procs_: list[asyncio.subprocess.Process] = []
+    result: dict = {"site": site.name, "units": len(site.units), "clients": clients, "items_per_client": items,
+                    "workers": workers, "load_s": load_s, "warmup_s": warmup_s, "browse_every_s": browse_every_s,
+                    "history_every_s": history_every_s, "security": "Basic256Sha256 SignAndEncrypt, user name",
+                    "latency": "plant step (simulator clock) to arrival at the client; source_* from SourceTimestamp",
+                    "loadavg_before": [round(x, 2) for x in os.getloadavg()]}
+    t_connect = time.monotonic()
+    try:
+        with open(log_path, "ab") as log_file:
+            for w in range(workers):
+                first, last = w * clients // workers, (w + 1) * clients // workers
+                cfg = {**base, "first": first, "count": last - first}
+                procs_.append(await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "bench.load_clients", json.dumps(cfg), cwd=cwd, env=procs.env,
+                    stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log_file))
+        ready = []
+        for proc in procs_:
+            line = await asyncio.wait_for(proc.stdout.readline(), timeout=600)
+            if not line:
+                raise RuntimeError(f"a load client process did not start (see {log_path})")
+            ready.append(json.loads(line))
+        result["connected"] = sum(r["clients"] for r in ready)
+        result["connect_s"] = round(time.monotonic() - t_connect, 1)
+        gw_ps, sim_ps = psutil.Process(procs.gateway.pid), psutil.Process(procs.sim.pid)
+        client_ps = [psutil.Process(p.pid) for p in procs_]
+        me = psutil.Process()
+        cpu0 = (tree_cpu_s(gw_ps), tree_cpu_s(sim_ps), sum(tree_cpu_s(p) for p in client_ps), _own_cpu_s(me))
+        t0 = time.monotonic()
+        for proc in procs_:
+            proc.stdin.write((json.dumps({"run_s": load_s}) + "\n").encode())
+            await proc.stdin.drain()
+        history_db = Path(procs.data_dir) / "history.sqlite3"
+
+        def db_mb() -> float:  # the historian's file and its WAL: what its page cache (64 MB at most) fills from
+            return round(sum(p.stat().st_size for p in (history_db, history_db.with_name(history_db.name + "-wal"))
+                             if p.exists()) / 1e6, 1)
+
+        samples = [(0.0, round(procs.rss_mb(), 1), db_mb())]
+        while time.monotonic() - t0 < load_s and procs.gateway_alive():
+            await asyncio.sleep(min(sample_s, max(0.0, load_s - (time.monotonic() - t0))))
+            if procs.gateway_alive():
+                samples.append((round(time.monotonic() - t0, 1), round(procs.rss_mb(), 1), db_mb()))
+        elapsed = time.monotonic() - t0
+        cpu1 = (tree_cpu_s(gw_ps), tree_cpu_s(sim_ps), sum(tree_cpu_s(p) for p in client_ps), _own_cpu_s(me))
+        result["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+        outs = []
+        for proc in procs_:
+            line = await asyncio.wait_for(proc.stdout.readline(), timeout=300)
+            outs.append(json.loads(line) if line.strip() else {"errors": {"client_process": 1}})
+    finally:
+        for proc in procs_:
+            if proc.returncode is None:
+                proc.terminate()
+                try:
+                    await asyncio.wait_for(proc.wait(), 30)
+                except asyncio.TimeoutError:
+                    proc.kill()
+    warm = next((rss for t, rss, _ in samples if t >= warmup_s), samples[-1][1])
+    end = samples[-1][1]
+    # the trend at the end: MB per minute over the last two minutes (flat memory: about 0)
+    tail = [(t, rss) for t, rss, _ in samples if t >= samples[-1][0] - 120.0]
+    tail_slope = (60.0 * (tail[-1][1] - tail[0][1]) / (tail[-1][0] - tail[0][0])) if len(tail) > 1 and tail[-1][0] > tail[0][0] else None
+    plant, source = _merge([o.get("plant", {}) for o in outs]), _merge([o.get("source", {}) for o in outs])
+    browse = [x for o in outs for x in o.get("browse_s", [])]
+    history = [x for o in outs for x in o.get("history_s", [])]
+    errors: dict[str, int] = {}
+    for o in outs:
+        for kind, n in o.get("errors", {}).items():
+            errors[kind] = errors.get(kind, 0) + n
+    notifications = sum(o.get("notifications", 0) for o in outs)
+    result.update({
+        "seconds": round(elapsed, 1), "gateway_alive": procs.gateway_alive(),
+        "rss_start_mb": samples[0][1], "rss_after_warmup_mb": warm, "rss_end_mb": end,
+        "rss_max_mb": max(rss for _, rss, _ in samples),
+        "rss_last_2min_mb_per_min": round(tail_slope, 2) if tail_slope is not None else None,
+        "history_db_mb_end": samples[-1][2],
+        "rss_growth_pct": round(100.0 * (end - warm) / warm, 1),
+        "notifications": notifications, "notifications_per_s": round(notifications / elapsed, 1),
+        "notifications_min_per_client": min((o.get("notifications_min_per_client", 0) for o in outs), default=0),
+        "not_good_values": sum(o.get("not_good", 0) for o in outs),
+        "latency_p50_s": _percentile(plant, 0.5), "latency_p99_s": _percentile(plant, 0.99),
+        "latency_max_bin_s": _percentile(plant, 1.0),
+        "source_latency_p50_s": _percentile(source, 0.5), "source_latency_p99_s": _percentile(source, 0.99),
+        "latency_bin_s": BIN_S,
+        "browse_requests": len(browse), "browse_p50_s": _p(browse, 0.5), "browse_p99_s": _p(browse, 0.99),
+        "history_reads": len(history), "history_p50_s": _p(history, 0.5), "history_p99_s": _p(history, 0.99),
+        "history_values": sum(o.get("history_values", 0) for o in outs),
+        "errors": sum(errors.values()), "errors_by_kind": errors,
+        "first_errors": [e for o in outs for e in o.get("first_errors", [])][:10],
+        "cpu_percent": {"gateway": round(100.0 * (cpu1[0] - cpu0[0]) / elapsed, 1),
+                        "simulator": round(100.0 * (cpu1[1] - cpu0[1]) / elapsed, 1),
+                        "clients": round(100.0 * (cpu1[2] - cpu0[2]) / elapsed, 1),
+                        "clients_per_process": [round(100.0 * o.get("cpu_s", 0) / elapsed, 1) for o in outs],
+                        "bench": round(100.0 * (cpu1[3] - cpu0[3]) / elapsed, 1),
+                        "machine_cores": os.cpu_count()},
+        "rss_samples": samples,  # (s since the start, gateway RSS MB, history file MB)
+        "targets": LOAD_TARGETS,
+    })
+    result["targets_met"] = {"rss_growth_pct": result["rss_growth_pct"] < LOAD_TARGETS["rss_growth_pct"],
+                             "latency_p99_s": result["latency_p99_s"] is not None
+                             and result["latency_p99_s"] < LOAD_TARGETS["latency_p99_s"]}
+    return result
+
+
+async def load_phase(quick: bool, env: dict | None = None) -> dict:
+    """The load run on its own 1,000-unit site (siteconfig.demo.generate_site(20, 50)): 50 clients x 500
+    variables for 10 minutes (quick: 10 x 500 for 60 s)."""
+    from gateway.security import ensure_cmcs_client
+    from siteconfig.demo import free_port, generate_site
+
+    with tempfile.TemporaryDirectory() as tmp:
+        site = bench_site(generate_site(20, 50), Path(tmp) / "site.yaml")
+        data_dir = Path(tmp) / "data"
+        data_dir.mkdir()
+        identity = ensure_cmcs_client(data_dir)  # a trusted client certificate for the secure channels
+        procs = Processes(Path(tmp) / "site.yaml", free_port(), str(data_dir), env)
+        result: dict = {}
+        await procs.start()
+        try:
+            if quick:
+                result = await load(procs, site, identity, clients=10, items=500, load_s=60.0, warmup_s=20.0)
+            else:
+                result = await load(procs, site, identity, clients=50, items=500, load_s=600.0, warmup_s=60.0)
+        finally:
+            await procs.stop()
+            result_log = _log_summary(Path(tmp) / "gateway.log")
+            if os.path.isdir(os.environ.get("CMCS_BENCH_KEEP_LOGS", "")):
+                import shutil
+                for name in ("gateway.log", "load_clients.log"):
+                    if (Path(tmp) / name).exists():
+                        shutil.copy(Path(tmp) / name, Path(os.environ["CMCS_BENCH_KEEP_LOGS"]) / name)
+        result["gateway_log_errors"] = result_log
+    return result
+
+
 async def _phases(quick: bool) -> dict:
     from gateway.security import ensure_cmcs_client
     from siteconfig.demo import demo_site, free_port
@@ -383,41 +575,46 @@ async def _phases(quick: bool) -> dict:
     from bench.fuzz_modbus import HostileDevice
 
     details: dict = {"crashes": 0}
-    with tempfile.TemporaryDirectory() as tmp:
-        site = bench_site(demo_site(), Path(tmp) / "site.yaml")
-        hostile_port = free_port()
-        gateway_site, upstream = hostile_site(site, hostile_port)
-        from siteconfig.demo import site_to_yaml
+    phases = _phases_selected()
+    if {"orphans", "opcua", "modbus"} & set(phases):
+        with tempfile.TemporaryDirectory() as tmp:
+            site = bench_site(demo_site(), Path(tmp) / "site.yaml")
+            hostile_port = free_port()
+            gateway_site, upstream = hostile_site(site, hostile_port)
+            from siteconfig.demo import site_to_yaml
 
-        (Path(tmp) / "gateway-site.yaml").write_text(site_to_yaml(gateway_site))
-        device = HostileDevice(hostile_port, upstream)
-        await device.start()  # behaves (a proxy to the simulator) until told otherwise
-        data_dir = Path(tmp) / "data"
-        data_dir.mkdir()
-        identity = ensure_cmcs_client(data_dir)  # the fuzzer's trusted certificate (Engineer)
-        procs = Processes(Path(tmp) / "site.yaml", free_port(), str(data_dir),
-                          gateway_site_file=Path(tmp) / "gateway-site.yaml")
-        await procs.start()
-        try:
-            phases = os.environ.get("CMCS_BENCH_PHASES", "orphans,opcua,modbus").split(",")
-            # (a) orphans: a first round brings the process to its working size; then the 1,000
-            sessions = 100 if quick else 1000
-            if "orphans" in phases:
-                details["orphans_warmup"] = await orphans(procs, site, max(20, sessions // 10), 700, settle_s=90.0)
-                details["orphans"] = await orphans(procs, site, sessions, 700, settle_s=90.0)
-                details["crashes"] += not procs.gateway_alive()
-            # (b) the OPC UA fuzzer
-            if "opcua" in phases and procs.gateway_alive():
-                details["opcua"] = await opcua_fuzz(procs, site, identity, 3000 if quick else 35_000)
-                details["crashes"] += not procs.gateway_alive()
-            # (c) the hostile Modbus device in place of the first aisle's endpoint
-            if "modbus" in phases and procs.gateway_alive():
-                details["modbus"] = await modbus_fuzz(procs, site, device, 5000 if quick else 100_000)
-                details["crashes"] += not procs.gateway_alive()
-        finally:
-            await procs.stop()
-            await device.stop()
-            details["gateway_log_errors"] = _log_summary(Path(tmp) / "gateway.log")
+            (Path(tmp) / "gateway-site.yaml").write_text(site_to_yaml(gateway_site))
+            device = HostileDevice(hostile_port, upstream)
+            await device.start()  # behaves (a proxy to the simulator) until told otherwise
+            data_dir = Path(tmp) / "data"
+            data_dir.mkdir()
+            identity = ensure_cmcs_client(data_dir)  # the fuzzer's trusted certificate (Engineer)
+            procs = Processes(Path(tmp) / "site.yaml", free_port(), str(data_dir),
+                              gateway_site_file=Path(tmp) / "gateway-site.yaml")
+            await procs.start()
+            try:
+                # (a) orphans: a first round brings the process to its working size; then the 1,000
+                sessions = 100 if quick else 1000
+                if "orphans" in phases:
+                    details["orphans_warmup"] = await orphans(procs, site, max(20, sessions // 10), 700, settle_s=90.0)
+                    details["orphans"] = await orphans(procs, site, sessions, 700, settle_s=90.0)
+                    details["crashes"] += not procs.gateway_alive()
+                # (b) the OPC UA fuzzer
+                if "opcua" in phases and procs.gateway_alive():
+                    details["opcua"] = await opcua_fuzz(procs, site, identity, 3000 if quick else 35_000)
+                    details["crashes"] += not procs.gateway_alive()
+                # (c) the hostile Modbus device in place of the first aisle's endpoint
+                if "modbus" in phases and procs.gateway_alive():
+                    details["modbus"] = await modbus_fuzz(procs, site, device, 5000 if quick else 100_000)
+                    details["crashes"] += not procs.gateway_alive()
+            finally:
+                await procs.stop()
+                await device.stop()
+                details["gateway_log_errors"] = _log_summary(Path(tmp) / "gateway.log")
+    # (e) load: its own gateway on the 1,000-unit site
+    if "load" in phases:
+        details["load"] = await load_phase(quick)
+        details["crashes"] += not details["load"].get("gateway_alive", False)
     return details
 
 
@@ -432,13 +629,45 @@ def _log_summary(path: Path) -> dict:
     return dict(sorted(counts.items(), key=lambda kv: -kv[1])[:15])
 
 
+def _load_text(load_: dict) -> str:
+    """The load run in words, for robustness.md."""
+    if not load_:
+        return ""
+    cpu = load_.get("cpu_percent", {})
+    return (f"load_rss_growth_pct, load_latency_p99_s: {load_.get('connected')} of {load_.get('clients')} OPC UA clients "
+            f"({load_.get('security')}), each subscribed to {load_.get('items_per_client')} variables of the "
+            f"{load_.get('units')}-unit site (500 ms publishing), browsing one aisle's subtree every "
+            f"{load_.get('browse_every_s'):g} s and reading 3 variables' history over the last 5 min every "
+            f"{load_.get('history_every_s'):g} s, for {load_.get('seconds')} s. RSS growth from the end of the first "
+            f"{load_.get('warmup_s'):g} s ({load_.get('rss_after_warmup_mb')} MB) to the end "
+            f"({load_.get('rss_end_mb')} MB): {load_.get('rss_growth_pct')} % (target < 10 %). Latency from the plant "
+            f"step that produced a value to its arrival at the client: p50 {load_.get('latency_p50_s')} s, p99 "
+            f"{load_.get('latency_p99_s')} s (target < 1.5 s; from SourceTimestamp, the gateway's poll: p99 "
+            f"{load_.get('source_latency_p99_s')} s); browse p99 {load_.get('browse_p99_s')} s, history read p99 "
+            f"{load_.get('history_p99_s')} s; {load_.get('errors')} errors; {load_.get('notifications_per_s')} "
+            f"notifications/s. CPU (% of one core, {cpu.get('machine_cores')} cores): gateway {cpu.get('gateway')}, "
+            f"simulator {cpu.get('simulator')}, clients {cpu.get('clients')} "
+            f"({cpu.get('clients_per_process')} per process); load average before/after "
+            f"{load_.get('loadavg_before')} / {load_.get('loadavg_after')} (the machine is shared).\n\n")
+
+
+PHASES = ("orphans", "opcua", "modbus", "load", "interlocks")
+
+
+def _phases_selected() -> list[str]:
+    """CMCS_BENCH_PHASES (comma-separated, default all of PHASES)."""
+    return [p.strip() for p in os.environ.get("CMCS_BENCH_PHASES", ",".join(PHASES)).split(",") if p.strip()]
+
+
 def run(out: Path, json_path: Path | None, quick: bool = False) -> dict:
     """The whole benchmark; `quick`: small counts (a smoke run)."""
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     details = asyncio.run(_phases(quick))
-    details["interlocks"] = interlocks(500 if quick else 5000)
+    if "interlocks" in _phases_selected():
+        details["interlocks"] = interlocks(500 if quick else 5000)
     opcua = details.get("opcua", {})
+    load_ = details.get("load", {})
     summary = {
         "opcua_inputs": opcua.get("inputs", 0),
         "modbus_frames": details.get("modbus", {}).get("frames", 0),
@@ -448,14 +677,16 @@ def run(out: Path, json_path: Path | None, quick: bool = False) -> dict:
         "rss_growth_pct": round(100.0 * (details["orphans"]["rss_after_mb"] - details["orphans_warmup"]["rss_after_mb"])
                                 / details["orphans_warmup"]["rss_after_mb"], 1) if "orphans" in details else None,
         "recovery_s_max": details.get("modbus", {}).get("recovery_s_max"),
-        "unsafe_commands_refused_pct": details["interlocks"]["unsafe_commands_refused_pct"],
+        "unsafe_commands_refused_pct": details.get("interlocks", {}).get("unsafe_commands_refused_pct"),
+        "load_rss_growth_pct": load_.get("rss_growth_pct"),
+        "load_latency_p99_s": load_.get("latency_p99_s"),
     }
     details["seconds"] = round(time.monotonic() - t0, 1)
     result = {**summary, "details": details}
     (out / "robustness.md").write_text(
         "# cmcs bench robustness\n\nrss_growth_pct: the gateway's RSS once the 1,000 sessions' orphaned subscriptions "
         "are gone, against its RSS after a first round of the same (its working size); the cold figures are in "
-        "details.orphans.\n\n```json\n" + json.dumps(result, indent=1) + "\n```\n")
+        "details.orphans.\n\n" + _load_text(load_) + "```json\n" + json.dumps(result, indent=1) + "\n```\n")
     write_json(json_path, result)
     print(json.dumps(summary))
     return result

@@ -15,8 +15,8 @@ service, audited, and nothing reaches the device.
 Needs root (netns, veth); traffic only inside the namespace the test makes and removes.
 
 Not covered here: a slowed device by `tc qdisc ... netem delay`: this kernel has no sch_netem
-("Specified qdisc kind is unknown"); the slow-device case is covered by the hostile Modbus device
-(bench/fuzz_modbus.py, stalls) instead.
+("Specified qdisc kind is unknown"); tests/integration/test_slow_device.py slows the device itself
+instead (bench/fuzz_modbus.py, `slow_s`: every answer held 1.5 poll periods).
 """
 
 from __future__ import annotations
