@@ -3,8 +3,8 @@
 The unit is checked by systemd itself (`systemd-analyze verify`, and `security --offline` for the
 hardening and the TSN drop-in). `cmcs run` is then started the way systemd starts it, with a
 NOTIFY_SOCKET the test listens on and a watchdog period, and must say READY=1 and keep the watchdog
-fed; SIGHUP reloads users and checks the changed site file (refused with the change named, as a
-restart is needed); `--metrics PORT` serves the Prometheus endpoint on loopback; SIGTERM stops it with exit code 0 after STOPPING=1, and the audit event of a
+fed; SIGHUP reloads users and refuses a site-file change that cannot be made live (a changed
+derating, named in the log as needing a restart); `--metrics PORT` serves the Prometheus endpoint on loopback; SIGTERM stops it with exit code 0 after STOPPING=1, and the audit event of a
 value written just before is in the history database.
 """
 
@@ -117,7 +117,7 @@ async def test_cmcs_run_notifies_systemd_reloads_on_sighup_and_flushes_history_o
             scraped = response.read().decode()
         assert f'cmcs_device_up{{device="{unit.name}"}} 0.0' in scraped and "cmcs_build_info{" in scraped
 
-        # SIGHUP: a new user is taken, a changed site file is refused with what would need a restart
+        # SIGHUP: a new user is taken, a site-file change that needs a restart is refused with its reason
         set_user(data_dir, "ops-engineer", "Engineer", password="ops-engineer-pw")
         site_file.write_text(site_file.read_text().replace("derating: 0.8", "derating: 0.75"))
         proc.send_signal(signal.SIGHUP)
@@ -125,7 +125,7 @@ async def test_cmcs_run_notifies_systemd_reloads_on_sighup_and_flushes_history_o
         await listener.wait_for("READY=1", 10, after=reloading)
         text = (tmp_path / "gateway.log").read_text()
         assert "reload: users file" in text and "(1 users)" in text, text[-2000:]
-        assert "NOT applied live" in text and "gateway.derating 0.8 -> 0.75" in text, text[-2000:]
+        assert "site reload refused: gateway.derating changed (0.8 -> 0.75) (needs a restart)" in text, text[-2000:]
 
         # the user added before SIGHUP logs in (still serving); as the CMCS does, it publishes a
         # (historized) risk score, just before the stop
