@@ -62,7 +62,8 @@ class ReloadReport:
     users: int | None = None  # users known after the reload
     trusted: int | None = None  # trusted client certificates after the reload
     cmcs_bundle: str = ""  # "" unchanged, else the version now running
-    site_applied: list[str] = dataclasses.field(default_factory=list)  # e.g. "aisle Aisle03 added", "ats MATS-01-04 removed"
+    # what was applied, e.g. "aisle Aisle03 added (2 PDB, 4 units)", "ats MATS-01-04 removed from Aisle01"
+    site_applied: list[str] = dataclasses.field(default_factory=list)
     site_refused: list[str] = dataclasses.field(default_factory=list)  # why nothing of the site file was applied
     site_error: str = ""  # the site file does not validate
 
@@ -146,7 +147,8 @@ def plan_site_change(old: Site, new: Site) -> SitePlan:
             refuse(f"{u}.{k}" for k in _changed_fields(old_units[u], new_units[u], skip=("storage",)))
             s_old, s_new = old_units[u].storage, new_units[u].storage
             if (s_old is None) != (s_new is None):
-                refuse([f"{u}.storage changed ({s_old.name if s_old else 'none'} -> {s_new.name if s_new else 'none'})"])
+                was, now = (s.name if s else "none" for s in (s_old, s_new))
+                refuse([f"{u}.storage changed ({was} -> {now})"])
             elif s_old is not None and s_new is not None:
                 refuse(f"{s_old.name}.{k}" for k in _changed_fields(s_old, s_new))
     again = set(plan.added_devices()) & set(plan.removed_devices())
@@ -199,7 +201,8 @@ def gateway_refusals(gateway: Gateway, plan: SitePlan) -> list[str]:
 
 # ---- SIGHUP ----------------------------------------------------------------------------------------
 async def reload_gateway(gateway: Gateway) -> ReloadReport:
-    """Reload users, trust list and CMCS bundle; apply the site file's live changes or refuse them. Logs one line per outcome."""
+    """Reload users, trust list and CMCS bundle; apply the site file's live changes or refuse them.
+    Logs one line per outcome."""
     report = ReloadReport()
     security = gateway.server.security
     if security is not None:
