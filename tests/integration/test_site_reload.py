@@ -170,6 +170,12 @@ async def test_an_added_aisle_and_unit_come_into_service_without_a_restart(from_
         assert await (await unit.get_child(f"{tns}:ActiveSource")).read_value() == target
         with pytest.raises(ua.uaerrors.BadTooManyOperations):  # the anti-flapping dwell time knows it
             await unit.call_method(switch, ua.Variant(active, ua.VariantType.Int32))
+        # the historian records it (written once a second): HistoryRead of the new unit's LoadPower
+        load = await unit.get_child(f"{tns}:LoadPower")
+        deadline = time.monotonic() + 5
+        while not (history := await load.read_raw_history()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        assert history and all(dv.StatusCode.is_good() for dv in history if dv.Value.Value is not None)
     finally:
         await client.disconnect()
     # the new connection has its Diagnostics object, the new devices their place in the point table
