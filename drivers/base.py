@@ -169,6 +169,53 @@ class DriverSet:
         for driver in self.drivers.values():
             await driver.start()
 
+    # ---- a site reload (gateway/reload.py): devices added and removed while running ----------------
+    def check_add(self, site: Site, devices: list[str]) -> list[str]:
+        """Why these devices of `site` cannot be added live, one reason each ([] if they can). Only a
+        running driver with `add_devices` takes new devices (the Modbus driver); a device of any
+        other driver needs a restart."""
+        problems: list[str] = []
+        by_driver: dict[str, list[str]] = {}  # factory path -> devices (drivers are dataclasses: unhashable)
+        endpoints = {name: ep for name, _kind, ep in site.devices()}
+        for device in devices:
+            ep = endpoints[device]
+            path = factory_path(ep.driver)
+            driver = self.drivers.get(path)
+            if driver is None or not hasattr(driver, "add_devices"):
+                problems.append(f"{device}: driver {ep.driver} cannot take new devices while running")
+            else:
+                by_driver.setdefault(path, []).append(device)
+        for path, names in by_driver.items():
+            problems += self.drivers[path].check_add(site, names)  # type: ignore[attr-defined]
+        return problems
+
+    def check_remove(self, devices: list[str]) -> list[str]:
+        """Why these devices cannot be removed live ([] if they can)."""
+        return [f"{d}: its driver cannot drop devices while running" for d in devices
+                if d in self._device_driver and not hasattr(self._device_driver[d], "remove_devices")]
+
+    def add_devices(self, site: Site, devices: list[str]) -> None:
+        """Define these devices' points and poll them (check_add first)."""
+        endpoints = {name: ep for name, _kind, ep in site.devices()}
+        by_driver: dict[str, list[str]] = {}
+        for device in devices:
+            by_driver.setdefault(factory_path(endpoints[device].driver), []).append(device)
+        for path, names in by_driver.items():
+            driver = self.drivers[path]
+            driver.add_devices(site, names)  # type: ignore[attr-defined]
+            for name in names:
+                self._device_driver[name] = driver
+
+    async def remove_devices(self, devices: list[str]) -> None:
+        """Stop polling these devices and drop their points."""
+        by_driver: dict[int, tuple[Driver, list[str]]] = {}
+        for device in devices:
+            if device in self._device_driver:
+                driver = self._device_driver.pop(device)
+                by_driver.setdefault(id(driver), (driver, []))[1].append(device)
+        for driver, names in by_driver.values():
+            await driver.remove_devices(names)  # type: ignore[attr-defined]
+
     async def stop(self) -> None:
         for driver in self.drivers.values():
             await driver.stop()

@@ -222,6 +222,14 @@ class PointTable:
             if band > 0:
                 self._deadbands[(device, point)] = band
 
+    def remove(self, device: str) -> None:
+        """Forget a device and its points (a site reload removed it); its driver stopped polling it first.
+        Sinks are not told point by point: the reload tells each what it removed."""
+        self._devices.pop(device, None)
+        self._device_quality.pop(device, None)
+        for key in [k for k in self._deadbands if k[0] == device]:
+            del self._deadbands[key]
+
     # ---- sinks ----------------------------------------------------------------------------------------
     def birth(self) -> Birth:
         """The current state of every point (copies), as a sink receives it when it attaches."""

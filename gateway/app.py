@@ -176,14 +176,19 @@ class Gateway:
         self._cmcs_stop = asyncio.Event()
         self._cmcs_task = asyncio.create_task(self.live.run(self._cmcs_stop), name="cmcs")
 
-    async def stop(self) -> None:
-        await self.stop_operations()
+    async def stop_cmcs(self) -> None:
+        """Stop the built-in CMCS (if it runs); `start_cmcs()` starts it again (a reload does both)."""
         if self._cmcs_task is not None:
             self._cmcs_stop.set()
             try:
                 await asyncio.wait_for(self._cmcs_task, 10)
             except (asyncio.TimeoutError, Exception) as exc:  # noqa: BLE001 - stopping anyway
                 log.warning("CMCS did not stop cleanly: %s", exc)
+            self._cmcs_task = None
+
+    async def stop(self) -> None:
+        await self.stop_operations()
+        await self.stop_cmcs()
         if self.sparkplug is not None:
             self.table.detach(self.sparkplug)
             await self.sparkplug.aclose()

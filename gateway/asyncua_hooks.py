@@ -2,7 +2,7 @@
 
 asyncua 2.1 offers hooks for most of what the gateway needs (user manager, permission ruleset,
 certificate validator, PostRead callbacks, history storage: gateway/security.py and
-gateway/historian.py use those). Four things it has no hook for; each is patched here, with a
+gateway/historian.py use those). Five things it has no hook for; each is patched here, with a
 docstring that says why (docs/notes/asyncua.md has the findings behind them):
 
 1. `InternalSession.call` records the calling session (gateway.session.CURRENT_SESSION): method
@@ -17,19 +17,23 @@ docstring that says why (docs/notes/asyncua.md has the findings behind them):
    event filter compares OfType exactly, reads only the first element of a browse path and
    cannot select the ConditionId, so a client filtering on ConditionType or ActiveState/Id would
    never get an alarm (gateway/alarms).
+5. `MethodService._call` answers a Call on an ObjectId or MethodId that is not in the address
+   space with BadNodeIdUnknown (Part 4 7.38: the node does not exist) instead of asyncua's
+   BadNodeIdInvalid (which Part 4 keeps for a NodeId whose syntax is wrong): a method call on a
+   unit a site reload removed says that the unit is unknown, as the command service does.
 
 Three more live beside the code they serve, and are installed from here too, so that this module
 is the one place that says what of asyncua is replaced (with 8 and 9 below, put on a server's
 instances):
 
-5. `OPCUAProtocol.connection_made` / `data_received` (gateway/limits.py
+6. `OPCUAProtocol.connection_made` / `data_received` (gateway/limits.py
    `install_protocol_checks`): an ERR BadMaxConnectionsReached instead of a silent close past the
    connection limit, and a chunk whose declared size is past the negotiated limit refused at once
    (asyncua buffered whatever size a peer declared: one connection could make it hold 4 GB).
-6. `ua_binary._create_uatype_array_deserializer` / `_create_list_deserializer` (gateway/limits.py
+7. `ua_binary._create_uatype_array_deserializer` / `_create_list_deserializer` (gateway/limits.py
    `install_decoder_bounds`): an array longer than the bytes left is refused (BadDecodingError);
    one Write with a Null-Variant array of length 2**31-1 froze the server (found by our fuzzer).
-7. `ua_binary.struct_to_binary` for DataChangeNotification (information_model/fastpath.py
+8. `ua_binary.struct_to_binary` for DataChangeNotification (information_model/fastpath.py
    `install_fast_encoding`): a precompiled, byte-identical encoder; asyncua's generic one was the
    largest share of the cost of publishing to a client subscribed to every variable.
 
@@ -85,7 +89,7 @@ from typing import Any
 
 from asyncua import ua
 from asyncua.server import monitored_item_service
-from asyncua.server.address_space import AddressSpace
+from asyncua.server.address_space import AddressSpace, MethodService
 from asyncua.server.internal_session import InternalSession
 from asyncua.server.monitored_item_service import MonitoredItemValues
 from asyncua.server.uaprocessor import UaProcessor
@@ -125,6 +129,7 @@ def install() -> None:
     _install_cheap_datachange()
     _install_connection_checks()
     _install_event_filter()
+    _install_unknown_call_target()
     install_protocol_checks()
     install_decoder_bounds()
     install_fast_encoding()
@@ -138,6 +143,7 @@ def installed() -> dict[str, bool]:
         "UaProcessor.process": getattr(UaProcessor.process, _MARK, False),
         "UaProcessor._process_message": getattr(UaProcessor._process_message, _MARK, False),
         "WhereClauseEvaluator": monitored_item_service.WhereClauseEvaluator is SpecWhereClauseEvaluator,
+        "MethodService._call": getattr(MethodService._call, _MARK, False),
         "OPCUAProtocol.data_received": getattr(OPCUAProtocol.data_received, "_cmcs_limits", False),
         "ua_binary array decoders": getattr(ua_binary._create_uatype_array_deserializer, "_cmcs_bounded", False),
         "ua_binary.struct_to_binary": getattr(ua_binary.struct_to_binary, "_cmcs_fast", False),
@@ -278,3 +284,22 @@ def _install_event_filter() -> None:
     attribute makes every new event item use SpecWhereClauseEvaluator (see its docstring)."""
     if monitored_item_service.WhereClauseEvaluator is not SpecWhereClauseEvaluator:
         monitored_item_service.WhereClauseEvaluator = SpecWhereClauseEvaluator
+
+
+# ---- 5. a Call on a node that does not exist ---------------------------------------------------------
+def _install_unknown_call_target() -> None:
+    """asyncua 2.1.0 `MethodService._call` answers BadNodeIdInvalid when the ObjectId or MethodId is
+    not in the address space; the node is unknown, not malformed (Part 4 7.38 BadNodeIdUnknown). It
+    matters since a site reload deletes units: a client calling SwitchSource on one is told it is gone."""
+    original = MethodService._call
+    if getattr(original, _MARK, False):
+        return
+
+    async def _call(self, method: ua.CallMethodRequest) -> ua.CallMethodResult:
+        if getattr(self, "cmcs_security", None) is not None and (
+                method.ObjectId not in self._aspace or method.MethodId not in self._aspace):
+            return ua.CallMethodResult(StatusCode=ua.StatusCode(ua.StatusCodes.BadNodeIdUnknown))
+        return await original(self, method)
+
+    setattr(_call, _MARK, True)
+    MethodService._call = _call

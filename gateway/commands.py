@@ -114,6 +114,17 @@ class CommandService:
         self.driver = driver  # has .connection(device) -> object with write_command / read_now
         self.audit = audit
         self.clock = clock
+        self._last_transfer: dict[str, float] = {}
+        self._transfer_count: dict[str, int] = {}
+        self._unit_locks: dict[str, asyncio.Lock] = {}
+        self.set_site(site)
+        # a point-table sink the gateway's wiring attaches (gateway/app.py Gateway.sinks)
+        self.transfer_watch = TransferWatch(self)
+
+    def set_site(self, site: Site) -> None:
+        """The site whose units and storages it commands (at start, and after a site reload: a unit
+        no longer in it is refused with BadNodeIdUnknown; its dwell-time state is forgotten)."""
+        self.site = site
         self.dwell_time_s = site.gateway.dwell_time_s
         self.derating = site.gateway.derating
         self.units = {u.name: u for u in site.units}
@@ -121,11 +132,18 @@ class CommandService:
         self.pdb_of = {(p.aisle, int(p.feed)): p.name for p in site.pdbs}
         self.source_of = {int(s.selection): s for s in site.sources}
         self.v_nominal = site.nominal_voltage_v
-        self._last_transfer: dict[str, float] = {}
-        self._transfer_count: dict[str, int] = {}
-        self._unit_locks: dict[str, asyncio.Lock] = {}
-        # a point-table sink the gateway's wiring attaches (gateway/app.py Gateway.sinks)
-        self.transfer_watch = TransferWatch(self)
+        known = set(self.units) | set(self.storages)
+        for state in (self._last_transfer, self._transfer_count):
+            for device in [d for d in state if d not in known]:
+                del state[device]
+
+    async def quiesce(self, devices: list[str]) -> None:
+        """Wait until no command on these devices is in progress (before a reload removes them)."""
+        for device in devices:
+            lock = self._unit_locks.pop(device, None)
+            if lock is not None:
+                async with lock:
+                    pass
 
     # ---- automatic transfers count for the dwell time too ----------------------------------------
     def _watch_transfers(self, changes: list[Change]) -> None:

@@ -729,6 +729,27 @@ class PointTableFeed(Sink):
         """The values the table already holds (those that have been read at least once)."""
         self.changes([c for c in birth.changes() if c.value is not None])
 
+    # ---- a site reload (gateway/reload.py) ---------------------------------------------------------
+    def add_points(self, added, table: PointTable) -> None:
+        """Historize the variables of devices a reload added (`added`: the SiteModel of what was added):
+        the table's points from the point table, the others (RiskScore, ...) from the address space.
+        A device added again under a name it had keeps its history (the key is the NodeId)."""
+        historized = set(added.historized)
+        for dp, nodeid in added.points.items():
+            if nodeid in historized:
+                self._points[dp] = (self.historian.key_id(self.storage.key(nodeid)), added.point_types[nodeid])
+        defined = {(device, point) for device in set(table.devices()) & set(added.device_nodes)
+                   for point in table.points(device)}
+        fed = {nodeid for dp, nodeid in added.points.items() if dp in defined}
+        self._historized |= historized
+        self._fed_by_table |= fed
+        self._watch([n for n in historized if n not in fed])
+
+    def remove_devices(self, devices: set[str]) -> None:
+        """Record nothing more of these devices (their history stays, answered by HistoryRead of their NodeIds)."""
+        for dp in [dp for dp in self._points if dp[0] in devices]:
+            del self._points[dp]
+
     def changes(self, batch: list[Change]) -> None:
         points = self._points
         server_us = int(time.time() * 1e6)
@@ -775,9 +796,14 @@ class PointTableFeed(Sink):
         """Historized variables the point table does not feed (Cmcs.Mode, values the CMCS writes):
         record every value stored in them, whatever the path (write_values, a client's Write), through
         the address space's datachange callbacks, and their current values now. Returns how many."""
-        aspace = server.iserver.aspace
-        current = []
+        self._aspace = server.iserver.aspace
         watched = [n for n in self._historized if n not in self._fed_by_table]
+        self._watch(watched)
+        return len(watched)
+
+    def _watch(self, watched: list) -> None:
+        aspace = self._aspace
+        current = []
         for nodeid in watched:
             async def on_change(_handle, datavalue, nodeid=nodeid):
                 if datavalue is not None:
@@ -788,7 +814,6 @@ class PointTableFeed(Sink):
             if dv is not None and dv.Value is not None and dv.Value.VariantType != ua.VariantType.Null:
                 current.append((nodeid, dv))
         self.storage.record_datavalues(current)
-        return len(watched)
 
 
 def _move_old_file(data_dir: Path) -> None:

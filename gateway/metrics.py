@@ -110,6 +110,15 @@ class MetricsExporter(Sink):
     def device_quality(self, device: str, quality: Quality, ts: float) -> None:
         self.device_up.labels(device=device).set(1 if quality is Quality.GOOD else 0)
 
+    def forget(self, devices: set[str]) -> None:
+        """Drop the series of devices a site reload removed (device_up, risk_score)."""
+        for device in devices:
+            for metric in (self.device_up, self.risk_score):
+                try:
+                    metric.remove(device)
+                except KeyError:
+                    pass  # never had a value
+
     # ---- the audit log's listener ----------------------------------------------------------------
     def on_audit(self, record: dict) -> None:
         """One audited call (gateway.commands.AuditLog): count it by method and StatusCode name."""
@@ -195,6 +204,12 @@ class GatewayMetrics:
         # Gateway.sinks) before start() serves it
         if self.exporter is None:
             self.exporter = MetricsExporter(package_version())
+
+    def site_changed(self, removed: set[str]) -> None:
+        """A site reload added or removed devices: removed ones lose their series, the RiskScore
+        nodes are found again (new devices' series appear with their first values)."""
+        self.exporter.forget(removed)
+        self._risk_nodes = None
 
     async def start(self) -> None:
         gw = self.gateway

@@ -213,6 +213,11 @@ class ClientCertificates:
         self._trusted_der: set[bytes] = set()
         self._lock = asyncio.Lock()
 
+    @property
+    def count(self) -> int:
+        """Trusted client certificates now (as last read from pki/trusted/)."""
+        return len(self._trusted_der)
+
     def _folder_stamp(self) -> tuple:
         entries = []
         for d in (self.pki.trusted, self.pki.crl):

@@ -542,29 +542,43 @@ async def secure_server(server: Server, opcua, data_dir: Path, model=None,
     # without a model nothing is writable (asyncua alone would let any User write CurrentWrite nodes)
     state.policy = await _install_access_policy(server, model, on_write)
     server.iserver.cmcs_security = state  # type: ignore[attr-defined]
+    server.iserver.method_service.cmcs_security = state  # type: ignore[attr-defined]  (asyncua_hooks 5.)
     return state
 
 
 async def _install_access_policy(server: Server, model, on_write: WriteListener | None) -> AccessPolicy:
     aspace = server.iserver.aspace
-    writables: dict[ua.NodeId, Writable] = {}
+    policy = AccessPolicy({}, {})
+    if model is not None:  # without a model nothing is writable
+        await extend_access_policy(server, policy, model)
+    server.iserver.callback_service.addListener(CallbackType.PostRead, policy.on_post_read, priority=-7331)
+    server.iserver.attribute_service = RoleAwareAttributeService(aspace, policy, on_write)
+    return policy
+
+
+async def extend_access_policy(server: Server, policy: AccessPolicy, model) -> None:
+    """The writable setpoints and the methods' roles of `model`'s nodes (the whole site at start, or
+    the SiteModel of what a site reload added)."""
+    aspace = server.iserver.aspace
     targets: list[tuple[ua.NodeId, Writable]] = []
-    for rule in WRITABLE_POINTS if model is not None else ():
+    for rule in WRITABLE_POINTS:
         if rule.point[0] == "*":
             targets += [(nid, replace(rule, point=key)) for key, nid in model.points.items() if key[1] == rule.point[1]]
         elif (nodeid := model.points.get(rule.point)) is not None:
             targets.append((nodeid, rule))
     for nodeid, rule in targets:
-        writables[nodeid] = rule
+        policy.writables[nodeid] = rule
         # asyncua's own check (role User) needs CurrentWrite in AccessLevel and UserAccessLevel
         for attr in (ua.AttributeIds.AccessLevel, ua.AttributeIds.UserAccessLevel):
             level = aspace.read_attribute_value(nodeid, attr).Value.Value or 0
             await server.write_attribute_value(
                 nodeid, ua.DataValue(ua.Variant(level | ua.AccessLevel.CurrentWrite.mask, ua.VariantType.Byte)), attr)
-    methods = model.methods.items() if model is not None else ()
-    method_roles = {info.method_id: REQUIRED_ROLE[method] for (_device, method), info in methods
-                    if method in REQUIRED_ROLE}
-    policy = AccessPolicy(writables, method_roles)
-    server.iserver.callback_service.addListener(CallbackType.PostRead, policy.on_post_read, priority=-7331)
-    server.iserver.attribute_service = RoleAwareAttributeService(aspace, policy, on_write)
-    return policy
+    policy.method_roles.update({info.method_id: REQUIRED_ROLE[method] for (_device, method), info in model.methods.items()
+                                if method in REQUIRED_ROLE})
+
+
+def shrink_access_policy(policy: AccessPolicy, nodeids: set) -> None:
+    """Forget the rules of nodes a site reload deleted."""
+    for table in (policy.writables, policy.method_roles):
+        for nodeid in [n for n in table if n in nodeids]:
+            del table[nodeid]

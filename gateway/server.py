@@ -35,8 +35,8 @@ from gateway.commands import CommandOutcome, CommandService
 from gateway.security import AccessPolicy
 from gateway.session import caller
 from information_model.fastpath import point_datavalues
-from information_model.instantiate import (MethodCall, SiteModel, bind_methods, build_site,
-                                           load_information_model, write_values)
+from information_model.instantiate import (MethodCall, SiteModel, bind_methods, build_site, delete_subtrees,
+                                           extend_site, load_information_model, shrink_site, write_values)
 from siteconfig.model import CmcsMode, Site
 
 log = logging.getLogger(__name__)
@@ -93,6 +93,8 @@ class GatewayServer:
         self._health_task: asyncio.Task | None = None
         self._diagnostics = None  # the Diagnostics folder node
         self._sink_keys: dict[int, str] = {}  # id(sink) -> its Diagnostics object name
+        self._connection_keys: set[str] = set()  # driver connections with a Diagnostics object
+        self._sync_lock: asyncio.Lock | None = None
         self.data_dir = data_dir  # holds pki/ and users.yaml
         self.security: security.SecurityState | None = None
         self.alarms: AlarmEngine | None = None  # started by build(); a sink app.py attaches
@@ -123,7 +125,19 @@ class GatewayServer:
             raise ValueError("GatewayServer needs a data_dir (pki/, users.yaml)")
         self.security = await security.secure_server(server, self.site.gateway.opcua, self.data_dir, self.model,
                                                      on_write=self._on_client_write)
-        bind_methods(server, self.model, {
+        bind_methods(server, self.model, self._method_handlers())
+        await self._write_cmcs_defaults()
+        self.limits = await limits.install(server, self.model.variable_count, self.model.ns_index)
+        self.alarms = await attach_alarms(self)
+        # the condition methods' UserExecutable must match who may call them
+        for method, node_id in (("Acknowledge", ua.ObjectIds.AcknowledgeableConditionType_Acknowledge),
+                                ("AddComment", ua.ObjectIds.ConditionType_AddComment),
+                                ("Enable", ua.ObjectIds.ConditionType_Enable),
+                                ("Disable", ua.ObjectIds.ConditionType_Disable)):
+            self.security.policy.require(ua.NodeId(node_id), ALARM_ROLES[method])
+
+    def _method_handlers(self) -> dict:
+        return {
             "SwitchSource": self._switch_source,
             "SetPreferredSource": self._set_preferred_source,
             "StartBridging": self._start_bridging,
@@ -134,16 +148,26 @@ class GatewayServer:
             "Advise": self._advise,
             "ReportLossOfRedundancy": self._report_loss_of_redundancy,
             "ClearLossOfRedundancy": self._clear_loss_of_redundancy,
-        })
-        await self._write_cmcs_defaults()
-        self.limits = await limits.install(server, self.model.variable_count, self.model.ns_index)
-        self.alarms = await attach_alarms(self)
-        # the condition methods' UserExecutable must match who may call them
-        for method, node_id in (("Acknowledge", ua.ObjectIds.AcknowledgeableConditionType_Acknowledge),
-                                ("AddComment", ua.ObjectIds.ConditionType_AddComment),
-                                ("Enable", ua.ObjectIds.ConditionType_Enable),
-                                ("Disable", ua.ObjectIds.ConditionType_Disable)):
-            self.security.policy.require(ua.NodeId(node_id), ALARM_ROLES[method])
+        }
+
+    # ---- a site reload (gateway/reload.py): aisles and units added and removed -----------------------
+    async def add_to_site(self, site: Site, aisles, units) -> SiteModel:
+        """Instantiate added aisles and units of `site` (the nodes a fresh start would give them), bind
+        their methods and access rules; returns the SiteModel of what was added."""
+        added = extend_site(self.server, self.model, site, aisles, units)
+        self.site = site
+        bind_methods(self.server, added, self._method_handlers())
+        await security.extend_access_policy(self.server, self.security.policy, added)
+        return added
+
+    async def remove_from_site(self, site: Site, devices: set[str], aisles: list[str]) -> int:
+        """Delete removed devices and aisles from the address space (their alarms first); returns the nodes deleted."""
+        self.site = site
+        if self.alarms is not None:
+            await self.alarms.remove_devices(site, devices)
+        deleted = await shrink_site(self.server, self.model, devices, aisles)
+        security.shrink_access_policy(self.security.policy, deleted)
+        return len(deleted)
 
     async def serve(self) -> None:
         """Write what the address-space sink holds (its birth, if attached), then listen."""
@@ -194,9 +218,31 @@ class GatewayServer:
         site_node = self.server.get_node(self.model.site_node)
         self._diagnostics = await site_node.add_folder(ua.NodeId("Diagnostics", ns),
                                                        ua.QualifiedName("Diagnostics", ns))
-        for h in self.health() if self.health is not None else ():
-            await self._add_diagnostics_object(h.key, self.HEALTH_VARS)
+        await self.sync_connection_objects()
         await self._add_sink_objects()
+
+    async def sync_connection_objects(self) -> None:
+        """One Diagnostics object per driver connection: made for a new one (a site reload added
+        devices at a new address), deleted with a connection that is gone."""
+        if self._sync_lock is None:
+            self._sync_lock = asyncio.Lock()
+        async with self._sync_lock:  # the Diagnostics loop and a reload may both call it
+            await self._sync_connection_objects()
+
+    async def _sync_connection_objects(self) -> None:
+        keys = [h.key for h in self.health()] if self.health is not None else []
+        for key in keys:
+            if key not in self._connection_keys:
+                await self._add_diagnostics_object(key, self.HEALTH_VARS)
+                self._connection_keys.add(key)
+        gone = self._connection_keys - set(keys)
+        if gone:
+            ns = self.model.ns_index
+            await delete_subtrees(self.server, [ua.NodeId(f"Diagnostics.{key}", ns) for key in gone], ns)
+            for key in gone:
+                self._connection_keys.discard(key)
+                for name, _vt, _d in self.HEALTH_VARS:
+                    self._health_nodes.pop((key, name), None)
 
     async def _add_diagnostics_object(self, key: str, variables) -> None:
         ns = self.model.ns_index
@@ -238,6 +284,7 @@ class GatewayServer:
             await asyncio.sleep(1.0)
             try:
                 await self._add_sink_objects()
+                await self.sync_connection_objects()
                 await self.write_diagnostics()
             except Exception:  # noqa: BLE001 - the counters must go on
                 log.exception("writing Diagnostics failed")
@@ -251,6 +298,8 @@ class GatewayServer:
             values = {"Connected": h.connected, "LastError": h.last_error, "PollDuration": h.poll_duration_ms,
                       "Overruns": h.overruns, "Reconnects": h.reconnects, "Devices": h.devices,
                       "Errors": h.errors, "DecodeErrors": h.decode_errors, "DroppedFrames": h.dropped_frames}
+            if (key, "Connected") not in self._health_nodes:
+                continue  # a connection a reload made a moment ago: its object comes with the next sync
             for name, value in values.items():
                 nodeid, vt = self._health_nodes[(key, name)]
                 updates.append((nodeid, ua.DataValue(ua.Variant(_coerce(value, vt), vt), SourceTimestamp=now)))

@@ -166,6 +166,11 @@ class GatewayUserManager(UserManager):
         self._lock = threading.Lock()
         self.reload()
 
+    @property
+    def count(self) -> int:
+        """Users known now (as last read from users.yaml)."""
+        return len(self._users)
+
     def reload(self) -> None:
         """Re-read users.yaml if it changed since the last read."""
         try:

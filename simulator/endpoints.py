@@ -138,6 +138,7 @@ class SimulatedDevice:
         plant_time = next((p for p in profile.diagnostics if p.name == "PlantTime"), None)
         self._plant_time_wrap_s = _UINT32_SPAN * plant_time.scale if plant_time else math.inf
         self.online = True  # False: the unit does not answer (0x0B), its endpoint keeps serving others
+        self.requests = 0  # Modbus requests addressed to it (what a real device's counters would show)
         self._warned: set[str] = set()
         self.power_up()
 
@@ -165,6 +166,7 @@ class SimulatedDevice:
 
         For bit tables pymodbus passes `address` in bits and `count` in 16-bit registers.
         """
+        self.requests += 1
         if not self.online:
             return ExcCodes.GATEWAY_NO_RESPONSE
         table = FUNCTION_TABLE.get(function_code)

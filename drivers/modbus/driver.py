@@ -104,6 +104,7 @@ class DeviceBinding:
     last_good: float = 0.0
     good: bool = False
     unavailable: bool = False  # its own failure (the connection up) has been logged; cleared on recovery
+    removed: bool = False  # a site reload removed it: no further request, no further value
 
 
 @dataclass
@@ -145,6 +146,24 @@ class ModbusConnection:
         self._tls_unproven = False  # a TLS session that has not carried an answer yet
         self._available: bool | None = None  # None until the first read or failure: nothing to report yet
         self._undecodable: str = ""  # why the last answer could not be decoded ('' if it could)
+
+    # ---- devices added and removed by a site reload -------------------------------------------------
+    def add(self, dev: DeviceBinding) -> None:
+        """Poll one more device, from its next scan slot on (now)."""
+        dev.next_due = time.monotonic()
+        self.devices.append(dev)
+        self.by_name[dev.name] = dev
+        self.health.devices = len(self.devices)
+        self._backoff.max_s = min([BACKOFF_MAX_S, *(d.period_s for d in self.devices)])
+
+    async def remove(self, name: str) -> None:
+        """Poll a device no more; returns once a request of its in flight (if any) has ended."""
+        dev = self.by_name.pop(name)
+        dev.removed = True
+        self.devices.remove(dev)
+        self.health.devices = len(self.devices)
+        async with self._lock:  # the block being read now, if it is one of its blocks, has its answer
+            pass
 
     # ---- life cycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -222,6 +241,8 @@ class ModbusConnection:
             started = now
             broken = False
             for dev in due:
+                if dev.removed:
+                    continue
                 # A device read a whole period after its slot has missed a scan: that is an overrun.
                 if time.monotonic() - dev.next_due > dev.period_s:
                     self.health.overruns += 1
@@ -229,13 +250,19 @@ class ModbusConnection:
                 dev.next_due += dev.period_s * max(1, math.ceil((time.monotonic() - dev.next_due) / dev.period_s))
                 try:
                     values = await self._read_device(dev)
+                    if dev.removed:
+                        continue
                 except DeviceUnreachable as exc:
+                    if dev.removed:
+                        continue
                     reason = self._unreachable_reason(exc)
                     self._device_failed(dev, reason)
                     self._went_down(reason)
                     broken = True
                     break
                 except DeviceError as exc:
+                    if dev.removed:
+                        continue
                     self._device_failed(dev, str(exc))
                     self._came_up()  # the connection carried an answer: only this device is in trouble
                     if not dev.unavailable:
@@ -315,6 +342,8 @@ class ModbusConnection:
     async def _read_device(self, dev: DeviceBinding) -> dict:
         values: dict = {}
         for block in dev.blocks:
+            if dev.removed:
+                break
             values.update(await self._read_block(dev, block))
         return values
 
@@ -512,23 +541,12 @@ class ModbusDriver:
 
     def __post_init__(self) -> None:
         groups: dict[tuple[str, int], list[DeviceBinding]] = {}
-        scan = self.site.gateway.scan_groups_s
         plain: list[str] = []
-        for name, kind, ep in self.site.devices():
-            if self.only is not None and name not in self.only:
-                continue
-            if ep.driver not in MODBUS_DRIVERS:
-                if self.only is not None:  # the registry sent a device that is not ours: say so, never skip it
-                    raise ValueError(f"{name}: driver {ep.driver} is not a Modbus driver")
-                continue
-            if ep.driver == "modbus":
-                plain.append(name)
-            profile = load_profile(ep.profile)
-            blocks = [b for table in profile.tables()
-                      for b in read_blocks(profile, table) if any(p.access != "w" for p in b.points)]
-            binding = DeviceBinding(name, kind, ep, profile, scan.get(ep.scan_group, 1.0), blocks)
-            groups.setdefault((ep.host, ep.port), []).append(binding)
-            self.table.define(name, [p.name for p in POINTS[kind]])
+        for binding in self._bindings(self.site, self.only):
+            if binding.endpoint.driver == "modbus":
+                plain.append(binding.name)
+            groups.setdefault((binding.endpoint.host, binding.endpoint.port), []).append(binding)
+            self.table.define(binding.name, [p.name for p in POINTS[binding.kind]])
         for (host, port), devices in groups.items():
             _check_same_security(host, port, devices)
             n = min(MAX_CONNECTIONS_PER_ENDPOINT, max(1, -(-len(devices) // DEVICES_PER_CONNECTION)))
@@ -545,6 +563,87 @@ class ModbusDriver:
                                                               if len(plain) > PLAIN_DEVICES_NAMED else "")
             log.warning("%d device%s on plain Modbus TCP (no encryption): %s", len(plain),
                         "s" if len(plain) != 1 else "", shown)
+
+    def _bindings(self, site: Site, only: frozenset[str] | None) -> list[DeviceBinding]:
+        scan = site.gateway.scan_groups_s
+        out = []
+        for name, kind, ep in site.devices():
+            if only is not None and name not in only:
+                continue
+            if ep.driver not in MODBUS_DRIVERS:
+                if only is not None:  # the registry sent a device that is not ours: say so, never skip it
+                    raise ValueError(f"{name}: driver {ep.driver} is not a Modbus driver")
+                continue
+            profile = load_profile(ep.profile)
+            blocks = [b for table in profile.tables()
+                      for b in read_blocks(profile, table) if any(p.access != "w" for p in b.points)]
+            out.append(DeviceBinding(name, kind, ep, profile, scan.get(ep.scan_group, 1.0), blocks))
+        return out
+
+    # ---- a site reload: devices added and removed while running -------------------------------------
+    def check_add(self, site: Site, devices: list[str]) -> list[str]:
+        """Why these devices of `site` could not be added live ([] if they can): bad profiles, TLS files,
+        or an endpoint shared with running devices under other security settings."""
+        try:
+            bindings = self._bindings(site, frozenset(devices))
+        except (OSError, ValueError, KeyError) as exc:
+            return [str(exc)]
+        problems = []
+        by_endpoint: dict[tuple[str, int], list[DeviceBinding]] = {}
+        for b in bindings:
+            by_endpoint.setdefault((b.endpoint.host, b.endpoint.port), []).append(b)
+        for (host, port), new in by_endpoint.items():
+            running = [d for c in self.connections.values() if (c.host, c.port) == (host, port) for d in c.devices]
+            try:
+                _check_same_security(host, port, running + new)
+                self._ssl_context(new[0])
+            except (OSError, ValueError) as exc:
+                problems.append(str(exc))
+        return problems
+
+    def add_devices(self, site: Site, devices: list[str]) -> None:
+        """Define the points of these devices of `site` and poll them: on the connection that already
+        serves their endpoint (the one with the fewest devices), else on a new one, started now."""
+        self.site = site
+        self.only = None if self.only is None else self.only | frozenset(devices)
+        plain: list[str] = []
+        for binding in self._bindings(site, frozenset(devices)):
+            ep = binding.endpoint
+            self.table.define(binding.name, [p.name for p in POINTS[binding.kind]])
+            serving = [c for c in self.connections.values() if (c.host, c.port) == (ep.host, ep.port)]
+            if serving:
+                conn = min(serving, key=lambda c: len(c.devices))
+                conn.add(binding)
+            else:
+                conn = ModbusConnection(ep.host, ep.port, [binding], self.table, site.gateway.stale_time_s,
+                                        sslctx=self._ssl_context(binding))
+                self.connections[(ep.host, ep.port, 0)] = conn
+                conn.start()
+            self.device_connection[binding.name] = conn
+            if ep.driver == "modbus":
+                plain.append(binding.name)
+        if plain:
+            shown = ", ".join(plain[:PLAIN_DEVICES_NAMED]) + (f" and {len(plain) - PLAIN_DEVICES_NAMED} more"
+                                                              if len(plain) > PLAIN_DEVICES_NAMED else "")
+            log.warning("%d added device%s on plain Modbus TCP (no encryption): %s", len(plain),
+                        "s" if len(plain) != 1 else "", shown)
+
+    async def remove_devices(self, devices: list[str]) -> None:
+        """Stop polling these devices (a connection left with none is closed) and drop their points."""
+        for name in devices:
+            conn = self.device_connection.pop(name, None)
+            if conn is None:
+                continue
+            if len(conn.devices) == 1 and name in conn.by_name:
+                conn.by_name[name].removed = True
+                await conn.stop()
+                key = next(k for k, c in self.connections.items() if c is conn)
+                del self.connections[key]
+            else:
+                await conn.remove(name)
+            self.table.remove(name)
+        if self.only is not None:
+            self.only = self.only - frozenset(devices)
 
     @classmethod
     def for_devices(cls, site: Site, table: PointTable, devices: list[str]) -> "ModbusDriver":

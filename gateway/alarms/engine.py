@@ -59,15 +59,7 @@ class AlarmEngine(ConditionSet, Sink):
     async def start(self) -> None:
         """Conditions of every rule, the Part 9 methods, audit events; then attach it to the point table."""
         self.start_conditions()
-        for rule in site_rules(self.site, self.model.device_kinds):
-            cond = self._condition(rule.device, rule.type_name)
-            cond.rule = rule
-            if rule.input_point is not None:
-                cond.input_node = self.model.points.get((rule.device, rule.input_point), ua.NodeId())
-            for device, point in rule.inputs:
-                self._watch.setdefault(point, {}).setdefault(device, []).append(cond)
-            for device, point in rule.passive:
-                self._watch.setdefault(point, {}).setdefault(device, [])
+        self._add_rules(site_rules(self.site, self.model.device_kinds))
         server_uri = ""
         try:
             uris = await self.server.get_node(ua.NodeId(_OID.Server_ServerArray)).read_value()
@@ -79,6 +71,48 @@ class AlarmEngine(ConditionSet, Sink):
             self.audit_events.start(self.audit)
         self._tasks = [asyncio.create_task(self._emitter(), name="alarm events"),
                        asyncio.create_task(self._ticker(), name="alarm delays")]
+
+    def _add_rules(self, rules) -> None:
+        for rule in rules:
+            cond = self._condition(rule.device, rule.type_name)
+            cond.rule = rule
+            if rule.input_point is not None:
+                cond.input_node = self.model.points.get((rule.device, rule.input_point), ua.NodeId())
+            for device, point in rule.inputs:
+                self._watch.setdefault(point, {}).setdefault(device, []).append(cond)
+            for device, point in rule.passive:
+                self._watch.setdefault(point, {}).setdefault(device, [])
+
+    # ---- a site reload (gateway/reload.py) ---------------------------------------------------------
+    def add_devices(self, site: Site, devices: set[str]) -> None:
+        """The rules of devices a reload added (already in the address space and the point table);
+        their values come with the first polls."""
+        self.site = site
+        self._add_rules([r for r in site_rules(site, self.model.device_kinds) if r.device in devices])
+
+    async def remove_devices(self, site: Site, devices: set[str]) -> None:
+        """Forget the conditions of devices a reload removes, before their nodes are deleted: one
+        that is active or unacknowledged is sent once more, inactive and acknowledged (Retain
+        false), so that alarm lists drop it."""
+        self.site = site
+        gone = [cond for key, cond in self.conditions.items() if key[0] in devices]
+        for cond in gone:
+            if cond.retain:
+                cond.active, cond.acked, cond.level = False, True, 0
+                cond.message = f"{cond.device} removed from the site"
+                self._publish(cond)
+        await self.drain()  # the events (and their condition nodes' values) are out before the nodes go
+        for cond in gone:
+            key = (cond.device, cond.type_name)
+            del self.conditions[key]
+            self.by_node.pop(cond.node_id, None)
+            self._pending.discard(key)
+            self._notifier_linked.discard(cond.source_node)
+        for by_device in self._watch.values():
+            for device in devices:
+                by_device.pop(device, None)
+        for key in [k for k in self._values if k[0] in devices]:
+            del self._values[key]
 
     async def stop(self) -> None:
         self._stopped = True

@@ -3,8 +3,9 @@
 The unit is checked by systemd itself (`systemd-analyze verify`, and `security --offline` for the
 hardening and the TSN drop-in). `cmcs run` is then started the way systemd starts it, with a
 NOTIFY_SOCKET the test listens on and a watchdog period, and must say READY=1 and keep the watchdog
-fed; SIGHUP reloads users and checks the changed site file (refused with the change named, as a
-restart is needed); `--metrics PORT` serves the Prometheus endpoint on loopback; SIGTERM stops it with exit code 0 after STOPPING=1, and the audit event of a
+fed; SIGHUP reloads users and refuses a site-file change that cannot be made live (a changed
+derating, named in the log as needing a restart), and a second SIGHUP brings an added unit into
+the address space; `--metrics PORT` serves the Prometheus endpoint on loopback; SIGTERM stops it with exit code 0 after STOPPING=1, and the audit event of a
 value written just before is in the history database.
 """
 
@@ -96,8 +97,11 @@ async def test_cmcs_run_notifies_systemd_reloads_on_sighup_and_flushes_history_o
     site = relocate_site(demo_site())
     opcua = dataclasses.replace(site.gateway.opcua, host="127.0.0.1", port=free_port(), allow_security_none=True)
     site = dataclasses.replace(site, gateway=dataclasses.replace(site.gateway, opcua=opcua))
+    last = site.aisles[-1]
+    added = last.units[-1]  # not in the site file the gateway starts with; a second SIGHUP brings it in
+    started = dataclasses.replace(site, aisles=(*site.aisles[:-1], dataclasses.replace(last, units=last.units[:-1])))
     site_file = tmp_path / "site.yaml"
-    site_file.write_text(site_to_yaml(site))
+    site_file.write_text(site_to_yaml(started))
     data_dir = tmp_path / "data"
     listener = NotifyListener(tmp_path / "notify.sock")
     log = open(tmp_path / "gateway.log", "w")
@@ -117,7 +121,7 @@ async def test_cmcs_run_notifies_systemd_reloads_on_sighup_and_flushes_history_o
             scraped = response.read().decode()
         assert f'cmcs_device_up{{device="{unit.name}"}} 0.0' in scraped and "cmcs_build_info{" in scraped
 
-        # SIGHUP: a new user is taken, a changed site file is refused with what would need a restart
+        # SIGHUP: a new user is taken, a site-file change that needs a restart is refused with its reason
         set_user(data_dir, "ops-engineer", "Engineer", password="ops-engineer-pw")
         site_file.write_text(site_file.read_text().replace("derating: 0.8", "derating: 0.75"))
         proc.send_signal(signal.SIGHUP)
@@ -125,7 +129,14 @@ async def test_cmcs_run_notifies_systemd_reloads_on_sighup_and_flushes_history_o
         await listener.wait_for("READY=1", 10, after=reloading)
         text = (tmp_path / "gateway.log").read_text()
         assert "reload: users file" in text and "(1 users)" in text, text[-2000:]
-        assert "NOT applied live" in text and "gateway.derating 0.8 -> 0.75" in text, text[-2000:]
+        assert "site reload refused: gateway.derating changed (0.8 -> 0.75) (needs a restart)" in text, text[-2000:]
+        # SIGHUP again with a unit added (and the derating as it was): applied live
+        site_file.write_text(site_to_yaml(site))
+        proc.send_signal(signal.SIGHUP)
+        reloading = await listener.wait_for("RELOADING=1", 10, after=reloading + 1)
+        await listener.wait_for("READY=1", 10, after=reloading)
+        text = (tmp_path / "gateway.log").read_text()
+        assert f"applied live: ats {added.name} added to {last.name}" in text, text[-2000:]
 
         # the user added before SIGHUP logs in (still serving); as the CMCS does, it publishes a
         # (historized) risk score, just before the stop
@@ -139,6 +150,9 @@ async def test_cmcs_run_notifies_systemd_reloads_on_sighup_and_flushes_history_o
                                                           f"{ns}:{unit.name}"])
             risk = await ats.get_child(f"{tns}:RiskScore")
             await risk.write_value(ua.DataValue(ua.Variant(0.4242, ua.VariantType.Double)))
+            new_unit = await engineer.nodes.objects.get_child([f"{ns}:{site.name}", f"{ns}:Aisles", f"{ns}:{last.name}",
+                                                               f"{ns}:{added.name}"])
+            assert (await new_unit.read_browse_name()).Name == added.name  # in the address space, no restart
         proc.send_signal(signal.SIGTERM)
         await listener.wait_for("STOPPING=1", 15)
         assert await asyncio.to_thread(proc.wait, 30) == 0

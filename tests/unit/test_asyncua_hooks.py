@@ -33,4 +33,4 @@ def test_install_puts_every_patch_in_place_once():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(sorted(asyncua_hooks.installed()))
-    assert len(asyncua_hooks.installed()) == 8
+    assert len(asyncua_hooks.installed()) == 9
