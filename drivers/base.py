@@ -175,18 +175,12 @@ class DriverSet:
         running driver with `add_devices` takes new devices (the Modbus driver); a device of any
         other driver needs a restart."""
         problems: list[str] = []
-        by_driver: dict[str, list[str]] = {}  # factory path -> devices (drivers are dataclasses: unhashable)
-        endpoints = {name: ep for name, _kind, ep in site.devices()}
-        for device in devices:
-            ep = endpoints[device]
-            path = factory_path(ep.driver)
+        for path, names in _by_driver(site, devices).items():
             driver = self.drivers.get(path)
             if driver is None or not hasattr(driver, "add_devices"):
-                problems.append(f"{device}: driver {ep.driver} cannot take new devices while running")
+                problems += [f"{d}: driver {_driver_name(site, d)} cannot take new devices while running" for d in names]
             else:
-                by_driver.setdefault(path, []).append(device)
-        for path, names in by_driver.items():
-            problems += self.drivers[path].check_add(site, names)  # type: ignore[attr-defined]
+                problems += driver.check_add(site, names)  # type: ignore[attr-defined]
         return problems
 
     def check_remove(self, devices: list[str]) -> list[str]:
@@ -196,11 +190,7 @@ class DriverSet:
 
     def add_devices(self, site: Site, devices: list[str]) -> None:
         """Define these devices' points and poll them (check_add first)."""
-        endpoints = {name: ep for name, _kind, ep in site.devices()}
-        by_driver: dict[str, list[str]] = {}
-        for device in devices:
-            by_driver.setdefault(factory_path(endpoints[device].driver), []).append(device)
-        for path, names in by_driver.items():
+        for path, names in _by_driver(site, devices).items():
             driver = self.drivers[path]
             driver.add_devices(site, names)  # type: ignore[attr-defined]
             for name in names:
@@ -228,3 +218,16 @@ class DriverSet:
 
     def health(self) -> list[ConnectionHealth]:
         return [h for driver in self.drivers.values() for h in driver.health()]
+
+
+def _by_driver(site: Site, devices: list[str]) -> dict[str, list[str]]:
+    """The devices of `site` grouped by their driver's factory path (drivers are dataclasses: unhashable)."""
+    endpoints = {name: ep for name, _kind, ep in site.devices()}
+    out: dict[str, list[str]] = {}
+    for device in devices:
+        out.setdefault(factory_path(endpoints[device].driver), []).append(device)
+    return out
+
+
+def _driver_name(site: Site, device: str) -> str:
+    return next(ep.driver for name, _kind, ep in site.devices() if name == device)
