@@ -37,7 +37,7 @@ from asyncua.common.subscription import Subscription
 from bench import mqtt
 from bench.report import markdown_table, write_json
 from bench.stress import tree_cpu_s
-from bench.workers import BENCH_PASSWORD, BENCH_USER
+from bench.workers import BENCH_PASSWORD, BENCH_USER, start_worker, stop_worker
 from siteconfig.demo import free_port
 from siteconfig.points import POINTS
 
@@ -81,39 +81,14 @@ class _MeteredSubscription(Subscription):
         self.meter.on_publish(publish_result)
 
 
-async def _start(cmd: list[str]) -> tuple[asyncio.subprocess.Process, dict]:
-    proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-                                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    line = await asyncio.wait_for(proc.stdout.readline(), timeout=300)
-    if not line:
-        err = (await proc.stderr.read()).decode()[-2000:]
-        raise RuntimeError(f"{' '.join(cmd)} failed: {err}")
-    return proc, json.loads(line)
-
-
 async def _health_snapshot(proc: asyncio.subprocess.Process) -> dict:
     proc.send_signal(signal.SIGUSR1)
     return json.loads(await asyncio.wait_for(proc.stdout.readline(), timeout=30))
 
 
-async def _stop(proc: asyncio.subprocess.Process) -> dict:
-    if proc.returncode is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        line = await asyncio.wait_for(proc.stdout.readline(), timeout=30)
-        info = json.loads(line) if line.strip() else {}
-    except (asyncio.TimeoutError, json.JSONDecodeError):
-        info = {}
-    try:
-        await asyncio.wait_for(proc.wait(), timeout=30)
-    except asyncio.TimeoutError:
-        proc.kill()
-    return info
-
-
 async def measure(site, site_file: Path, mode: str, window_s: float) -> dict:
     py = sys.executable
-    sim, sim_info = await _start([py, "-m", "bench.workers", "sim", str(site_file)])
+    sim, sim_info = await start_worker([py, "-m", "bench.workers", "sim", str(site_file)])
     port = free_port()
     result: dict = {"units": len(site.units), "mode": mode}
     gw = None
@@ -121,7 +96,7 @@ async def measure(site, site_file: Path, mode: str, window_s: float) -> dict:
     try:
         launched = time.time()
         with tempfile.TemporaryDirectory() as data_dir:
-            gw, _ = await _start([py, "-m", "bench.workers", "gateway", str(site_file), "--mode", mode,
+            gw, _ = await start_worker([py, "-m", "bench.workers", "gateway", str(site_file), "--mode", mode,
                                   "--port", str(port), "--data-dir", data_dir])
             gw_ps = psutil.Process(gw.pid)
             client = Client(f"opc.tcp://127.0.0.1:{port}/cmcs", timeout=60)
@@ -207,7 +182,7 @@ async def measure(site, site_file: Path, mode: str, window_s: float) -> dict:
             result["peak_rss_mb"] = round(peak_rss / 2**20, 1)
             await client.disconnect()
             client = None
-            stopped = await _stop(gw)
+            stopped = await stop_worker(gw)
             gw = None
             result["poll_overruns_since_start"] = stopped.get("poll_overruns")
     except Exception as exc:  # noqa: BLE001 - report what failed, as a figure of its own
@@ -219,9 +194,9 @@ async def measure(site, site_file: Path, mode: str, window_s: float) -> dict:
             except Exception:  # noqa: BLE001
                 pass
         if gw is not None:
-            info = await _stop(gw)
+            info = await stop_worker(gw)
             result.setdefault("poll_overruns", info.get("poll_overruns"))
-        await _stop(sim)
+        await stop_worker(sim)
     return result
 
 

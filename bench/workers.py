@@ -3,14 +3,17 @@
     python -m bench.workers sim SITE_FILE
     python -m bench.workers gateway SITE_FILE --mode ours|naive --port PORT --data-dir DIR
 
-Each prints one JSON line when it is ready, and one when it stops (on SIGTERM).
+Each prints one JSON line when it is ready, and one when it stops (on SIGTERM); `start_worker` and
+`stop_worker` run one from a benchmark (bench/gateway.py, bench/mqtt.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
+import os
 import signal
 import sys
 import time
@@ -18,6 +21,54 @@ from pathlib import Path
 
 # The benchmark's own throw-away user, in its own temporary data directory.
 BENCH_USER, BENCH_PASSWORD = "bench", "bench-only-password"
+
+
+_STDERR_DRAINS: set[asyncio.Task] = set()
+
+
+async def start_worker(cmd: list[str], ready_timeout_s: float = 300.0,
+                       stdin: bool = False) -> tuple[asyncio.subprocess.Process, dict]:
+    """Start a worker process and wait for its ready line; (process, that line's JSON). `stdin`: a
+    pipe to the worker's stdin (requests), else none.
+
+    Its stderr is read all along (the last lines kept for the error), so a chatty worker never
+    blocks on a full pipe."""
+    proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                                                stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL,
+                                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    tail: collections.deque[bytes] = collections.deque(maxlen=40)
+
+    async def drain() -> None:
+        async for line in proc.stderr:
+            tail.append(line)
+
+    task = asyncio.create_task(drain())
+    _STDERR_DRAINS.add(task)
+    task.add_done_callback(_STDERR_DRAINS.discard)
+    line = await asyncio.wait_for(proc.stdout.readline(), timeout=ready_timeout_s)
+    if not line:
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout=10)
+        except asyncio.TimeoutError:
+            pass
+        raise RuntimeError(f"{' '.join(cmd)} failed: {b''.join(tail).decode(errors='replace')[-2000:]}")
+    return proc, json.loads(line)
+
+
+async def stop_worker(proc: asyncio.subprocess.Process) -> dict:
+    """SIGTERM, then the worker's stopped line as JSON ({} if it had none); killed after 30 s."""
+    if proc.returncode is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        line = await asyncio.wait_for(proc.stdout.readline(), timeout=30)
+        info = json.loads(line) if line.strip() else {}
+    except (asyncio.TimeoutError, json.JSONDecodeError):
+        info = {}
+    try:
+        await asyncio.wait_for(proc.wait(), timeout=30)
+    except asyncio.TimeoutError:
+        proc.kill()
+    return info
 
 
 async def _until_signal() -> None:
