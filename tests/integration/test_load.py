@@ -3,7 +3,8 @@
 The same code as the bench's 10-minute run (bench/robustness.py `load`, clients in their own process,
 bench/load_clients.py): the demo site's simulators and gateway as processes, 5 clients over
 Basic256Sha256 SignAndEncrypt with a user name, each subscribed to 100 variables (500 ms publishing),
-browsing an aisle's subtree and reading 3 variables' history every 4 s, for 20 s. No errors, every
+browsing an aisle's subtree and reading 3 variables' history every 4 s, for 20 s, on a gateway restarted on a
+seeded history (bench/robustness.py `seed_history`: 30 min of rows for every variable). No errors, every
 client gets its notifications, the gateway's memory stays flat after a 5 s warm-up, and the latency
 from the plant step that produced a value to its arrival at the client has p99 < 1.5 s.
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from bench.robustness import LOAD_TARGETS, Processes, bench_site, load
+from bench.robustness import LOAD_TARGETS, SEED_SPAN_S, SEED_STEP_S, Processes, bench_site, load, seed_history
 from gateway.security import ensure_cmcs_client
 from siteconfig.demo import demo_site
 
@@ -37,6 +38,11 @@ async def test_five_secure_clients_subscribe_browse_and_read_history_without_err
     procs = Processes(tmp_path / "site.yaml", free_port(), str(data_dir))
     await procs.start()
     try:
+        # as the bench does: a gateway with 30 min of history for every variable, restarted on it
+        seeded = await seed_history(procs)
+        assert seeded["history_nodes_fed"] > 0.9 * seeded["history_nodes"], seeded
+        assert seeded["seeded_rows"] == seeded["history_nodes_fed"] * int(SEED_SPAN_S / SEED_STEP_S), seeded
+        assert procs.gateway_alive()
         r = await load(procs, site, identity, clients=5, items=100, load_s=20.0, warmup_s=5.0, workers=1,
                        browse_every_s=4.0, history_every_s=4.0, sample_s=1.0)
     finally:
