@@ -609,6 +609,64 @@ class _LargeRequestCounter(logging.Filter):
 
 _LARGE_REQUESTS = _LargeRequestCounter()
 
+# A hostile client must not fill the disk through the log: asyncua logs each malformed message,
+# refused request and fault it answers, many with a traceback (the robustness bench's 105k inputs gave
+# ~30,000 ERROR records, several MB). Per call site: LOG_BURST records per LOG_WINDOW_S, the rest
+# counted and said in the next record let through ("... [1,234 similar records suppressed in 60 s]").
+LOG_BURST = 20
+LOG_WINDOW_S = 60.0
+
+
+class LogBudget(logging.Filter):
+    """At most `burst` records per `window_s` from each call site (logger, file, line) of the loggers it
+    is put on; the records past it are dropped and counted (`suppressed`), and the first one let through
+    after the window says how many of its kind were dropped. Records below WARNING are not counted."""
+
+    def __init__(self, burst: int = LOG_BURST, window_s: float = LOG_WINDOW_S, clock=time.monotonic) -> None:
+        super().__init__()
+        self.burst, self.window_s, self.clock = burst, window_s, clock
+        self._sites: dict[tuple[str, str, int], list] = {}  # call site -> [window start, passed, dropped]
+        self.suppressed = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        key = (record.name, record.pathname, record.lineno)
+        now = self.clock()
+        site = self._sites.get(key)
+        if site is None:
+            if len(self._sites) > 10_000:  # call sites are few; bound it anyway
+                self._sites.clear()
+            site = self._sites[key] = [now, 0, 0]
+        elif now - site[0] >= self.window_s:
+            if site[2]:  # no "%" added: the message may be a %-template of its args
+                record.msg = f"{record.msg} [{site[2]:,} similar records suppressed in the last {now - site[0]:.0f} s]"
+            site[0], site[1], site[2] = now, 0, 0
+        if site[1] < self.burst:
+            site[1] += 1
+            return True
+        site[2] += 1
+        self.suppressed += 1
+        return False
+
+
+LOG_BUDGET = LogBudget()
+
+
+def _asyncua_loggers() -> tuple[str, ...]:
+    """The loggers of the asyncua modules imported so far (each makes its own at import, by __name__)."""
+    return ("asyncua", *(name for name in logging.root.manager.loggerDict if name.startswith("asyncua.")))
+
+
+def bound_logs(budget: LogBudget = LOG_BUDGET, names: tuple[str, ...] | None = None) -> None:
+    """Put `budget` on the logger of every asyncua module imported (they log by __name__; a filter acts
+    only on its own logger's records; the server's modules are all imported before `install`), after any filter already there (the counter of refused large requests
+    must see every record). Idempotent."""
+    for name in names or _asyncua_loggers():
+        logger = logging.getLogger(name)
+        if budget not in logger.filters:
+            logger.addFilter(budget)
+
 
 def _count_large_requests(guard: ResourceGuard) -> None:
     logger = logging.getLogger("asyncua.server.uaprocessor")
@@ -629,6 +687,7 @@ async def install(server: "Server", variable_count: int, namespace_index: int,
     install_protocol_checks()  # idempotent; gateway.asyncua_hooks.install() has put them in place already
     install_decoder_bounds()
     _count_large_requests(guard)
+    bound_logs()  # after the counter
     # asyncua's own knobs (internal_server.py)
     iserver.max_connections = limits.max_connections
     iserver.max_session_timeout_ms = limits.max_session_timeout_s * 1000.0

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import gc
+import logging
 import socket
 import struct
 import time
@@ -30,6 +31,7 @@ from bench.fuzz_modbus import HostileDevice
 from bench.fuzz_opcua import fuzz_channel, fuzz_raw, fuzz_session
 from bench.robustness import hostile_site
 from gateway.app import Gateway
+from gateway.limits import LOG_BUDGET, LOG_BURST
 from gateway.security import ensure_cmcs_client
 from gateway.users import set_user
 from simulator.endpoints import SimulatorHost
@@ -400,10 +402,26 @@ class Probe:
 
 async def test_fuzz_raw_bytes_and_lying_sizes(gateway):
     probe = Probe(_url(gateway))
-    sent = await fuzz_raw("127.0.0.1", gateway.server.port, _url(gateway), 800, seed=1, probe=probe, probe_every=250)
+    # what reaches a log handler: asyncua's records pass gateway.limits.LOG_BUDGET first
+    seen: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = seen.append  # type: ignore[method-assign]
+    logging.getLogger("asyncua").addHandler(handler)
+    suppressed = LOG_BUDGET.suppressed
+    try:
+        sent = await fuzz_raw("127.0.0.1", gateway.server.port, _url(gateway), 800, seed=1, probe=probe,
+                              probe_every=250)
+    finally:
+        logging.getLogger("asyncua").removeHandler(handler)
     assert sent == 800
     assert await probe() and probe.failures == 0
     await probe.client.disconnect()
+    # each malformed input is logged by asyncua (most with a traceback); per call site only LOG_BURST a minute
+    dropped = LOG_BUDGET.suppressed - suppressed
+    sites = {(r.name, r.pathname, r.lineno) for r in seen}
+    print(f"{len(seen)} records from {len(sites)} call sites let through, {dropped} suppressed")
+    assert dropped > len(seen), (len(seen), dropped)
+    assert len(seen) <= len(sites) * LOG_BURST
 
 
 async def test_fuzz_mutated_open_secure_channel(gateway):
