@@ -96,7 +96,7 @@ class Gateway:
         its counters in Diagnostics (Objects/<Site>/Diagnostics/Sink <name>)."""
         sinks: list[Sink] = [
             self.commands.transfer_watch,  # dwell time after automatic transfers (lossless, inline)
-            self.server.values,  # the OPC UA address space (coalescing, flushed every 100 ms)
+            self.server.values,  # the OPC UA address space (coalescing, flushed every 20 ms)
             self.server.alarms,  # alarm rules -> Part 9 conditions (lossless, inline)
             self.historian.feed,  # history.sqlite3 (lossless, written by the historian's thread)
         ]

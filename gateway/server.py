@@ -41,7 +41,10 @@ from siteconfig.model import CmcsMode, Site
 
 log = logging.getLogger(__name__)
 
-FLUSH_INTERVAL_S = 0.1
+# The address space takes the point table's changes every 20 ms (was 100 ms): the wait adds to every
+# value's latency (mean 50 -> 10 ms); measured under the 50-client load, SourceTimestamp-to-client
+# p50 0.40 -> 0.35 s, gateway CPU 87.7 -> 86.1 % (one run each, 3 Dec 2026).
+FLUSH_INTERVAL_S = 0.02
 QUALITY_STATUS = {
     Quality.GOOD: ua.StatusCode(ua.StatusCodes.Good),
     Quality.UNCERTAIN_LAST_USABLE: ua.StatusCode(ua.StatusCodes.UncertainLastUsableValue),

@@ -9,7 +9,7 @@ client gets its notifications, the gateway's memory stays flat after a 5 s warm-
 from the plant step that produced a value to its arrival at the client has p99 < 1.5 s.
 
 The scan period here is 0.25 s: plant-to-client latency is at least the wait for the next poll plus
-the wait for the next publish (plus the simulator's 100 ms tick and the gateway's 100 ms flush), so
+the wait for the next publish (plus the simulator's 100 ms tick and the gateway's 20 ms flush), so
 with the demo's 1 s scan and 500 ms publishing its p99 is ~1.45 s before any work is done (bench figures: docs/interface.md section 7, `load_latency_p99_s`).
 """
 
