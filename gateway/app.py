@@ -71,6 +71,16 @@ class Gateway:
     _attached: tuple[Sink, ...] = ()
 
     async def start(self) -> None:
+        # No cyclic collection while start-up builds the address space (about 80k nodes at 1,000
+        # units): each pass walked the whole growing heap again (build_site 1.4-2.0 s -> 1.0-1.4 s
+        # without). What start-up built is then frozen (freeze_heap) and collection resumes.
+        gc.disable()
+        try:
+            await self._start()
+        finally:
+            gc.enable()
+
+    async def _start(self) -> None:
         await self.driver.start()
         await self.server.build()  # address space, security, methods, alarm engine: not listening yet
         self.historian = await attach_historian(self.server, Path(self.data_dir))

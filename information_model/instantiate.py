@@ -437,7 +437,7 @@ class _Builder:
         value: ua.DataValue | None = None,
         inverse: ua.ReferenceDescription | None = None,
     ) -> NodeData:
-        nodeid = ua.NodeId(sid, self.ns, ua.NodeIdType.String)
+        nodeid = ua.NodeId(sid, self.ns)  # NodeIdType String, inferred: an explicit one is re-checked per node
         nd = NodeData(nodeid)
         nd.attributes = attrs = _LazyAttributes(nodeid, decl.template)
         if value is not None:
@@ -470,7 +470,7 @@ class _Builder:
         typedef: ua.NodeId,
         event_notifier: int = 0,
     ) -> NodeData:
-        nodeid = ua.NodeId(sid, self.ns, ua.NodeIdType.String)
+        nodeid = ua.NodeId(sid, self.ns)  # NodeIdType String, inferred: an explicit one is re-checked per node
         dname = ua.LocalizedText(display)
         nd = NodeData(nodeid)
         for aid, dv in (
