@@ -62,7 +62,10 @@ def open_link(interface: str, *, blocking: bool = False) -> socket.socket:
     except OSError:
         raise LinkUnavailable(f"no network interface '{interface}' here (gateway.tsn.interface)") from None
     try:
-        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+        # protocol 0: no frame is queued until bind() below, so none of any interface arrives
+        # before the filter is on (a socket made with ETH_P_ALL receives every interface's frames,
+        # loopback's TCP included, from its creation to the bind: seen in a test under load)
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
     except PermissionError:
         raise LinkUnavailable(f"raw Ethernet on '{interface}' needs CAP_NET_RAW (run as root or grant "
                               f"the capability)") from None
