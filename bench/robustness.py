@@ -15,7 +15,8 @@ loopback for the plain-transport depths) on free ports, and measures:
 - load: its own simulators and gateway on the 1,000-unit site (generate_site(20, 50)); 50 OPC UA
   clients (bench/load_clients.py, in two processes of their own) over Basic256Sha256
   SignAndEncrypt with a user name, each subscribed to 500 variables (500 ms publishing), browsing an
-  aisle's subtree and reading 3 variables' history every 10 s, for 10 minutes: the gateway's RSS
+  aisle's subtree and reading 3 variables' history every 10 s, for 10 minutes, on a gateway
+  restarted on 30 min of seeded history (`seed_history`, as a running site has it): the gateway's RSS
   every 5 s (load_rss_growth_pct: from the end of the first minute to the end), the latency from the
   plant step that produced a value to its arrival at a client (load_latency_p99_s; from the
   SourceTimestamp too), browse and history round trips, errors, and the CPU of the gateway, the

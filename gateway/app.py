@@ -74,11 +74,13 @@ class Gateway:
         # No cyclic collection while start-up builds the address space (about 80k nodes at 1,000
         # units): each pass walked the whole growing heap again (build_site 1.4-2.0 s -> 1.0-1.4 s
         # without). What start-up built is then frozen (freeze_heap) and collection resumes.
+        collecting = gc.isenabled()
         gc.disable()
         try:
             await self._start()
         finally:
-            gc.enable()
+            if collecting:
+                gc.enable()
 
     async def _start(self) -> None:
         await self.driver.start()

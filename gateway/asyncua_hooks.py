@@ -58,7 +58,8 @@ is set up, by the code they serve (gateway/server.py calls both); they are not i
    `Server.limits`, and `InternalSession.max_connections`, which asyncua keeps on the class, so it
    holds for every server in the process), adds a logging filter on `asyncua.server.uaprocessor`
    that counts the requests asyncua refuses as past the transport limits (it counts them nowhere
-   else), and writes ServerCapabilities, ServerDiagnosticsSummary and `ResourceRefusals`.
+   else), a second one on every asyncua logger (`LogBudget`: 20 WARNING+ records a minute per call
+   site, so that a hostile client cannot fill the disk with asyncua's tracebacks), and writes ServerCapabilities, ServerDiagnosticsSummary and `ResourceRefusals`.
 9. gateway/security.py `secure_server` (its `_install_access_policy`) replaces
    `iserver.attribute_service` with `RoleAwareAttributeService` (asyncua's AttributeService
    subclassed): a client's Write is

@@ -612,7 +612,8 @@ _LARGE_REQUESTS = _LargeRequestCounter()
 # A hostile client must not fill the disk through the log: asyncua logs each malformed message,
 # refused request and fault it answers, many with a traceback (the robustness bench's 105k inputs gave
 # ~30,000 ERROR records, several MB). Per call site: LOG_BURST records per LOG_WINDOW_S, the rest
-# counted and said in the next record let through ("... [1,234 similar records suppressed in 60 s]").
+# counted and said in the next record let through ("... [1,234 similar records suppressed in 60 s]")
+# and in the periodic summary line (gateway/summary.py).
 LOG_BURST = 20
 LOG_WINDOW_S = 60.0
 
@@ -660,8 +661,9 @@ def _asyncua_loggers() -> tuple[str, ...]:
 
 def bound_logs(budget: LogBudget = LOG_BUDGET, names: tuple[str, ...] | None = None) -> None:
     """Put `budget` on the logger of every asyncua module imported (they log by __name__; a filter acts
-    only on its own logger's records; the server's modules are all imported before `install`), after any filter already there (the counter of refused large requests
-    must see every record). Idempotent."""
+    only on its own logger's records; the server's modules are all imported before `install`), after
+    any filter already there (the counter of refused large requests must see every record).
+    Idempotent. One budget for the process, as the loggers are (several servers in a test share it)."""
     for name in names or _asyncua_loggers():
         logger = logging.getLogger(name)
         if budget not in logger.filters:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from drivers.pointtable import Quality
 from gateway.metrics import address_space_value, alarms_active, opcua_monitored_items, opcua_sessions
+from gateway.limits import LOG_BUDGET
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -87,5 +88,7 @@ class LogSummary:
         parts.append(cmcs)
         parts.append(f"alarms active {alarms_active(server.alarms)}")
         parts.append(f"commands {self.commands} ({self.refused} refused)")
+        if LOG_BUDGET.suppressed:  # said here too: a flood that stops is never followed by the record that tells
+            parts.append(f"asyncua log records suppressed {LOG_BUDGET.suppressed:,}")
         return "summary: " + "; ".join(parts)
 
