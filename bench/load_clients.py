@@ -13,7 +13,10 @@ prints its figures as one JSON line:
 - latency histograms (bins of BIN_S) of every data-change notification during the run, measured two
   ways: from the plant step that produced the value (the simulator's plant clock: a value polled at
   SourceTimestamp s comes from the last whole plant second before s, as in bench/gateway.py) to its
-  arrival here, and from its SourceTimestamp (the gateway's poll) to its arrival;
+  arrival here, and from its SourceTimestamp (the gateway's poll) to its arrival. Arrival is when
+  the response's bytes were taken off the socket (bench/arrival.py), before this client decodes
+  it; a third histogram, from the plant step to the end of the decode, shows what the client's own
+  decoding (and its other clients, browses and history reads in the same process) adds;
 - browse and history-read round trips (each one request), errors by kind, notifications per client,
   and this process's own CPU time over the run (so a reader can tell whether the clients were the
   bottleneck).
@@ -33,6 +36,8 @@ import psutil
 from asyncua import Client, ua
 from asyncua.common.subscription import Subscription
 
+from bench.arrival import arrival, stamp_arrivals
+
 BIN_S = 0.01  # latency histogram bin
 BINS = 3000  # up to 30 s; the last bin holds everything later
 HISTORY_WINDOW_S = 300.0  # HistoryRead over the last 5 minutes
@@ -46,8 +51,9 @@ class Tally:
     def __init__(self, wall0: float, speed: float):
         self.wall0, self.speed = wall0, speed
         self.recording = False
-        self.plant = [0] * BINS
+        self.plant = [0] * BINS  # from the notification's arrival (bench/arrival.py)
         self.source = [0] * BINS
+        self.plant_decoded = [0] * BINS  # from when this client had decoded it
         self.early = 0  # SourceTimestamp after arrival (clock skew: none here, one machine)
         self.not_good = 0  # notifications whose value is not Good
         self.status_changes = 0  # StatusChangeNotification: a subscription lost or timed out
@@ -66,9 +72,12 @@ class Tally:
         data = result.NotificationMessage.NotificationData
         if not data or not self.recording:
             return
-        arrival = time.time()
+        decoded = time.time()
+        arrived = arrival(result)
+        if arrived is None:
+            arrived = decoded
         wall0, speed = self.wall0, self.speed
-        plant, source = self.plant, self.source
+        plant, source, plant_decoded = self.plant, self.source, self.plant_decoded
         for notif in data:
             if isinstance(notif, ua.StatusChangeNotification):
                 self.status_changes += 1
@@ -85,13 +94,14 @@ class Tally:
                 if ts is None:
                     continue
                 s = ts.replace(tzinfo=timezone.utc).timestamp()
-                lag = arrival - s
+                lag = arrived - s
                 if lag < 0:
                     self.early += 1
                     lag = 0.0
                 source[min(BINS - 1, int(lag / BIN_S))] += 1
-                step = math.floor((s - wall0) * speed)
-                plant[min(BINS - 1, max(0, int((arrival - (wall0 + step / speed)) / BIN_S)))] += 1
+                produced = wall0 + math.floor((s - wall0) * speed) / speed
+                plant[min(BINS - 1, max(0, int((arrived - produced) / BIN_S)))] += 1
+                plant_decoded[min(BINS - 1, max(0, int((decoded - produced) / BIN_S)))] += 1
 
 
 class _Subscription(Subscription):
@@ -133,6 +143,7 @@ class LoadClient:
 
     async def start(self) -> None:
         self.client = await _connect(self.cfg)
+        stamp_arrivals(self.client)
         self.client.connection_lost_callback = self._lost
         self.ns = await self.client.get_namespace_index(self.cfg["ns_uri"])
         params = ua.CreateSubscriptionParameters(RequestedPublishingInterval=500, RequestedLifetimeCount=600,
@@ -276,6 +287,7 @@ async def main(cfg: dict) -> None:
         "notifications_min_per_client": min((c.counter[0] for c in started), default=0),
         "not_good": tally.not_good, "early": tally.early, "status_changes": tally.status_changes,
         "plant": _sparse(tally.plant), "source": _sparse(tally.source),
+        "plant_decoded": _sparse(tally.plant_decoded),
         "browse_s": [round(x, 4) for x in tally.browse_s], "history_s": [round(x, 4) for x in tally.history_s],
         "history_values": tally.history_values, "errors": tally.errors, "first_errors": tally.first_errors,
         "cpu_s": round((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system), 1),

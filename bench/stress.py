@@ -9,6 +9,10 @@ the whole `cmcs bench gateway` under its 20 minutes.
 
 - ours: the gateway (bench.workers gateway) polling bench/stress_devices.py, whose every point
   alternates on every read, with every scan group of the site set to the scan period;
+- server only (1,000 units): the gateway's OPC UA side without devices (bench.workers gateway
+  --mode server: point table, address space, security, limits and alarms, fed by a timer in 20
+  slices per period instead of drivers), the floor under `ours`: what our server path costs per
+  value whatever the drivers do (stress_server_only, stress_ratio_server_only_over_node_opcua);
 - node-opcua: tests/interop/bench_server.mjs publishing the same variables (same identifiers and
   types) at the same rate, updated by a timer in 20 slices per period.
 
@@ -213,6 +217,35 @@ async def measure_ours(site, scan_s: float, window_s: float) -> dict:
     return out
 
 
+async def measure_server_only(site, scan_s: float, window_s: float) -> dict:
+    """Our OPC UA side alone (bench.workers gateway --mode server: the point table, address space,
+    security and alarms of the gateway, fed by a timer instead of drivers): the floor under `ours`."""
+    py = sys.executable
+    s = stress_site(site, scan_s)
+    names = variables(s)
+    out: dict = {"units": len(s.units), "variables": len(names), "scan_s": scan_s,
+                 "offered_per_s": round(len(names) / scan_s, 1)}
+    gw = None
+    with tempfile.TemporaryDirectory() as tmp:
+        site_file, ids_file = Path(tmp) / "site.yaml", Path(tmp) / "ids.json"
+        site_file.write_text(site_to_yaml(s))
+        namespace = f"urn:cmcs-gateway:site:{s.name}"
+        ids_file.write_text(json.dumps({"namespace": namespace, "ids": [i for i, _ in names]}))
+        port = free_port()
+        try:
+            launched = time.time()
+            gw, _ = await _spawn([py, "-m", "bench.workers", "gateway", str(site_file), "--mode", "server", "--port",
+                                  str(port), "--data-dir", str(Path(tmp) / "data")])
+            out["startup_s"] = round(time.time() - launched, 2)
+            r = await _run_client(port, ids_file, scan_s, window_s, psutil.Process(gw.pid), True)
+            out.update(_figures(r))
+        except Exception as exc:  # noqa: BLE001 - a failed step is a result of its own
+            out["error"] = f"{type(exc).__name__}: {exc}"[:300]
+        finally:
+            await _terminate(gw)
+    return out
+
+
 async def measure_node_opcua(site, scan_s: float, window_s: float) -> dict:
     """node-opcua publishing the same variables at the same rate."""
     s = stress_site(site, scan_s)
@@ -283,15 +316,17 @@ def step_down(measure, site, window_s: float, steps=SCAN_STEPS_S, log=print) -> 
     return best, runs
 
 
-def _node_steps(site, window_s: float, steps, ours_best: dict | None, log=print) -> tuple[dict | None, list[dict]]:
-    """node-opcua's steps, from the scan period where ours did best (each step restarts a server: at
-    3,000 units a step costs a minute, and the slower steps deliver less anyway): down from there as
-    step_down does; if that first step fails, up through the slower ones until one holds."""
+def _node_steps(site, window_s: float, steps, ours_best: dict | None, log=print,
+                measure=measure_node_opcua) -> tuple[dict | None, list[dict]]:
+    """node-opcua's steps (or another server's: `measure`), from the scan period where ours did best
+    (each step restarts a server: at 3,000 units a step costs a minute, and the slower steps deliver
+    less anyway): down from there as step_down does; if that first step fails, up through the slower
+    ones until one holds."""
     start = steps.index(ours_best["scan_s"]) if ours_best is not None and ours_best.get("scan_s") in steps else 0
-    best, runs = step_down(measure_node_opcua, site, window_s, steps[start:], log)
+    best, runs = step_down(measure, site, window_s, steps[start:], log)
     if best is None:
         for scan_s in reversed(steps[:start]):
-            r = asyncio.run(measure_node_opcua(site, scan_s, window_s))
+            r = asyncio.run(measure(site, scan_s, window_s))
             runs.append(r)
             log(f"      scan {scan_s:g} s: {json.dumps(r)}")
             if holds(r):
@@ -318,6 +353,12 @@ def run_into(figures: dict, quick: bool = False, log=print) -> None:
         best, runs = step_down(measure_ours, site, window, steps, log)
         figures["stress"][name] = best if best is not None else {**runs[0], "holds": False}
         all_steps[name] = {"ours": runs}
+        if name == "1000-units":
+            # the floor: our OPC UA side without devices, from ours' best scan period down
+            log(f"  stress {name} / server only (no devices) ...")
+            fbest, fruns = _node_steps(site, window, steps, best, log, measure=measure_server_only)
+            figures.setdefault("stress_server_only", {})[name] = fbest if fbest is not None else {**fruns[0], "holds": False}
+            all_steps[name]["server_only"] = fruns
         if why is None:
             log(f"  stress {name} / node-opcua ...")
             nbest, nruns = _node_steps(site, window, steps, best, log)
@@ -330,6 +371,10 @@ def run_into(figures: dict, quick: bool = False, log=print) -> None:
         name: (round(figures["stress"][name]["updates_per_s"] / figures["baseline_node_opcua"][name]["updates_per_s"], 2)
                if figures["stress"][name].get("updates_per_s") and figures["baseline_node_opcua"][name].get("updates_per_s")
                else None) for name in sites}
+    floor, node = figures.get("stress_server_only", {}), figures["baseline_node_opcua"]
+    figures["stress_ratio_server_only_over_node_opcua"] = {
+        name: round(floor[name]["updates_per_s"] / node[name]["updates_per_s"], 2)
+        for name in floor if floor[name].get("updates_per_s") and node.get(name, {}).get("updates_per_s")}
     for name in sites:
         r = figures["stress"][name]
         if r.get("peak_rss_mb") and r.get("variables"):
@@ -344,11 +389,15 @@ def markdown(figures: dict) -> str:
             "cpu_percent", "startup_s", "peak_rss_mb", "poll_overruns"]
     rows = []
     for name in figures.get("stress", {}):
-        for label, key in (("ours", "stress"), ("node-opcua", "baseline_node_opcua")):
+        for label, key in (("ours", "stress"), ("server only (no devices)", "stress_server_only"),
+                           ("node-opcua", "baseline_node_opcua")):
+            if name not in figures.get(key, {}):
+                continue
             r = figures.get(key, {}).get(name, {})
             rows.append([name, label] + [r.get(c, "-") if r.get(c) is not None else "-" for c in cols] + [r.get("error", "")])
     return ("## Stress: every variable changing every scan\n\nScan period stepped down "
             f"({', '.join(f'{s:g}' for s in SCAN_STEPS_S)} s) until p99 passes {LATENCY_LIMIT_S:g} s; each row is the "
             "highest offered rate that held. Same measuring client (node-opcua) for both servers.\n\n"
             + markdown_table(["site", "server"] + cols + ["error"], rows)
-            + f"\n\nRatio ours / node-opcua (updates/s): `{json.dumps(figures.get('stress_ratio_ours_over_node_opcua'))}`\n")
+            + f"\n\nRatio ours / node-opcua (updates/s): `{json.dumps(figures.get('stress_ratio_ours_over_node_opcua'))}`; "
+            f"server only / node-opcua: `{json.dumps(figures.get('stress_ratio_server_only_over_node_opcua'))}`\n")

@@ -1,7 +1,9 @@
 """Processes of `cmcs bench gateway`: the device simulators, and a gateway (ours or the naive one).
 
     python -m bench.workers sim SITE_FILE
-    python -m bench.workers gateway SITE_FILE --mode ours|naive --port PORT --data-dir DIR
+    python -m bench.workers gateway SITE_FILE --mode ours|naive|server --port PORT --data-dir DIR
+
+(`server`: the gateway's OPC UA side alone, fed by a timer instead of devices: `_server_only`.)
 
 Each prints one JSON line when it is ready, and one when it stops (on SIGTERM); `start_worker` and
 `stop_worker` run one from a benchmark (bench/gateway.py, bench/mqtt.py).
@@ -106,6 +108,8 @@ async def _gateway(site_file: str, mode: str, port: int, data_dir: str) -> None:
         gw = Gateway(site, Path(data_dir), opcua_port=port, opcua_host="127.0.0.1")
         await gw.start()
         driver, stop = gw.driver, gw.stop
+    elif mode == "server":
+        driver, stop = await _server_only(site, port, data_dir)
     else:
         from bench.naive_server import NaiveServer
         from drivers.base import DriverSet
@@ -137,11 +141,72 @@ async def _gateway(site_file: str, mode: str, port: int, data_dir: str) -> None:
     await stop()
 
 
+SERVER_SLICES = 20  # as bench/stress_devices.py's gateway sees its devices: staggered over the scan period
+
+
+async def _server_only(site, port: int, data_dir: str):
+    """The gateway's OPC UA side alone (mode "server", the stress case's floor): its point table,
+    address-space sink, server, security, limits and alarm engine, as gateway/app.py wires them, but
+    no drivers, historian, CMCS or MQTT; a timer updates the point table instead, every point of
+    1/SERVER_SLICES of the devices per slice of the scan period, alternating as
+    bench/stress_devices.py does (floats 10 <-> 20, integers 1 <-> 2, bits). What this costs per value
+    is what our OPC UA stack (asyncua and the gateway's own path into it) costs without any device."""
+    from drivers.base import DriverSet
+    from drivers.pointtable import PointTable
+    from gateway.commands import AuditLog, CommandService
+    from gateway.server import GatewayServer
+    from gateway.users import set_user
+    from siteconfig.points import POINTS
+
+    set_user(Path(data_dir), BENCH_USER, "Operator", password=BENCH_PASSWORD)
+    table = PointTable()
+    driver = DriverSet(site, table)  # defines every device's points in the table; never started
+    commands = CommandService(site, table, driver, AuditLog(Path(data_dir) / "audit.log"))
+    server = GatewayServer(site, table, commands, host="127.0.0.1", port=port, health=driver.health,
+                           data_dir=Path(data_dir))
+    await server.build()
+    table.attach(server.values)
+    table.attach(server.alarms)
+    kinds = {name: kind for name, kind, _ in site.devices()}
+    phases = {"float": (10.0, 20.0), "bool": (False, True)}
+
+    def image(kind: str, phase: int) -> dict:
+        return {p.name: phases.get(p.kind, (1, 2))[phase] for p in POINTS[kind]}
+
+    images = {kind: (image(kind, 0), image(kind, 1)) for kind in set(kinds.values())}
+    devices = list(kinds)
+    for name in devices:
+        table.update_device(name, images[kinds[name]][0])
+    await server.serve()
+    period = min(site.gateway.scan_groups_s.values(), default=1.0)
+
+    async def feed() -> None:
+        slice_n = -(-len(devices) // SERVER_SLICES)
+        k, next_t = 0, time.monotonic()
+        while True:
+            next_t += period / SERVER_SLICES
+            await asyncio.sleep(max(0.0, next_t - time.monotonic()))
+            phase = (k // SERVER_SLICES + 1) % 2
+            start = (k % SERVER_SLICES) * slice_n
+            now = time.time()
+            for name in devices[start:start + slice_n]:
+                table.update_device(name, images[kinds[name]][phase], now)
+            k += 1
+
+    task = asyncio.create_task(feed())
+
+    async def stop() -> None:
+        task.cancel()
+        await server.stop()
+
+    return driver, stop
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.workers")
     p.add_argument("role", choices=["sim", "gateway"])
     p.add_argument("site")
-    p.add_argument("--mode", choices=["ours", "naive"], default="ours")
+    p.add_argument("--mode", choices=["ours", "naive", "server"], default="ours")
     p.add_argument("--port", type=int, default=4840)
     p.add_argument("--data-dir", default="/tmp/cmcs-bench")
     a = p.parse_args(argv)

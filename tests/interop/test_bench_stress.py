@@ -92,3 +92,18 @@ def test_node_opcua_bench_server_and_client_count_published_changes(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_server_only_floor_publishes_every_point_changing_every_scan():
+    """The floor of the stress case (bench.workers gateway --mode server): the gateway's OPC UA side
+    fed by a timer, measured by the same node-opcua client as the other two servers."""
+    why = stress.node_available()
+    assert why is None, why
+    site = generate_site(1, 3)
+    r = asyncio.run(stress.measure_server_only(site, 0.2, 2.0))
+    assert "error" not in r, r
+    assert r["variables"] == sum(len(POINTS[kind]) for _, kind, _ in site.devices())
+    # every variable alternates every 0.2 s scan, staggered in 20 slices: nearly all of it arrives
+    assert 0.5 * r["offered_per_s"] <= r["updates_per_s"] <= 1.2 * r["offered_per_s"], r
+    assert 0 <= r["latency_p99_s"] < 1.0, r
+    assert r["cpu_percent"] > 0, r
