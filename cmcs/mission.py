@@ -13,6 +13,8 @@ static DCIM thresholds of cmcs.baselines, alarm at score >= 1, i.e. at the nomin
 
 Figures per run (the `P` of docs/interface.md section 7, plus details):
 - dropped_loads, unserved_kwh, losses_kwh, des_throughput_kwh: the plant's ledger and totals;
+  losses_kwh = distribution_losses_kwh (I^2 R of segments and contact sets) + conversion_losses_kwh
+  (what the DES path wastes: the converter each way, the cells' coulombic loss);
 - feed_seconds_over_80 / _over_100: per source and PDB segment, seconds whose true loading
   (not the noisy measurement) was above 80 % / 100 % of rating, summed, at 1 s resolution;
 - transfers: every micro-ATS transfer in the run (commanded + automatic), and both apart;
@@ -201,6 +203,8 @@ def run_mission(site, scenario, policy: str, predictor=None, config: PolicyConfi
         "commanded_transfers": commanded,
         "balancing_transfers": balancing,
         "losses_kwh": float(totals["losses_kwh"]),
+        "distribution_losses_kwh": float(totals["distribution_losses_kwh"]),
+        "conversion_losses_kwh": float(totals["conversion_losses_kwh"]),
         "des_throughput_kwh": float(totals["des_throughput_kwh"]),
         "refusals": len(result.refusals),
         "actions": len(result.actions),

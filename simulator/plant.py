@@ -274,7 +274,8 @@ class Plant:
         self.backup_kind = [s.backup for s in self.sources]
         self.backup_v0 = np.array([C.BACKUP_BATTERY[b][0] for b in self.backup_kind])
         self.backup_r0 = np.array([C.BACKUP_BATTERY[b][1] for b in self.backup_kind]) * rng.uniform(0.9, 1.1, 2)
-        self._energy_losses_kwh = 0.0
+        self._energy_losses_kwh = 0.0  # distribution: I^2 R of segments and contact sets
+        self._conversion_losses_kwh = 0.0  # DES: converter (each way) and cell (coulombic) losses
         self._energy_it_kwh = 0.0
         self._des_throughput_kwh = 0.0
         # constant arrays of the per-step physics, computed once (the arrays are small: numpy's
@@ -1067,6 +1068,11 @@ class Plant:
         self._energy_losses_kwh += float(total(e["seg_loss_kw"]) + total(e["contact_loss_kw"])) * dt / 3600.0
         self._energy_it_kwh += float(total(e["it_kw"])) * dt / 3600.0
         self._des_throughput_kwh += float(total(np.abs(p))) * dt / 3600.0
+        # what the DES path wastes: discharging, the cells give p / eta for p delivered; charging, of
+        # |p| drawn only |p| * eta * coulombic reaches the cells (the same factors as dc_kw above)
+        self._conversion_losses_kwh += float(total(np.where(
+            p >= 0, p * (1.0 / C.DES_CONVERTER_EFFICIENCY - 1.0),
+            -p * (1.0 - C.DES_CONVERTER_EFFICIENCY * C.LI_ION_COULOMBIC_EFFICIENCY)))) * dt / 3600.0
 
     def _thermal_steady_state(self, amb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Temperatures that joints, contact sets and cells tend to at the present currents and ambient."""
@@ -1261,7 +1267,10 @@ class Plant:
         """Energy and ledger totals since start (for benchmarks)."""
         return {
             **self.ledger.summary(),
-            "losses_kwh": round(self._energy_losses_kwh, 6),
+            # every loss the policies can change: distribution (I^2 R) plus DES conversion
+            "losses_kwh": round(self._energy_losses_kwh + self._conversion_losses_kwh, 6),
+            "distribution_losses_kwh": round(self._energy_losses_kwh, 6),
+            "conversion_losses_kwh": round(self._conversion_losses_kwh, 6),
             "it_energy_kwh": round(self._energy_it_kwh, 6),
             "des_throughput_kwh": round(self._des_throughput_kwh, 6),
             "transfers": int(self.transfer_count.sum()),

@@ -48,6 +48,33 @@ def test_power_balance_per_feed(site):
     assert 0.95 < p.efficiency < 1.0
 
 
+def test_des_conversion_losses_are_counted_with_the_distribution_losses(site):
+    """losses_kwh = distribution (I^2 R) + DES conversion; the conversion part follows the energy the
+    cells gave up and took in (converter 96 % each way, cells 99.5 % coulombic)."""
+    from simulator import constants as C
+
+    p = plant(site, noise=False, duration=20000.0)
+    p.advance_to(10.0)
+    idle = p.totals()
+    assert idle["conversion_losses_kwh"] == pytest.approx(0.0, abs=1e-6)  # full DES at rest: nothing moves
+    des = "DES-01-01"
+    p.command(des, "StartBridging", Power=5.0, Duration=600.0)
+    p.advance_to(610.0)
+    t = p.totals()
+    delivered = t["des_throughput_kwh"] - idle["des_throughput_kwh"]
+    assert delivered == pytest.approx(5.0 * 600.0 / 3600.0, rel=0.05)  # 0.83 kWh out of the DES
+    conversion = t["conversion_losses_kwh"] - idle["conversion_losses_kwh"]
+    assert conversion == pytest.approx(delivered * (1.0 / C.DES_CONVERTER_EFFICIENCY - 1.0), rel=0.05)
+    # then it recharges: the loss of that way comes on top, and the total is the sum of both parts
+    p.advance_to(19000.0)
+    t2 = p.totals()
+    recharged = t2["des_throughput_kwh"] - t["des_throughput_kwh"]
+    assert recharged > 0.5 * delivered
+    assert t2["conversion_losses_kwh"] - t["conversion_losses_kwh"] == pytest.approx(
+        recharged * (1.0 - C.DES_CONVERTER_EFFICIENCY * C.LI_ION_COULOMBIC_EFFICIENCY), rel=0.05)
+    assert t2["losses_kwh"] == pytest.approx(t2["distribution_losses_kwh"] + t2["conversion_losses_kwh"], abs=1e-5)
+
+
 def test_it_load_shares_between_cords_and_is_conserved(site):
     p = plant(site, noise=False)
     p.advance_to(60.0)
