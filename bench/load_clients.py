@@ -14,8 +14,7 @@ prints its figures as one JSON line:
   ways: from the plant step that produced the value (the simulator's plant clock: a value polled at
   SourceTimestamp s comes from the last whole plant second before s, as in bench/gateway.py) to its
   arrival here, and from its SourceTimestamp (the gateway's poll) to its arrival. Arrival is when
-  the response's bytes were taken off the socket (bench/arrival.py), before this client decodes
-  it; a third histogram, from the plant step to the end of the decode, shows what the client's own
+  the whole response had been received (bench/arrival.py), before this client decodes it; a third histogram, from the plant step to the end of the decode, shows what the client's own
   decoding (and its other clients, browses and history reads in the same process) adds;
 - browse and history-read round trips (each one request), errors by kind, notifications per client,
   and this process's own CPU time over the run (so a reader can tell whether the clients were the
@@ -55,6 +54,7 @@ class Tally:
         self.source = [0] * BINS
         self.plant_decoded = [0] * BINS  # from when this client had decoded it
         self.early = 0  # SourceTimestamp after arrival (clock skew: none here, one machine)
+        self.unstamped = 0  # notifications recorded without an arrival stamp (should stay 0)
         self.not_good = 0  # notifications whose value is not Good
         self.status_changes = 0  # StatusChangeNotification: a subscription lost or timed out
         self.browse_s: list[float] = []
@@ -74,7 +74,8 @@ class Tally:
             return
         decoded = time.time()
         arrived = arrival(result)
-        if arrived is None:
+        if arrived is None:  # not stamped (bench/arrival.py): counted, and timed at the decode
+            self.unstamped += 1
             arrived = decoded
         wall0, speed = self.wall0, self.speed
         plant, source, plant_decoded = self.plant, self.source, self.plant_decoded
@@ -285,7 +286,7 @@ async def main(cfg: dict) -> None:
         "clients": len(started), "items": cfg["items"], "seconds": round(elapsed, 1),
         "notifications": sum(c.counter[0] for c in started),
         "notifications_min_per_client": min((c.counter[0] for c in started), default=0),
-        "not_good": tally.not_good, "early": tally.early, "status_changes": tally.status_changes,
+        "not_good": tally.not_good, "early": tally.early, "unstamped": tally.unstamped, "status_changes": tally.status_changes,
         "plant": _sparse(tally.plant), "source": _sparse(tally.source),
         "plant_decoded": _sparse(tally.plant_decoded),
         "browse_s": [round(x, 4) for x in tally.browse_s], "history_s": [round(x, 4) for x in tally.history_s],

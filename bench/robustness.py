@@ -18,9 +18,9 @@ loopback for the plain-transport depths) on free ports, and measures:
   aisle's subtree and reading 3 variables' history every 10 s, for 10 minutes, on a gateway
   restarted on 30 min of seeded history (`seed_history`, as a running site has it): the gateway's RSS
   every 5 s (load_rss_growth_pct: from the end of the first minute to the end), the latency from the
-  plant step that produced a value to its arrival at a client (load_latency_p99_s: its bytes off
-  the client's socket, bench/arrival.py; from the SourceTimestamp too, and to the end of the
-  client's own decode), browse and history round trips, errors, and the CPU of the gateway, the
+  plant step that produced a value to its arrival at a client (load_latency_p99_s: the whole
+  response received, before asyncua decodes it, bench/arrival.py; from the SourceTimestamp too, and
+  to the end of the client's own decode), browse and history round trips, errors, and the CPU of the gateway, the
   simulator and the clients (so that one can tell which side was the bottleneck).
 
 CMCS_BENCH_PHASES (comma-separated, default orphans,opcua,modbus,load,interlocks) runs only some.
@@ -439,8 +439,8 @@ async def load(procs: Processes, site, identity, clients: int, items: int, load_
     result: dict = {"site": site.name, "units": len(site.units), "clients": clients, "items_per_client": items,
                     "workers": workers, "load_s": load_s, "warmup_s": warmup_s, "browse_every_s": browse_every_s,
                     "history_every_s": history_every_s, "security": "Basic256Sha256 SignAndEncrypt, user name",
-                    "latency": "plant step (simulator clock) to the notification's arrival at the client (its bytes off "
-                                  "the socket, before the client decodes it); source_* from SourceTimestamp; "
+                    "latency": "plant step (simulator clock) to the notification's arrival at the client (the whole "
+                                  "response received, before asyncua decodes it); source_* from SourceTimestamp; "
                                   "decoded_* to the end of the client's decode",
                     "loadavg_before": [round(x, 2) for x in os.getloadavg()]}
     t_connect = time.monotonic()
@@ -518,6 +518,7 @@ async def load(procs: Processes, site, identity, clients: int, items: int, load_
         "notifications": notifications, "notifications_per_s": round(notifications / elapsed, 1),
         "notifications_min_per_client": min((o.get("notifications_min_per_client", 0) for o in outs), default=0),
         "not_good_values": sum(o.get("not_good", 0) for o in outs),
+        "unstamped_publishes": sum(o.get("unstamped", 0) for o in outs),
         "latency_p50_s": _percentile(plant, 0.5), "latency_p99_s": _percentile(plant, 0.99),
         "latency_max_bin_s": _percentile(plant, 1.0),
         "source_latency_p50_s": _percentile(source, 0.5), "source_latency_p99_s": _percentile(source, 0.99),

@@ -181,8 +181,10 @@ async def _run_client(port: int, ids_file: Path, scan_s: float, window_s: float,
     return result
 
 
-async def measure_ours(site, scan_s: float, window_s: float) -> dict:
-    """The gateway on the stress devices at this scan period."""
+async def measure_ours(site, scan_s: float, window_s: float, mode: str = "ours") -> dict:
+    """The gateway on the stress devices at this scan period. mode "server": the gateway's OPC UA
+    side alone (bench.workers gateway --mode server: point table, address space, security and
+    alarms, fed by a timer instead of drivers; no devices), the floor under "ours"."""
     py = sys.executable
     s = stress_site(site, scan_s)
     names = variables(s)
@@ -196,9 +198,10 @@ async def measure_ours(site, scan_s: float, window_s: float) -> dict:
         ids_file.write_text(json.dumps({"namespace": namespace, "ids": [i for i, _ in names]}))
         port = free_port()
         try:
-            devices, _ = await _spawn([py, "-m", "bench.stress_devices", str(site_file)])
+            if mode == "ours":
+                devices, _ = await _spawn([py, "-m", "bench.stress_devices", str(site_file)])
             launched = time.time()
-            gw, _ = await _spawn([py, "-m", "bench.workers", "gateway", str(site_file), "--mode", "ours", "--port",
+            gw, _ = await _spawn([py, "-m", "bench.workers", "gateway", str(site_file), "--mode", mode, "--port",
                                   str(port), "--data-dir", str(Path(tmp) / "data")])
             await _wait_first_good(port, namespace, f"{s.units[0].name}.LoadPower")
             out["startup_s"] = round(time.time() - launched, 2)
@@ -207,7 +210,8 @@ async def measure_ours(site, scan_s: float, window_s: float) -> dict:
                 gw.send_signal(signal.SIGUSR1)
                 return json.loads(await asyncio.wait_for(gw.stdout.readline(), timeout=30))
 
-            r = await _run_client(port, ids_file, scan_s, window_s, psutil.Process(gw.pid), True, health)
+            r = await _run_client(port, ids_file, scan_s, window_s, psutil.Process(gw.pid), True,
+                                  health if mode == "ours" else None)
             out.update(_figures(r))
         except Exception as exc:  # noqa: BLE001 - a failed step is a result of its own
             out["error"] = f"{type(exc).__name__}: {exc}"[:300]
@@ -218,32 +222,8 @@ async def measure_ours(site, scan_s: float, window_s: float) -> dict:
 
 
 async def measure_server_only(site, scan_s: float, window_s: float) -> dict:
-    """Our OPC UA side alone (bench.workers gateway --mode server: the point table, address space,
-    security and alarms of the gateway, fed by a timer instead of drivers): the floor under `ours`."""
-    py = sys.executable
-    s = stress_site(site, scan_s)
-    names = variables(s)
-    out: dict = {"units": len(s.units), "variables": len(names), "scan_s": scan_s,
-                 "offered_per_s": round(len(names) / scan_s, 1)}
-    gw = None
-    with tempfile.TemporaryDirectory() as tmp:
-        site_file, ids_file = Path(tmp) / "site.yaml", Path(tmp) / "ids.json"
-        site_file.write_text(site_to_yaml(s))
-        namespace = f"urn:cmcs-gateway:site:{s.name}"
-        ids_file.write_text(json.dumps({"namespace": namespace, "ids": [i for i, _ in names]}))
-        port = free_port()
-        try:
-            launched = time.time()
-            gw, _ = await _spawn([py, "-m", "bench.workers", "gateway", str(site_file), "--mode", "server", "--port",
-                                  str(port), "--data-dir", str(Path(tmp) / "data")])
-            out["startup_s"] = round(time.time() - launched, 2)
-            r = await _run_client(port, ids_file, scan_s, window_s, psutil.Process(gw.pid), True)
-            out.update(_figures(r))
-        except Exception as exc:  # noqa: BLE001 - a failed step is a result of its own
-            out["error"] = f"{type(exc).__name__}: {exc}"[:300]
-        finally:
-            await _terminate(gw)
-    return out
+    """Our OPC UA side alone, the floor under `ours` (measure_ours, mode "server")."""
+    return await measure_ours(site, scan_s, window_s, mode="server")
 
 
 async def measure_node_opcua(site, scan_s: float, window_s: float) -> dict:

@@ -165,6 +165,7 @@ async def _server_only(site, port: int, data_dir: str):
     server = GatewayServer(site, table, commands, host="127.0.0.1", port=port, health=driver.health,
                            data_dir=Path(data_dir))
     await server.build()
+    table.attach(commands.transfer_watch)  # as gateway/app.py wires them (the historian aside)
     table.attach(server.values)
     table.attach(server.alarms)
     kinds = {name: kind for name, kind, _ in site.devices()}
@@ -194,6 +195,13 @@ async def _server_only(site, port: int, data_dir: str):
             k += 1
 
     task = asyncio.create_task(feed())
+
+    def fed(t: asyncio.Task) -> None:  # a feed that dies must not leave a server that looks idle
+        if not t.cancelled() and t.exception() is not None:
+            print(f"server-only feed failed: {t.exception()!r}", file=sys.stderr, flush=True)
+            os._exit(1)
+
+    task.add_done_callback(fed)
 
     async def stop() -> None:
         task.cancel()

@@ -265,7 +265,9 @@ async def test_every_sink_shows_in_diagnostics_and_a_failing_one_stops_nothing(t
         # the other sinks still get every batch: new values keep arriving in the address space
         deadline = time.monotonic() + 15
         while True:
-            moved = [u for u in units if (await rig.read(u, "LoadPower")).SourceTimestamp > before[u]]
+            # a unit not read yet when `before` was taken (no SourceTimestamp) counts once it has one
+            now = {u: (await rig.read(u, "LoadPower")).SourceTimestamp for u in units}
+            moved = [u for u in units if now[u] is not None and (before[u] is None or now[u] > before[u])]
             if moved or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.5)

@@ -170,12 +170,15 @@ async def test_cmcs_status_under_tmux_shows_feeds_units_and_an_alarm_and_acts_by
         screen = await _screen_until(socket_name, lambda s: "SetMode(Automatic) refused: BadUserAccessDenied" in s, 15,
                             "the refused SetMode")
         # `a` acknowledges the selected alarm (the first row, marked ">"; with the CMCS raising
-        # LossOfRedundancy on the units fed by SourceB it need not be the SourceLoss alarm)
+        # LossOfRedundancy on the units fed by SourceB it need not be the SourceLoss alarm, and the
+        # rows may re-sort between this screen and the key as the CMCS raises more: the line below the
+        # view names the one it acknowledged, and that condition is acknowledged on the server)
         selected = re.search(r">\s+(\S+)\s+(\w+)\s+\d+\s+active, unacked", screen)
         assert selected, f"no selected unacknowledged alarm on screen:\n{screen}"
-        source, alarm = selected.groups()
         _tmux(socket_name, "send-keys", "-t", "status", "a")
-        await _screen_until(socket_name, lambda s: f"acknowledged {source} {alarm}" in s, 15, "the acknowledgement")
+        screen = await _screen_until(socket_name, lambda s: re.search(r"\] acknowledged (\S+) (\w+)", s), 15,
+                                     "the acknowledgement")
+        source, alarm = re.search(r"\] acknowledged (\S+) (\w+)", screen).groups()
         conditions = running.gateway.server.alarms.conditions
         assert conditions[(source, f"{alarm}AlarmType")].acked
         _tmux(socket_name, "send-keys", "-t", "status", "q")

@@ -104,6 +104,7 @@ def test_server_only_floor_publishes_every_point_changing_every_scan():
     assert "error" not in r, r
     assert r["variables"] == sum(len(POINTS[kind]) for _, kind, _ in site.devices())
     # every variable alternates every 0.2 s scan, staggered in 20 slices: nearly all of it arrives
-    assert 0.5 * r["offered_per_s"] <= r["updates_per_s"] <= 1.2 * r["offered_per_s"], r
+    # (a feed that changed them only every other period would give half)
+    assert 0.8 * r["offered_per_s"] <= r["updates_per_s"] <= 1.2 * r["offered_per_s"], r
     assert 0 <= r["latency_p99_s"] < 1.0, r
     assert r["cpu_percent"] > 0, r

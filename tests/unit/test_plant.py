@@ -58,12 +58,18 @@ def test_des_conversion_losses_are_counted_with_the_distribution_losses(site):
     idle = p.totals()
     assert idle["conversion_losses_kwh"] == pytest.approx(0.0, abs=1e-6)  # full DES at rest: nothing moves
     des = "DES-01-01"
+    u = next(i for i, unit in enumerate(site.units) if unit.storage and unit.storage.name == des)
+    cells_kwh = float(p.des_cap_kwh[u] * p.des_soh[u])
+    soc0 = float(p.des_soc[u])
     p.command(des, "StartBridging", Power=5.0, Duration=600.0)
     p.advance_to(610.0)
     t = p.totals()
     delivered = t["des_throughput_kwh"] - idle["des_throughput_kwh"]
     assert delivered == pytest.approx(5.0 * 600.0 / 3600.0, rel=0.05)  # 0.83 kWh out of the DES
     conversion = t["conversion_losses_kwh"] - idle["conversion_losses_kwh"]
+    # independent of the formula: what the cells gave up (their state of charge) minus what was delivered
+    from_cells = (soc0 - float(p.des_soc[u])) * cells_kwh
+    assert conversion == pytest.approx(from_cells - delivered, rel=0.02)
     assert conversion == pytest.approx(delivered * (1.0 / C.DES_CONVERTER_EFFICIENCY - 1.0), rel=0.05)
     # then it recharges: the loss of that way comes on top, and the total is the sum of both parts
     p.advance_to(19000.0)
