@@ -10,8 +10,8 @@ side by side on this machine: the device simulators, the gateway, and this measu
 - latency: from the plant change to the notification's arrival at the client (the whole response
   received, before asyncua decodes it, bench/arrival.py: asyncua takes tens of ms to decode a
   response of ~2,000 values, a cost of this measuring client; decoded_latency_p99_s is to the end
-  of that decode). The plant steps at
-  whole plant seconds; a value read at SourceTimestamp s was produced by the last step before s,
+  of that decode). The plant steps at whole plant seconds; a value read at SourceTimestamp s was
+  produced by the last step before s,
   at wall0 + floor((s - wall0) * speed) / speed, wall0 being the wall time of plant t = 0;
 - switch_rtt_ms_median: SwitchSource round trip as a client sees it (10 units);
 - poll_overruns: device reads a whole scan period late (missed scans); cpu_percent and peak_rss_mb
@@ -92,6 +92,11 @@ class _MeteredSubscription(Subscription):
         self.meter.on_publish(publish_result)
 
 
+def _p99(values: list[float]) -> float | None:
+    values = sorted(values)
+    return round(values[min(len(values) - 1, int(0.99 * len(values)))], 3) if values else None
+
+
 async def _health_snapshot(proc: asyncio.subprocess.Process) -> dict:
     proc.send_signal(signal.SIGUSR1)
     return json.loads(await asyncio.wait_for(proc.stdout.readline(), timeout=30))
@@ -164,15 +169,10 @@ async def measure(site, site_file: Path, mode: str, window_s: float) -> dict:
             result["polls_in_window"] = health1["polls"] - health0["polls"]
             cpu1 = tree_cpu_s(gw_ps)
             result["updates_per_s"] = round(meter.count / elapsed, 1)
-            lat = sorted(meter.latencies)
-            if lat:
-                result["latency_p50_s"] = round(statistics.median(lat), 3)
-                result["latency_p99_s"] = round(lat[min(len(lat) - 1, int(0.99 * len(lat)))], 3)
-            else:
-                result["latency_p50_s"] = result["latency_p99_s"] = None
+            result["latency_p50_s"] = round(statistics.median(meter.latencies), 3) if meter.latencies else None
+            result["latency_p99_s"] = _p99(meter.latencies)
+            result["decoded_latency_p99_s"] = _p99(meter.decoded)
             result["unstamped_publishes"] = meter.unstamped
-            dec = sorted(meter.decoded)
-            result["decoded_latency_p99_s"] = round(dec[min(len(dec) - 1, int(0.99 * len(dec)))], 3) if dec else None
             result["cpu_percent"] = round(100.0 * (cpu1 - cpu0) / elapsed, 1)
             result["peak_rss_mb"] = round(peak_rss / 2**20, 1)
             for sub in subs:

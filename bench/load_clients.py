@@ -14,8 +14,9 @@ prints its figures as one JSON line:
   ways: from the plant step that produced the value (the simulator's plant clock: a value polled at
   SourceTimestamp s comes from the last whole plant second before s, as in bench/gateway.py) to its
   arrival here, and from its SourceTimestamp (the gateway's poll) to its arrival. Arrival is when
-  the whole response had been received (bench/arrival.py), before this client decodes it; a third histogram, from the plant step to the end of the decode, shows what the client's own
-  decoding (and its other clients, browses and history reads in the same process) adds;
+  the whole response had been received (bench/arrival.py), before this client decodes it; a third
+  histogram, from the plant step to the end of the decode, shows what the client's own decoding
+  (and its other clients, browses and history reads in the same process) adds;
 - browse and history-read round trips (each one request), errors by kind, notifications per client,
   and this process's own CPU time over the run (so a reader can tell whether the clients were the
   bottleneck).
@@ -286,7 +287,8 @@ async def main(cfg: dict) -> None:
         "clients": len(started), "items": cfg["items"], "seconds": round(elapsed, 1),
         "notifications": sum(c.counter[0] for c in started),
         "notifications_min_per_client": min((c.counter[0] for c in started), default=0),
-        "not_good": tally.not_good, "early": tally.early, "unstamped": tally.unstamped, "status_changes": tally.status_changes,
+        "not_good": tally.not_good, "early": tally.early, "unstamped": tally.unstamped,
+        "status_changes": tally.status_changes,
         "plant": _sparse(tally.plant), "source": _sparse(tally.source),
         "plant_decoded": _sparse(tally.plant_decoded),
         "browse_s": [round(x, 4) for x in tally.browse_s], "history_s": [round(x, 4) for x in tally.history_s],

@@ -20,8 +20,8 @@ loopback for the plain-transport depths) on free ports, and measures:
   every 5 s (load_rss_growth_pct: from the end of the first minute to the end), the latency from the
   plant step that produced a value to its arrival at a client (load_latency_p99_s: the whole
   response received, before asyncua decodes it, bench/arrival.py; from the SourceTimestamp too, and
-  to the end of the client's own decode), browse and history round trips, errors, and the CPU of the gateway, the
-  simulator and the clients (so that one can tell which side was the bottleneck).
+  to the end of the client's own decode), browse and history round trips, errors, and the CPU of
+  the gateway, the simulator and the clients (so that one can tell which side was the bottleneck).
 
 CMCS_BENCH_PHASES (comma-separated, default orphans,opcua,modbus,load,interlocks) runs only some.
 The JSON has the keys of docs/interface.md section 7, load_rss_growth_pct and load_latency_p99_s,

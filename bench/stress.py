@@ -11,8 +11,8 @@ the whole `cmcs bench gateway` under its 20 minutes.
   alternates on every read, with every scan group of the site set to the scan period;
 - server only (1,000 units): the gateway's OPC UA side without devices (bench.workers gateway
   --mode server: point table, address space, security, limits and alarms, fed by a timer in 20
-  slices per period instead of drivers), the floor under `ours`: what our server path costs per
-  value whatever the drivers do (stress_server_only, stress_ratio_server_only_over_node_opcua);
+  slices per period instead of drivers), the ceiling over `ours`: what our server path delivers
+  and costs per value with drivers that cost nothing (stress_server_only, stress_ratio_server_only_over_node_opcua);
 - node-opcua: tests/interop/bench_server.mjs publishing the same variables (same identifiers and
   types) at the same rate, updated by a timer in 20 slices per period.
 
@@ -184,7 +184,7 @@ async def _run_client(port: int, ids_file: Path, scan_s: float, window_s: float,
 async def measure_ours(site, scan_s: float, window_s: float, mode: str = "ours") -> dict:
     """The gateway on the stress devices at this scan period. mode "server": the gateway's OPC UA
     side alone (bench.workers gateway --mode server: point table, address space, security and
-    alarms, fed by a timer instead of drivers; no devices), the floor under "ours"."""
+    alarms, fed by a timer instead of drivers; no devices), the ceiling over "ours"."""
     py = sys.executable
     s = stress_site(site, scan_s)
     names = variables(s)
@@ -222,7 +222,7 @@ async def measure_ours(site, scan_s: float, window_s: float, mode: str = "ours")
 
 
 async def measure_server_only(site, scan_s: float, window_s: float) -> dict:
-    """Our OPC UA side alone, the floor under `ours` (measure_ours, mode "server")."""
+    """Our OPC UA side alone, the ceiling over `ours` (measure_ours, mode "server")."""
     return await measure_ours(site, scan_s, window_s, mode="server")
 
 
@@ -334,7 +334,7 @@ def run_into(figures: dict, quick: bool = False, log=print) -> None:
         figures["stress"][name] = best if best is not None else {**runs[0], "holds": False}
         all_steps[name] = {"ours": runs}
         if name == "1000-units":
-            # the floor: our OPC UA side without devices, from ours' best scan period down
+            # the ceiling: our OPC UA side without devices, from ours' best scan period down
             log(f"  stress {name} / server only (no devices) ...")
             fbest, fruns = _node_steps(site, window, steps, best, log, measure=measure_server_only)
             figures.setdefault("stress_server_only", {})[name] = fbest if fbest is not None else {**fruns[0], "holds": False}
@@ -351,10 +351,10 @@ def run_into(figures: dict, quick: bool = False, log=print) -> None:
         name: (round(figures["stress"][name]["updates_per_s"] / figures["baseline_node_opcua"][name]["updates_per_s"], 2)
                if figures["stress"][name].get("updates_per_s") and figures["baseline_node_opcua"][name].get("updates_per_s")
                else None) for name in sites}
-    floor, node = figures.get("stress_server_only", {}), figures["baseline_node_opcua"]
+    alone, node = figures.get("stress_server_only", {}), figures["baseline_node_opcua"]
     figures["stress_ratio_server_only_over_node_opcua"] = {
-        name: round(floor[name]["updates_per_s"] / node[name]["updates_per_s"], 2)
-        for name in floor if floor[name].get("updates_per_s") and node.get(name, {}).get("updates_per_s")}
+        name: round(alone[name]["updates_per_s"] / node[name]["updates_per_s"], 2)
+        for name in alone if alone[name].get("updates_per_s") and node.get(name, {}).get("updates_per_s")}
     for name in sites:
         r = figures["stress"][name]
         if r.get("peak_rss_mb") and r.get("variables"):
@@ -377,7 +377,7 @@ def markdown(figures: dict) -> str:
             rows.append([name, label] + [r.get(c, "-") if r.get(c) is not None else "-" for c in cols] + [r.get("error", "")])
     return ("## Stress: every variable changing every scan\n\nScan period stepped down "
             f"({', '.join(f'{s:g}' for s in SCAN_STEPS_S)} s) until p99 passes {LATENCY_LIMIT_S:g} s; each row is the "
-            "highest offered rate that held. Same measuring client (node-opcua) for both servers.\n\n"
+            "highest offered rate that held. Same measuring client (node-opcua) for every server.\n\n"
             + markdown_table(["site", "server"] + cols + ["error"], rows)
             + f"\n\nRatio ours / node-opcua (updates/s): `{json.dumps(figures.get('stress_ratio_ours_over_node_opcua'))}`; "
             f"server only / node-opcua: `{json.dumps(figures.get('stress_ratio_server_only_over_node_opcua'))}`\n")

@@ -112,14 +112,8 @@ async def _gateway(site_file: str, mode: str, port: int, data_dir: str) -> None:
         driver, stop = await _server_only(site, port, data_dir)
     else:
         from bench.naive_server import NaiveServer
-        from drivers.base import DriverSet
-        from drivers.pointtable import PointTable
-        from gateway.commands import AuditLog, CommandService
 
-        table = PointTable()
-        driver = DriverSet(site, table)  # the same drivers as the gateway, from the registry
-        commands = CommandService(site, table, driver, AuditLog(Path(data_dir) / "audit.log"))
-        table.attach(commands.transfer_watch)  # as the gateway's wiring does (gateway/app.py)
+        table, driver, commands = _table_and_commands(site, data_dir)
         naive = NaiveServer(site, table, commands, "127.0.0.1", port)
         await driver.start()
         await naive.start()
@@ -141,38 +135,46 @@ async def _gateway(site_file: str, mode: str, port: int, data_dir: str) -> None:
     await stop()
 
 
+def _table_and_commands(site, data_dir: str):
+    """A point table, the site's drivers from the registry (not started) and the command service,
+    with the transfer watch attached as gateway/app.py wires it: (table, drivers, commands)."""
+    from drivers.base import DriverSet
+    from drivers.pointtable import PointTable
+    from gateway.commands import AuditLog, CommandService
+
+    table = PointTable()
+    driver = DriverSet(site, table)  # defines every device's points in the table
+    commands = CommandService(site, table, driver, AuditLog(Path(data_dir) / "audit.log"))
+    table.attach(commands.transfer_watch)
+    return table, driver, commands
+
+
 SERVER_SLICES = 20  # as bench/stress_devices.py's gateway sees its devices: staggered over the scan period
 
 
 async def _server_only(site, port: int, data_dir: str):
-    """The gateway's OPC UA side alone (mode "server", the stress case's floor): its point table,
+    """The gateway's OPC UA side alone (mode "server", the stress case's server-only ceiling): its point table,
     address-space sink, server, security, limits and alarm engine, as gateway/app.py wires them, but
     no drivers, historian, CMCS or MQTT; a timer updates the point table instead, every point of
     1/SERVER_SLICES of the devices per slice of the scan period, alternating as
     bench/stress_devices.py does (floats 10 <-> 20, integers 1 <-> 2, bits). What this costs per value
     is what our OPC UA stack (asyncua and the gateway's own path into it) costs without any device."""
-    from drivers.base import DriverSet
-    from drivers.pointtable import PointTable
-    from gateway.commands import AuditLog, CommandService
+    from bench.stress_devices import PHASE_VALUES
     from gateway.server import GatewayServer
     from gateway.users import set_user
     from siteconfig.points import POINTS
 
     set_user(Path(data_dir), BENCH_USER, "Operator", password=BENCH_PASSWORD)
-    table = PointTable()
-    driver = DriverSet(site, table)  # defines every device's points in the table; never started
-    commands = CommandService(site, table, driver, AuditLog(Path(data_dir) / "audit.log"))
+    table, driver, commands = _table_and_commands(site, data_dir)  # the drivers are never started
     server = GatewayServer(site, table, commands, host="127.0.0.1", port=port, health=driver.health,
                            data_dir=Path(data_dir))
     await server.build()
-    table.attach(commands.transfer_watch)  # as gateway/app.py wires them (the historian aside)
-    table.attach(server.values)
+    table.attach(server.values)  # as gateway/app.py wires them (the historian aside)
     table.attach(server.alarms)
     kinds = {name: kind for name, kind, _ in site.devices()}
-    phases = {"float": (10.0, 20.0), "bool": (False, True)}
 
-    def image(kind: str, phase: int) -> dict:
-        return {p.name: phases.get(p.kind, (1, 2))[phase] for p in POINTS[kind]}
+    def image(kind: str, phase: int) -> dict:  # enumerations alternate as integers, as on the devices
+        return {p.name: PHASE_VALUES.get(p.kind, PHASE_VALUES["int"])[phase] for p in POINTS[kind]}
 
     images = {kind: (image(kind, 0), image(kind, 1)) for kind in set(kinds.values())}
     devices = list(kinds)

@@ -68,6 +68,11 @@ is set up, by the code they serve (gateway/server.py calls both); they are not i
    per-write hook. (The UserAccessLevel/UserExecutable answers use asyncua's PostRead callback,
    an ordinary hook.)
 
+One more replacement lives outside the gateway, and is listed here so that this stays the index of
+every place asyncua is patched: the benchmarks' measuring clients (bench code only) replace two
+callables on one client's protocol and session instances to time a PublishResponse before asyncua
+decodes it (bench/arrival.py `stamp_arrivals`); no server, and no client the gateway runs, is touched.
+
 State hung on asyncua's objects, read by the code above: `iserver.cmcs_security`
 (gateway.security.SecurityState), `iserver.cmcs_limits` (gateway.limits.ResourceGuard), and on an
 InternalSession `cmcs_created_at` (limits) and `cmcs_channel_certificate` (security).

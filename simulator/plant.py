@@ -274,7 +274,7 @@ class Plant:
         self.backup_kind = [s.backup for s in self.sources]
         self.backup_v0 = np.array([C.BACKUP_BATTERY[b][0] for b in self.backup_kind])
         self.backup_r0 = np.array([C.BACKUP_BATTERY[b][1] for b in self.backup_kind]) * rng.uniform(0.9, 1.1, 2)
-        self._energy_losses_kwh = 0.0  # distribution: I^2 R of segments and contact sets
+        self._distribution_losses_kwh = 0.0  # distribution: I^2 R of segments and contact sets
         self._conversion_losses_kwh = 0.0  # DES: converter (each way) and cell (coulombic) losses
         self._energy_it_kwh = 0.0
         self._des_throughput_kwh = 0.0
@@ -1065,7 +1065,7 @@ class Plant:
         # totals (np.add.reduce: what ndarray.sum does, without its Python-level wrapper)
         total = np.add.reduce
         self.ledger.unserved_kwh += float(total(e["unserved_kw"])) * dt / 3600.0
-        self._energy_losses_kwh += float(total(e["seg_loss_kw"]) + total(e["contact_loss_kw"])) * dt / 3600.0
+        self._distribution_losses_kwh += float(total(e["seg_loss_kw"]) + total(e["contact_loss_kw"])) * dt / 3600.0
         self._energy_it_kwh += float(total(e["it_kw"])) * dt / 3600.0
         self._des_throughput_kwh += float(total(np.abs(p))) * dt / 3600.0
         # what the DES path wastes: discharging, the cells give p / eta for p delivered; charging, of
@@ -1268,8 +1268,8 @@ class Plant:
         return {
             **self.ledger.summary(),
             # every loss the policies can change: distribution (I^2 R) plus DES conversion
-            "losses_kwh": round(self._energy_losses_kwh + self._conversion_losses_kwh, 6),
-            "distribution_losses_kwh": round(self._energy_losses_kwh, 6),
+            "losses_kwh": round(self._distribution_losses_kwh + self._conversion_losses_kwh, 6),
+            "distribution_losses_kwh": round(self._distribution_losses_kwh, 6),
             "conversion_losses_kwh": round(self._conversion_losses_kwh, 6),
             "it_energy_kwh": round(self._energy_it_kwh, 6),
             "des_throughput_kwh": round(self._des_throughput_kwh, 6),

@@ -94,9 +94,9 @@ def test_node_opcua_bench_server_and_client_count_published_changes(tmp_path):
         server.wait(timeout=30)
 
 
-def test_server_only_floor_publishes_every_point_changing_every_scan():
-    """The floor of the stress case (bench.workers gateway --mode server): the gateway's OPC UA side
-    fed by a timer, measured by the same node-opcua client as the other two servers."""
+def test_server_only_mode_publishes_every_point_changing_every_scan():
+    """The server-only side of the stress case (bench.workers gateway --mode server): the gateway's
+    OPC UA side fed by a timer, measured by the same node-opcua client as the other two servers."""
     why = stress.node_available()
     assert why is None, why
     site = generate_site(1, 3)
