@@ -40,7 +40,7 @@ from asyncua.common.subscription import Subscription
 from bench import mqtt
 from bench.arrival import arrival, stamp_arrivals
 from bench.report import markdown_table, write_json
-from bench.stress import tree_cpu_s
+from bench.stress import tree_cpu_s, tree_rss
 from bench.workers import BENCH_PASSWORD, BENCH_USER, start_worker, stop_worker
 from siteconfig.demo import free_port
 from siteconfig.points import POINTS
@@ -158,10 +158,10 @@ async def measure(site, site_file: Path, mode: str, window_s: float) -> dict:
             cpu0 = tree_cpu_s(gw_ps)  # every process of the gateway, children included
             t0 = time.time()
             meter.recording = True
-            peak_rss = gw_ps.memory_info().rss
+            peak_rss = tree_rss(gw_ps)
             while time.time() - t0 < window_s:
                 await asyncio.sleep(0.5)
-                peak_rss = max(peak_rss, gw_ps.memory_info().rss)
+                peak_rss = max(peak_rss, tree_rss(gw_ps))
             meter.recording = False
             elapsed = time.time() - t0
             health1 = await _health_snapshot(gw)
@@ -193,7 +193,7 @@ async def measure(site, site_file: Path, mode: str, window_s: float) -> dict:
                 except ua.UaStatusCodeError as exc:
                     result.setdefault("switch_refusals", []).append(ua.StatusCode(exc.code).name)
             result["switch_rtt_ms_median"] = round(statistics.median(rtts), 2) if rtts else None
-            peak_rss = max(peak_rss, gw_ps.memory_info().rss)
+            peak_rss = max(peak_rss, tree_rss(gw_ps))
             result["peak_rss_mb"] = round(peak_rss / 2**20, 1)
             await client.disconnect()
             client = None

@@ -86,7 +86,7 @@ def tree_cpu_s(proc: psutil.Process) -> float:
     return total
 
 
-def _tree_rss(proc: psutil.Process) -> int:
+def tree_rss(proc: psutil.Process) -> int:
     total = 0
     for p in [proc] + proc.children(recursive=True):
         try:
@@ -156,7 +156,7 @@ async def _run_client(port: int, ids_file: Path, scan_s: float, window_s: float,
                                                 cwd=INTEROP_DIR, limit=2**24)
     result: dict = {}
     cpu0 = t0 = h0 = None
-    peak = _tree_rss(server)
+    peak = tree_rss(server)
     try:
         while True:
             line = await asyncio.wait_for(proc.stdout.readline(), timeout=300 + window_s)
@@ -174,7 +174,7 @@ async def _run_client(port: int, ids_file: Path, scan_s: float, window_s: float,
             if health:
                 h1 = await health()
                 result["poll_overruns"] = h1["poll_overruns"] - h0["poll_overruns"]
-        peak = max(peak, _tree_rss(server))
+        peak = max(peak, tree_rss(server))
         result["peak_rss_mb"] = round(peak / 2**20, 1)
     finally:
         await _terminate(proc)

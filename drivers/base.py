@@ -152,9 +152,12 @@ class DriverSet:
     instance. The command service and the gateway see only this object.
     """
 
-    def __init__(self, site: Site, table: PointTable) -> None:
+    def __init__(self, site: Site, table: PointTable, skip: frozenset[str] = frozenset()) -> None:
+        """`skip`: devices served elsewhere (drivers/worker.py: the Modbus drivers in their own process)."""
         by_factory: dict[str, list[str]] = {}
         for name, _kind, ep in site.devices():
+            if name in skip:
+                continue
             by_factory.setdefault(factory_path(ep.driver), []).append(name)
         self.drivers: dict[str, Driver] = {}
         self._device_driver: dict[str, Driver] = {}

@@ -46,6 +46,9 @@ class Quality(IntEnum):
         return self is Quality.GOOD
 
 
+_QUALITIES = tuple(Quality)  # by value: Quality values are 0..3
+
+
 Value = float | int | bool | str | None
 
 
@@ -326,6 +329,26 @@ class PointTable:
                 continue
             pv.quality, pv.source_ts = quality, ts
             changes.append(Change(device, point, pv.value, quality, ts))
+        if changes:
+            self._notify(changes)
+        return len(changes)
+
+    def apply(self, device: str, items: list[tuple]) -> int:
+        """Changes another table made (a driver worker's: drivers/worker.py), as (point, value, quality
+        as int, source_ts): taken as they are, de-duplication and deadbands were applied there; sinks are
+        notified as by update_device / set_quality. A device no longer defined here is skipped."""
+        table = self._devices.get(device)
+        if table is None:
+            return 0
+        changes: list[Change] = []
+        qualities = _QUALITIES
+        for point, value, q, ts in items:
+            pv = table.get(point)
+            if pv is None:
+                continue
+            quality = qualities[q]
+            pv.value, pv.quality, pv.source_ts = value, quality, ts
+            changes.append(Change(device, point, value, quality, ts))
         if changes:
             self._notify(changes)
         return len(changes)

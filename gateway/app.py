@@ -13,8 +13,9 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
-from drivers.base import DriverSet, DriverUnavailable
+from drivers.base import DriverUnavailable
 from drivers.pointtable import PointTable, Sink
+from drivers.worker import make_driver_set
 from gateway.commands import AuditLog, CommandService
 from gateway.datadir import prepare_data_dir
 from gateway.historian import Historian
@@ -55,7 +56,7 @@ class Gateway:
 
     def __post_init__(self) -> None:
         self.table = PointTable()
-        self.driver = DriverSet(self.site, self.table)
+        self.driver = make_driver_set(self.site, self.table)  # Modbus: in a worker process
         self.audit = AuditLog(Path(self.data_dir) / "audit.log")
         self.commands = CommandService(self.site, self.table, self.driver, self.audit)
         self.server = GatewayServer(self.site, self.table, self.commands, host=self.opcua_host, port=self.opcua_port,

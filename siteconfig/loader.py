@@ -63,7 +63,7 @@ MODBUS_UNIT_IDS = (0, 247)  # MODBUS over Serial Line V1.02, 2.2: 0 broadcast, 2
 _TOP_KEYS = ("site", "gateway", "defaults", "sources", "aisles")
 _SITE_KEYS = ("name", "nominal_voltage_v", "frequency_hz")
 _GATEWAY_KEYS = ("opcua", "scan_groups_s", "stale_time_s", "dwell_time_s", "derating", "metrics", "log_summary_s",
-                 "mqtt", "tsn")
+                 "driver_process", "mqtt", "tsn")
 _METRICS_KEYS = ("host", "port", "tls", "basic_auth")
 _MQTT_KEYS = ("host", "port", "tls", "insecure", "group_id", "edge_node_id", "primary_host_id",
               "store_forward_mb", "commands", "command_user", "command_role")
@@ -222,6 +222,7 @@ class _SiteReader:
             derating=r.number("derating", defaults.derating, gt=0, le=1),
             metrics=self._metrics(r.mapping("metrics")),
             log_summary_s=r.number("log_summary_s", defaults.log_summary_s, ge=0),
+            driver_process=r.boolean("driver_process", defaults.driver_process),
             mqtt=self._mqtt(r.mapping("mqtt")),
             tsn=self.tsn,
         )

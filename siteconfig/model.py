@@ -203,6 +203,7 @@ class GatewayConfig:
     derating: float = 0.8  # NEC 210.20(A) 80 % rule for continuous load
     metrics: MetricsConfig | None = None  # the Prometheus endpoint; None: off
     log_summary_s: float = 60.0  # period of the one-line summary in the log; 0: none
+    driver_process: bool = True  # the Modbus drivers in a process of their own (drivers/worker.py)
     mqtt: MqttConfig | None = None  # absent: no MQTT publisher
     tsn: TsnConfig | None = None  # absent: no TSN devices
 

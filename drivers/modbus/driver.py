@@ -535,6 +535,9 @@ class ModbusDriver:
     site: Site
     table: PointTable
     only: frozenset[str] | None = None  # the devices to serve (None: every modbus/modbus-tls device)
+    # the gateway's mirror of a driver worker's drivers (drivers/worker.py): points and health entries,
+    # never a connection (start() is never called, added devices are not polled here)
+    dormant: bool = False
     connections: dict[tuple[str, int, int], ModbusConnection] = field(default_factory=dict)
     device_connection: dict[str, ModbusConnection] = field(default_factory=dict)
     _ssl_contexts: dict[tuple[str, str, str], ssl.SSLContext] = field(default_factory=dict, repr=False)
@@ -618,7 +621,8 @@ class ModbusDriver:
                 conn = ModbusConnection(ep.host, ep.port, [binding], self.table, site.gateway.stale_time_s,
                                         sslctx=self._ssl_context(binding))
                 self.connections[(ep.host, ep.port, 0)] = conn
-                conn.start()
+                if not self.dormant:
+                    conn.start()
             self.device_connection[binding.name] = conn
             if ep.driver == "modbus":
                 plain.append(binding.name)
@@ -666,6 +670,8 @@ class ModbusDriver:
         return self._ssl_contexts[files]
 
     async def start(self) -> None:
+        if self.dormant:
+            raise RuntimeError("a dormant ModbusDriver (a driver worker's mirror) never polls")
         for conn in self.connections.values():
             conn.start()
 

@@ -1,0 +1,87 @@
+"""The Modbus drivers in their own process (drivers/worker.py): values, commands and health cross
+the socket; a worker that dies is reported, its devices turn Uncertain, and it comes back."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import psutil
+from asyncua import ua
+
+from drivers.pointtable import Quality
+from drivers.worker import WorkerDriverSet
+
+from .test_gateway import Rig, fast_site, sel, unit_on
+
+
+def worker_children() -> list[psutil.Process]:
+    return [p for p in psutil.Process().children() if "drivers.worker" in " ".join(p.cmdline())]
+
+
+async def until(predicate, timeout: float = 15.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{what}: not within {timeout} s")
+
+
+async def test_values_commands_and_health_cross_the_worker(tmp_path):
+    async with Rig(fast_site(), tmp_path=tmp_path) as rig:
+        drivers = rig.gateway.driver
+        assert isinstance(drivers, WorkerDriverSet)
+        (child,) = worker_children()
+        assert child.pid != psutil.Process().pid
+        # every device's values reach the OPC UA address space from the worker
+        for unit in rig.site.units[:3]:
+            await rig.wait_good(unit.name, "LoadPower")
+        # a command goes through the command service (interlocks, audit) to the worker, and back
+        unit = await unit_on(rig, 1)
+        await rig.call(unit, "SwitchSource", sel(2))
+        assert (await rig.read(unit, "ActiveSource")).Value.Value == 2  # read_now's values came first
+        assert rig.gateway.table.get(unit, "ActiveSource").value == 2
+        # a refused command changes nothing, whatever process the driver runs in
+        assert await rig.status_of(unit, "SwitchSource", sel(1)) == "BadTooManyOperations"
+        # the connections' health is the worker's, shown in Diagnostics
+        await until(lambda: all(h.connected and h.polls > 0 for h in drivers.health()), what="all connected")
+        label = drivers.connection(unit).label
+        node = rig.node(f"Diagnostics.Modbus {label}")
+        connected = [c for c in await node.get_children() if (await c.read_browse_name()).Name == "Connected"]
+        assert connected and await connected[0].read_value() is True
+    assert worker_children() == []  # the gateway's stop ends its worker
+
+
+async def test_a_worker_that_dies_is_reported_and_restarted(tmp_path, caplog):
+    async with Rig(fast_site(), tmp_path=tmp_path) as rig:
+        drivers = rig.gateway.driver
+        unit = rig.site.units[0].name
+        await rig.wait_good(unit, "LoadPower")
+        before = rig.gateway.table.get(unit, "LoadPower").value
+        (child,) = worker_children()
+        with caplog.at_level(logging.ERROR, logger="drivers.worker"):
+            child.kill()
+            await until(lambda: rig.gateway.table.device_quality(unit) is Quality.UNCERTAIN_LAST_USABLE,
+                        what="devices Uncertain")
+        lines = [r for r in caplog.records if "driver worker process ended" in r.getMessage()]
+        assert len(lines) == 1  # one line, not one per device
+        dv = await rig.read(unit, "LoadPower")
+        assert dv.StatusCode.name == "UncertainLastUsableValue" and dv.Value.Value == before
+        # a command while no worker runs is refused as a device that does not answer, and changes nothing
+        status = await rig.status_of(unit, "SwitchSource", sel(2 if rig.gateway.table.get(unit, "ActiveSource").value == 1 else 1))
+        assert status == "BadCommunicationError"
+        # it is started again, and its devices are Good again
+        await until(lambda: drivers.restarts == 1 and drivers.ready.is_set(), what="worker restarted")
+        await rig.wait_good(unit, "LoadPower", timeout=10)
+        (again,) = worker_children()
+        assert again.pid != child.pid
+
+
+async def test_driver_process_off_keeps_the_drivers_in_the_gateway(tmp_path):
+    async with Rig(fast_site(driver_process=False), tmp_path=tmp_path) as rig:
+        assert not isinstance(rig.gateway.driver, WorkerDriverSet)
+        assert worker_children() == []
+        dv = await rig.wait_good(rig.site.units[0].name, "LoadPower")
+        assert dv.StatusCode == ua.StatusCode(ua.StatusCodes.Good)
