@@ -174,6 +174,7 @@ async def _run_client(port: int, ids_file: Path, scan_s: float, window_s: float,
             if health:
                 h1 = await health()
                 result["poll_overruns"] = h1["poll_overruns"] - h0["poll_overruns"]
+                result["worker_coalesced"] = h1.get("worker_coalesced", 0) - h0.get("worker_coalesced", 0)
         peak = max(peak, tree_rss(server))
         result["peak_rss_mb"] = round(peak / 2**20, 1)
     finally:
@@ -266,7 +267,7 @@ def _figures(r: dict) -> dict:
            "latency_p50_s": round(r["latency_p50_s"], 3) if r.get("latency_p50_s") is not None else None,
            "latency_p99_s": round(r["latency_p99_s"], 3) if r.get("latency_p99_s") is not None else None,
            "subscribe_s": round(r["subscribe_s"], 2)}
-    for k in ("cpu_percent", "peak_rss_mb", "poll_overruns"):
+    for k in ("cpu_percent", "peak_rss_mb", "poll_overruns", "worker_coalesced"):
         if k in r:
             out[k] = r[k]
     return out

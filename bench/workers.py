@@ -125,7 +125,9 @@ async def _gateway(site_file: str, mode: str, port: int, data_dir: str) -> None:
         health = driver.health()
         print(json.dumps({**extra, "poll_overruns": sum(h.overruns for h in health),
                           "polls": sum(h.polls for h in health), "errors": sum(h.errors for h in health),
-                          "max_poll_ms": max((h.poll_duration_ms for h in health), default=0.0)}), flush=True)
+                          "max_poll_ms": max((h.poll_duration_ms for h in health), default=0.0),
+                          # a driver worker's changes held back while the gateway's loop was behind
+                          "worker_coalesced": getattr(driver, "coalesced", 0)}), flush=True)
 
     print(json.dumps({"ready": True, "build_s": time.time() - t0}), flush=True)
     # SIGUSR1: print the driver health now (the benchmark brackets its window with it)

@@ -26,10 +26,10 @@ batches it would have seen in one process, and device qualities follow from the 
 
 Frames on the socket: a 4-byte big-endian length and a pickle (both ends are this program, on a
 socketpair made here: nothing else can write to it). Worker to gateway: ("c", [(device, [(point,
-value, quality, ts), ...]), ...]) changes, ("h", {key: fields}) health, ("r", id, ok, value) a
-call's answer, ("ready",). Gateway to worker: ("init", site, devices, log_level), ("call", id,
-method, args), ("stop",). The worker flushes its pending changes before every answer, so a
-read_now's values are in the gateway's table when its call returns.
+value, quality, ts), ...]), ...], pulled) changes, ("h", {key: fields}) health, ("r", id, ok, value) a
+call's answer, ("ready",). Gateway to worker: ("init", site, devices, log_level), ("pull",) (the
+answer: ("c", changes, True)), ("call", id, method, args), ("stop",). The worker sends its waiting
+changes before every answer, so a read_now's values are in the gateway's table when its call returns.
 
 If the worker dies, its devices turn Uncertain (last usable value), one line is logged, calls in
 flight fail as DeviceUnreachable, and it is started again (backoff 1 s doubling to 10 s).
@@ -61,7 +61,9 @@ WORKER_FACTORIES = frozenset({"drivers.modbus.driver:ModbusDriver.for_devices"})
 
 _HEADER = struct.Struct(">I")
 MAX_FRAME = 64 * 2**20  # a frame longer than this is not from our worker: the stream is dropped
-FLUSH_S = 0.005  # the worker sends changes at most every 5 ms (the address space flushes every 20 ms)
+PULL_S = 0.02  # the gateway pulls the worker's changes every 20 ms of its loop (as the address space flushes)
+HOLD_AFTER_S = 0.25  # not pulled for this long, or
+MAX_PENDING = 200_000  # more changes than this waiting: the worker keeps the latest per point (_Forward)
 HEALTH_S = 0.25  # and the connections' health every 250 ms (only the entries that changed)
 CALL_TIMEOUT_S = 30.0  # a call the worker does not answer (its own requests time out well before)
 RESTART_MIN_S, RESTART_MAX_S = 1.0, 10.0
@@ -135,6 +137,8 @@ class WorkerDriverSet(DriverSet):
         self._proc: asyncio.subprocess.Process | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task | None = None
+        self._pull_task: asyncio.Task | None = None
+        self._pulled: asyncio.Future | None = None
         self._supervisor: asyncio.Task | None = None
         self._calls: dict[int, asyncio.Future] = {}
         self._next_call = 0
@@ -143,6 +147,8 @@ class WorkerDriverSet(DriverSet):
         self.restarts = 0
         self.frames_in = 0
         self.changes_in = 0
+        self.coalesced = 0  # changes the worker held back while this loop was behind (latest per point sent)
+        self._coalesced_before = 0
 
     # ---- life cycle -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -161,10 +167,24 @@ class WorkerDriverSet(DriverSet):
                 stdin=asyncio.subprocess.DEVNULL, stdout=2, env=env)  # its stdout is the gateway's stderr
         finally:
             theirs.close()
-        reader, self._writer = await asyncio.open_unix_connection(sock=ours, limit=2**20)
+        reader, self._writer = await asyncio.open_unix_connection(sock=ours, limit=2**18)
         self.ready.clear()
         self._writer.write(_frame(("init", self.site, sorted(self.remote_devices), logging.getLogger().level)))
         self._reader_task = asyncio.create_task(self._read(reader), name="driver worker reader")
+        self._pull_task = asyncio.create_task(self._pull(self._writer), name="driver worker pull")
+
+    async def _pull(self, writer: asyncio.StreamWriter) -> None:
+        """Ask the worker for its changes every PULL_S of this loop, one request at a time: a loop
+        that is behind asks later, and the worker keeps the latest per point meanwhile (_Forward)."""
+        loop = asyncio.get_running_loop()
+        while not writer.is_closing():
+            self._pulled = loop.create_future()
+            writer.write(_frame(("pull",)))
+            try:
+                await asyncio.wait_for(self._pulled, CALL_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                continue  # a worker that does not answer is found by its stream's end
+            await asyncio.sleep(PULL_S)
 
     async def _supervise(self) -> None:
         backoff = RESTART_MIN_S
@@ -175,6 +195,8 @@ class WorkerDriverSet(DriverSet):
                 await self._reader_task  # until the worker's stream ends
             except OSError as exc:
                 log.error("driver worker process cannot start: %s", exc)
+            if self._pull_task is not None:
+                self._pull_task.cancel()
             if self._stopping:
                 break
             code = await self._reap()
@@ -228,7 +250,7 @@ class WorkerDriverSet(DriverSet):
                 log.warning("driver worker did not stop within 10 s: killed")
                 self._proc.kill()
                 await self._proc.wait()
-        for task in (self._reader_task, self._supervisor):
+        for task in (self._pull_task, self._reader_task, self._supervisor):
             if task is not None and not task.done():
                 task.cancel()
                 try:
@@ -258,6 +280,8 @@ class WorkerDriverSet(DriverSet):
                 for device, items in msg[1]:
                     if device in self.remote_devices:
                         self.changes_in += table.apply(device, items)
+                if msg[2] and self._pulled is not None and not self._pulled.done():
+                    self._pulled.set_result(None)
             elif kind == "h":
                 by_key = self._health_by_key
                 for key, values in msg[1].items():
@@ -273,7 +297,10 @@ class WorkerDriverSet(DriverSet):
                         fut.set_result(value)
                     else:
                         fut.set_exception(value)
+            elif kind == "s":
+                self.coalesced = self._coalesced_before + msg[1]["coalesced"]
             elif kind == "ready":
+                self._coalesced_before = self.coalesced  # a restarted worker counts from 0
                 self.ready.set()
 
     async def call(self, method: str, *args: Any) -> Any:
@@ -343,41 +370,71 @@ def _endpoint(site, device: str):
 
 # ---- the worker's side ------------------------------------------------------------------------------
 class _Forward(Sink):
-    """The worker table's one sink: every batch to the gateway, coalesced for FLUSH_S into one frame."""
+    """The worker table's one sink: every batch, kept until the gateway pulls them (`take`).
+
+    The gateway pulls once per PULL_S of its own loop (WorkerDriverSet._pull): a gateway whose loop
+    is behind pulls later, and so takes what it can, not more. Changes wait in order; once the
+    gateway has not pulled for HOLD_AFTER_S, or more than MAX_PENDING changes wait, they are held
+    instead, the latest per point (`coalesced` counts those overwritten unsent): what waits is then
+    bounded by the number of points, never a backlog that grows, and an overloaded gateway gets the
+    newest values, as it would by polling less often with the drivers in its own loop. A gateway
+    that keeps up gets every change."""
 
     name = "driver worker"
     kind = "lossless"
 
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
-        self.writer = writer
+    def __init__(self) -> None:
         self.pending: list[tuple] = []
-        self._timer: asyncio.TimerHandle | None = None
+        self.pending_changes = 0
+        self.held: dict[str, dict[str, tuple]] | None = None  # device -> point -> (value, quality, ts)
+        self.coalesced = 0
+        self.last_take = time.monotonic()
 
     def changes(self, batch) -> None:
-        self.pending.append((batch[0].device, [(c.point, c.value, int(c.quality), c.source_ts) for c in batch]))
-        if self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(FLUSH_S, self.flush)
+        items = [(c.point, c.value, int(c.quality), c.source_ts) for c in batch]
+        if self.held is not None:
+            self._hold(batch[0].device, items)
+            return
+        self.pending.append((batch[0].device, items))
+        self.pending_changes += len(items)
+        if self.pending_changes > MAX_PENDING or time.monotonic() - self.last_take > HOLD_AFTER_S:
+            self.held = {}
+            pending, self.pending, self.pending_changes = self.pending, [], 0
+            for device, its in pending:
+                self._hold(device, its)
 
-    def flush(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self.pending:
-            pending, self.pending = self.pending, []
-            self.writer.write(_frame(("c", pending)))
+    def _hold(self, device: str, items: list[tuple]) -> None:
+        points = self.held.setdefault(device, {})
+        before = len(points)
+        for point, value, q, ts in items:
+            points[point] = (value, q, ts)
+        self.coalesced += len(items) - (len(points) - before)
+
+    def take(self) -> list[tuple]:
+        """Everything waiting, in order (held values first: they are older than what is pending)."""
+        out = [] if self.held is None else [(d, [(p, *v) for p, v in points.items()]) for d, points in self.held.items()]
+        out += self.pending
+        self.held, self.pending, self.pending_changes = None, [], 0
+        self.last_take = time.monotonic()
+        return out
 
 
 class _Worker:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
-        self.forward = _Forward(writer)
+        self.forward = _Forward()
         self.table = PointTable()
         self.drivers: DriverSet | None = None
         self._sent_health: dict[str, tuple] = {}
+        self._sent_coalesced = 0
 
     def send(self, msg: Any) -> None:
-        self.forward.flush()  # changes first: an answer never overtakes the values it read
         self.writer.write(_frame(msg))
+
+    def send_changes(self, pulled: bool) -> None:
+        out = self.forward.take()
+        if out or pulled:
+            self.writer.write(_frame(("c", out, pulled)))
 
     async def run(self) -> None:
         init = await _read_frame(self.reader)
@@ -407,7 +464,9 @@ class _Worker:
                 msg = await _read_frame(self.reader)
                 if msg is None or msg[0] == "stop":
                     break
-                if msg[0] == "call":
+                if msg[0] == "pull":
+                    self.send_changes(True)
+                elif msg[0] == "call":
                     task = asyncio.create_task(self._call(*msg[1:]))
                     calls.add(task)
                     task.add_done_callback(calls.discard)
@@ -416,7 +475,7 @@ class _Worker:
             for task in list(calls):
                 task.cancel()
             await driver.stop()
-            self.forward.flush()
+            self.send_changes(False)
             try:
                 await self.writer.drain()
             except ConnectionError:
@@ -447,6 +506,7 @@ class _Worker:
             except Exception:  # noqa: BLE001 - an exception that does not pickle goes back as its text
                 value = DeviceError(f"{type(exc).__name__}: {exc}")
         if call_id:
+            self.send_changes(False)  # changes first: an answer never overtakes the values it read
             self.send(("r", call_id, ok, value))
         elif not ok:
             log.error("driver worker: %s failed: %s", method, value)
@@ -461,6 +521,9 @@ class _Worker:
                     changed[h.key] = values
             if changed:
                 self.send(("h", changed))
+            if self.forward.coalesced != self._sent_coalesced:
+                self._sent_coalesced = self.forward.coalesced
+                self.send(("s", {"coalesced": self._sent_coalesced}))
             await asyncio.sleep(HEALTH_S)
 
 
@@ -476,7 +539,7 @@ def _die_with_parent() -> None:
 
 async def _main(fd: int) -> None:
     sock = socket.socket(fileno=fd)
-    reader, writer = await asyncio.open_unix_connection(sock=sock, limit=2**20)
+    reader, writer = await asyncio.open_unix_connection(sock=sock, limit=2**18)
     await _Worker(reader, writer).run()
     writer.close()
 
