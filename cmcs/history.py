@@ -43,6 +43,8 @@ MIN_TRAIN_DAYS = 1.0  # history before the held-out days
 MIN_HOLDOUT_DAYS = 0.25
 DEFAULT_HOLDOUT_FRACTION = 0.2
 VAL_FRACTION = 0.2  # of the training span, its end: early stopping
+MAX_FEATURE_BYTES = 1.5e9  # load-feature rows kept in memory: on a large site or a long history only one
+# sample in k is kept (k recorded as feature_stride_samples; 6 days of the demo hall: 0.22 GB, k = 1)
 HISTORY_STRIDE = 1  # training keeps every sample of each unit (a site's days are few; one in 3 gave 80 % of
 # the 5-min gain on the west-hall history in a quarter of the time: docs/models.md)
 REFINE_ETA = 0.05
@@ -143,8 +145,10 @@ class SiteHistory:
     end_s: float
     units: int
     extra_units: list[str] = field(default_factory=list)  # recorded, not in the site file
+    x_index: list[np.ndarray] = field(default_factory=list)  # per run: the rows whose features are kept
     read_s: float = 0.0
     split: "Split | None" = None
+    feature_stride: int = 1  # features kept for one sample in this many (MAX_FEATURE_BYTES)
 
     @property
     def days(self) -> float:
@@ -206,9 +210,11 @@ def _read(reader: HistoryReader, path: Path, site, holdout_days, progress: bool,
                                                                            else len(site.sources)), np.nan)
                for p in POINTS[k]} for k in POINTS}
     raw["ats"]["PreferredSource"] = preferred
-    runs, epochs = [], []
+    runs, epochs, x_index = [], [], []
     edges = np.flatnonzero(np.diff(np.concatenate([[0], alive.astype(np.int8), [0]])))
     segments = list(zip(edges[::2], edges[1::2]))
+    row_bytes = len(units) * len(FEATURE_NAMES["load"]) * 4
+    x_stride = max(1, math.ceil(int(alive.sum()) * row_bytes / MAX_FEATURE_BYTES))
     from tqdm import tqdm
 
     bar = tqdm(total=int(sum(b - a for a, b in segments)), desc="history", unit="sample", disable=not progress,
@@ -218,7 +224,8 @@ def _read(reader: HistoryReader, path: Path, site, holdout_days, progress: bool,
             continue
         fs = FeatureState(site, dt)
         T = b - a
-        X = np.empty((T, fs.n, len(FEATURE_NAMES["load"])), dtype=np.float32)
+        kept = np.arange(0, T, x_stride)
+        X = np.empty((len(kept), fs.n, len(FEATURE_NAMES["load"])), dtype=np.float32)
         m1 = np.empty((T, fs.n), dtype=np.float32)
         times = (grid[a:b] - grid[a]) + dt  # as a replay's: the first sample at one interval
         with np.errstate(all="ignore"):
@@ -226,7 +233,8 @@ def _read(reader: HistoryReader, path: Path, site, holdout_days, progress: bool,
                 raw["ats"]["LoadPower"] = lp[a + j]
                 raw["ats"]["ActiveSource"] = act[a + j]
                 feats = fs.update(float(times[j]), client_snapshot(raw))
-                X[j] = feats["load"]
+                if j % x_stride == 0:
+                    X[j // x_stride] = feats["load"]
                 m1[j] = fs.load_level_kw
                 if j % 2000 == 0:
                     bar.update(min(2000, T - j))
@@ -234,9 +242,10 @@ def _read(reader: HistoryReader, path: Path, site, holdout_days, progress: bool,
         runs.append(ScenarioRun(f"history-{site.name}-{len(runs)}", 0, site.name, times, names, {"load": X}, {}, {}, [],
                                 lp[a:b].astype(np.float32), m1))
         epochs.append(grid[a:b])
+        x_index.append(kept)
     bar.close()
-    return SiteHistory(path, site.name, runs, epochs, float(start), float(end), len(units), extra,
-                       read_s=time.perf_counter() - t0, split=split)
+    return SiteHistory(path, site.name, runs, epochs, float(start), float(end), len(units), extra, x_index,
+                       read_s=time.perf_counter() - t0, split=split, feature_stride=x_stride)
 
 
 # ---- split ------------------------------------------------------------------------------------------
@@ -271,16 +280,17 @@ def _rows(hist: SiteHistory, lo: float, hi: float, stride: int, h: int | None = 
     """Training-style rows (X, {h: ratio target}) of rows with epoch time in [lo, hi): strided, after the
     warm-up, every target defined (load_training_rows' rule)."""
     Xs, ys = [], {k: [] for k in LOAD_HORIZONS_S}
-    for run, ep in zip(hist.runs, hist.epochs):
-        T = len(run.times)
-        keep = ((np.arange(T) % stride == 0) & (run.times >= WARMUP_S) & (ep >= lo) & (ep + max(LOAD_HORIZONS_S) < hi))
-        keep = np.broadcast_to(keep[:, None], run.load_m1.shape).copy()
-        targets = {k: load_targets(run, k) for k in LOAD_HORIZONS_S}
+    step = max(1, round(stride / hist.feature_stride))  # in rows whose features are kept
+    for run, ep, xi in zip(hist.runs, hist.epochs, hist.x_index):
+        t, e, m1 = run.times[xi], ep[xi], run.load_m1[xi]
+        keep = ((np.arange(len(xi)) % step == 0) & (t >= WARMUP_S) & (e >= lo) & (e + max(LOAD_HORIZONS_S) < hi))
+        keep = np.broadcast_to(keep[:, None], m1.shape).copy()
+        targets = {k: load_targets(run, k)[xi] for k in LOAD_HORIZONS_S}
         for k in LOAD_HORIZONS_S:
-            keep &= np.isfinite(targets[k]) & (targets[k] > 0.5) & (run.load_m1 > 0.5)
+            keep &= np.isfinite(targets[k]) & (targets[k] > 0.5) & (m1 > 0.5)
         Xs.append(run.X["load"][keep])
         for k in LOAD_HORIZONS_S:
-            ys[k].append((targets[k][keep] / run.load_m1[keep] - 1.0).astype(np.float32))
+            ys[k].append((targets[k][keep] / m1[keep] - 1.0).astype(np.float32))
     F = len(FEATURE_NAMES["load"])
     X = np.concatenate(Xs) if Xs else np.zeros((0, F), np.float32)
     return X, {k: (np.concatenate(v) if v else np.zeros(0, np.float32)) for k, v in ys.items()}
@@ -358,22 +368,22 @@ def evaluate_holdout(hist: SiteHistory, split: Split, predictors: dict) -> dict:
 
     out = {}
     parts = []  # (run, rows mask over time, forecasts per predictor)
-    for run, ep in zip(hist.runs, hist.epochs):
-        sel = ep >= split.holdout_start_s
+    for run, ep, xi in zip(hist.runs, hist.epochs, hist.x_index):
+        sel = ep[xi] >= split.holdout_start_s
         if not sel.any():
             continue
-        i0 = int(np.argmax(sel))
-        X = run.X["load"][i0:]
-        fc = {name: p.forecast({"load": X, "load_level_kw": run.load_m1[i0:]}) for name, p in predictors.items()}
-        parts.append((run, i0, fc))
+        rows = xi[sel]  # held-out samples whose features are kept
+        X = run.X["load"][sel]
+        fc = {name: p.forecast({"load": X, "load_level_kw": run.load_m1[rows]}) for name, p in predictors.items()}
+        parts.append((run, rows, fc))
     for h in LOAD_HORIZONS_S:
         T, P, PL, PM = [], {n: [] for n in predictors}, [], []
-        for run, i0, fc in parts:
-            ok = load_scored_rows(run, h)[i0:]
-            y = load_targets(run, h)[i0:]
+        for run, rows, fc in parts:
+            ok = load_scored_rows(run, h)[rows]
+            y = load_targets(run, h)[rows]
             T.append(y[ok])
-            PL.append(run.load_last[i0:][ok])
-            PM.append(run.load_m1[i0:][ok])
+            PL.append(run.load_last[rows][ok])
+            PM.append(run.load_m1[rows][ok])
             for n in predictors:
                 P[n].append(fc[n][h][ok])
         y = np.concatenate(T).astype(float) if T else np.zeros(0)

@@ -97,6 +97,9 @@ def cli_train(args) -> int:
     from siteconfig.errors import CliError
 
     try:
+        if getattr(args, "eval_only", False) and getattr(args, "history", None) is not None:
+            raise CliError("--history trains (refines a bundle on the site's history); --eval-only evaluates on "
+                           "scenario files: use one or the other")
         if getattr(args, "eval_only", False):
             return _cli_eval(args)
         if getattr(args, "history", None) is not None:
@@ -172,9 +175,6 @@ def _cli_train_history(args) -> int:
     from cmcs import history as H
     from cmcs.layout import check_layout
 
-    if getattr(args, "eval_only", False):
-        raise CliError("--history trains (refines a bundle on the site's history); --eval-only evaluates on "
-                       "scenario files")
     site_file = getattr(args, "config", None)
     site = _load_site_arg(site_file) if site_file is not None else demo_site()
     t0 = time.perf_counter()
@@ -218,7 +218,8 @@ def _cli_train_history(args) -> int:
         "from": H._iso(hist.start_s), "to": H._iso(hist.end_s), "days": round(hist.days, 3),
         "holdout_days": round(split.holdout_days, 3), "holdout_from": H._iso(split.holdout_start_s),
         "units": hist.units, "segments": len(hist.runs), "train_rows": info["train_rows"], "val_rows": info["val_rows"],
-        "stride_samples": H.HISTORY_STRIDE, "method": "continued boosting from the base bundle's load boosters "
+        "stride_samples": max(H.HISTORY_STRIDE, hist.feature_stride), "feature_stride_samples": hist.feature_stride,
+        "method": "continued boosting from the base bundle's load boosters "
         f"(eta {H.REFINE_ETA:g}, early stopping on the last {H.VAL_FRACTION:.0%} of the training span)",
         "horizons": info["horizons"], "base_bundle": {"version": base.version,
                                                       "path": str(base_path) if base_path else None},

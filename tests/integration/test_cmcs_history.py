@@ -107,6 +107,19 @@ def test_the_rebuilt_features_are_those_the_live_cmcs_computes(short_history):
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
 
 
+def test_a_large_history_keeps_the_features_of_one_sample_in_k(short_history, monkeypatch):
+    """Past MAX_FEATURE_BYTES only every k-th sample's features are kept (a 1,000-unit hall's week would
+    be 10 GB); the load series (targets, persistence) stay whole."""
+    d, _ = short_history
+    full = H.read_site_history(d, demo_site(), split=False)
+    monkeypatch.setattr(H, "MAX_FEATURE_BYTES", full.runs[0].X["load"].nbytes / 3.5)
+    part = H.read_site_history(d, demo_site(), split=False)
+    assert part.feature_stride == 4
+    np.testing.assert_array_equal(part.x_index[0], np.arange(0, len(full.runs[0].times), 4))
+    np.testing.assert_array_equal(part.runs[0].X["load"], full.runs[0].X["load"][::4])
+    np.testing.assert_array_equal(part.runs[0].load_m1, full.runs[0].load_m1)
+
+
 def test_train_history_refines_the_load_forecaster_and_records_the_history(site_history, tmp_path, monkeypatch,
                                                                           capsys):
     d, rec = site_history
