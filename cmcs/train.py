@@ -48,6 +48,7 @@ from cmcs.dataset import (
     simulate,
     training_scenario,
 )
+from cmcs.cli_args import add_history_arguments  # noqa: F401  (re-exported: the options of --history)
 from cmcs.features import FEATURE_NAMES, LOAD_HORIZONS_S
 from cmcs.layout import layout_fingerprint, layout_record, layout_summary
 from cmcs.models import SHIPPED_BUNDLE, BundleError, Predictor
@@ -112,17 +113,6 @@ def cli_train(args) -> int:
         return _cli_train(args)
     except BundleError as exc:
         raise CliError(str(exc)) from None
-
-
-def add_history_arguments(p) -> None:
-    """`cmcs train`'s options for training on a site's history (gateway/cli.py adds them to its parser)."""
-    p.add_argument("--history", type=Path, default=None, metavar="DATA_DIR",
-                   help="refine the load models on the history recorded in this data dir (its history.sqlite3) "
-                        "of the --config site (default: the demo hall); with --bundle B, B is refined instead "
-                        "of a bundle trained now")
-    p.add_argument("--holdout-days", type=float, default=None, metavar="DAYS",
-                   help="with --history: the last DAYS of the history judge the refinement and are never trained "
-                        "on (default: 20 %% of its span, at least 0.25)")
 
 
 def _cli_train(args) -> int:
