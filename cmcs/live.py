@@ -95,6 +95,25 @@ def lead_time_s(risk: float, horizon_s: float = HORIZON_S) -> float:
     return float(min(max(horizon_s * math.log(2.0) / -math.log1p(-r), 0.0), 7 * 86400.0))
 
 
+def client_snapshot(raw: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, np.ndarray]]:
+    """Snapshot-shaped values (what `FeatureState.update` and the policy take) from the last value of
+    every point as floats (NaN: none yet): booleans and enumerations typed as the plant gives them.
+    The live loop and `cmcs train --history` (cmcs.history) build their snapshots with this."""
+    values = {}
+    for kind in KINDS:
+        d = {}
+        for spec in POINTS[kind]:
+            arr = raw[kind][spec.name]
+            if spec.kind == "bool":
+                d[spec.name] = arr > 0.5
+            elif spec.kind == "int" or spec.kind.startswith("enum:"):
+                d[spec.name] = np.nan_to_num(arr, nan=0.0).astype(np.int64)
+            else:
+                d[spec.name] = arr.copy()
+        values[kind] = d
+    return values
+
+
 class _Feed(Subscription):
     """A subscription whose notifications go straight into arrays (no task per value)."""
 
@@ -336,18 +355,7 @@ class LiveCmcs:
         sub = self._sub
         alive = (self._sub_alive and sub is not None and sub.last_publish_at is not None
                  and time.monotonic() - sub.last_publish_at < 2.0 * self._keepalive_s + 2.0)
-        values = {}
-        for kind in KINDS:
-            d = {}
-            for spec in POINTS[kind]:
-                arr = self._values[kind][spec.name]
-                if spec.kind == "bool":
-                    d[spec.name] = arr > 0.5
-                elif spec.kind == "int" or spec.kind.startswith("enum:"):
-                    d[spec.name] = np.nan_to_num(arr, nan=0.0).astype(np.int64)
-                else:
-                    d[spec.name] = arr.copy()
-            values[kind] = d
+        values = client_snapshot(self._values)
         fresh = {k: self._good[k].all(axis=0) & alive for k in KINDS}
         return self.now_s(), values, fresh
 

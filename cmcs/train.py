@@ -1,6 +1,7 @@
 """`cmcs train`: generate labelled data, train the risk and load models, judge them, save a bundle.
 
     cmcs train [--config SITE] [--scenario-count N] [--seed S] [--out DIR] [--json F] [--quick]
+    cmcs train [--config SITE] --history DATA_DIR [--bundle B] [--holdout-days D] [--out DIR] [--json F]
     cmcs train --eval-only [--scenarios DIR] [--bundle B] [--json F] [--out DIR]
 
 Training replays random fault-rich scenarios (seeds S .. S+N-1) on the demo site and a few
@@ -15,6 +16,9 @@ uses seeds from HELDOUT_SEED_START on, which training refuses to use.
 aisles, ratings, loads, DES and preferred sources), and the bundle records the layout it was
 trained for (`bundle.json: layout`, cmcs.layout), which the live CMCS checks at start-up.
 Without it the bundle is recorded as the demo hall's (it is judged on the demo hall).
+
+`--history DATA_DIR` refines the load forecaster of a bundle (`--bundle B`, else the one this run
+trains) on the site's recorded history and judges it on the history's last days (cmcs.history).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from cmcs.dataset import (
     simulate,
     training_scenario,
 )
+from cmcs.cli_args import add_history_arguments  # noqa: F401  (re-exported: the options of --history)
 from cmcs.features import FEATURE_NAMES, LOAD_HORIZONS_S
 from cmcs.layout import layout_fingerprint, layout_record, layout_summary
 from cmcs.models import SHIPPED_BUNDLE, BundleError, Predictor
@@ -93,34 +98,31 @@ def cli_train(args) -> int:
     from siteconfig.errors import CliError
 
     try:
+        if getattr(args, "eval_only", False) and getattr(args, "history", None) is not None:
+            raise CliError("--history trains (refines a bundle on the site's history); --eval-only evaluates on "
+                           "scenario files: use one or the other")
         if getattr(args, "eval_only", False):
             return _cli_eval(args)
+        if getattr(args, "history", None) is not None:
+            return _cli_train_history(args)
+        if getattr(args, "holdout_days", None) is not None:
+            raise CliError("--holdout-days goes with --history DIR (the held-out days of that history)")
         if getattr(args, "bundle", None) is not None:
-            raise CliError("--bundle names the bundle to evaluate and needs --eval-only; training writes a new "
-                           "bundle into --data-dir (or --out)")
+            raise CliError("--bundle names the bundle to evaluate and needs --eval-only (or, with --history, the "
+                           "bundle to refine); training writes a new bundle into --data-dir (or --out)")
         return _cli_train(args)
     except BundleError as exc:
         raise CliError(str(exc)) from None
 
 
 def _cli_train(args) -> int:
-    from siteconfig.errors import CliError
-
     cfg = TrainConfig.from_args(args)
     if getattr(args, "config", None) is not None:
         cfg.site, cfg.site_file = _load_site_arg(args.config), str(args.config)
         print(f"training for {layout_summary(cfg.site)} (layout fingerprint {layout_fingerprint(cfg.site)}), "
               f"{cfg.scenario_count} scenarios of {cfg.duration_s / 3600:g} h", file=sys.stderr)
-    if cfg.scenario_count < 3:
-        raise CliError(f"--scenario-count must be at least 3 (train, validation, test), got {cfg.scenario_count}")
-    if cfg.seed < 0 or cfg.seed + cfg.scenario_count > HELDOUT_SEED_START:
-        raise CliError(f"training seeds {cfg.seed}..{cfg.seed + cfg.scenario_count - 1} must lie in 0.."
-                       f"{HELDOUT_SEED_START - 1}: seeds from {HELDOUT_SEED_START} on are the held-out set's")
-    out = args.out
-    if out is None:
-        data_dir = Path(getattr(args, "data_dir", None) or "cmcs-data")
-        out = data_dir / "models" / "current"
-        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _check_train_config(cfg)
+    out = _out_dir(args)
     t0 = time.perf_counter()
     predictor, metrics, training = train(cfg, progress=True)
     training["wall_time_s"] = round(time.perf_counter() - t0, 1)
@@ -131,6 +133,111 @@ def _cli_train(args) -> int:
         _write_json(args.json, metrics)
     print(f"bundle {predictor.version} saved to {path} ({_dir_size_mb(path):.2f} MB); "
           f"training took {training['wall_time_s']:.0f} s")
+    return 0
+
+
+def _check_train_config(cfg: TrainConfig) -> None:
+    from siteconfig.errors import CliError
+
+    if cfg.scenario_count < 3:
+        raise CliError(f"--scenario-count must be at least 3 (train, validation, test), got {cfg.scenario_count}")
+    if cfg.seed < 0 or cfg.seed + cfg.scenario_count > HELDOUT_SEED_START:
+        raise CliError(f"training seeds {cfg.seed}..{cfg.seed + cfg.scenario_count - 1} must lie in 0.."
+                       f"{HELDOUT_SEED_START - 1}: seeds from {HELDOUT_SEED_START} on are the held-out set's")
+
+
+def _out_dir(args) -> Path:
+    """--out, else <data-dir>/models/current (the data dir created private, as `cmcs run` makes it)."""
+    if args.out is not None:
+        return Path(args.out)
+    data_dir = Path(getattr(args, "data_dir", None) or "cmcs-data")
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return data_dir / "models" / "current"
+
+
+def _cli_train_history(args) -> int:
+    """`cmcs train [--config SITE] --history DIR [--bundle B] [--holdout-days D]`: the bundle (B, or one
+    trained now as `cmcs train [--config SITE]` trains it) with its load models refined on the site's
+    recorded history, judged on the history's last days against the shipped bundle and persistence."""
+    from siteconfig.demo import demo_site
+    from siteconfig.errors import CliError
+
+    from cmcs import history as H
+    from cmcs.layout import check_layout
+
+    site_file = getattr(args, "config", None)
+    site = _load_site_arg(site_file) if site_file is not None else demo_site()
+    t0 = time.perf_counter()
+    base = base_path = None
+    if getattr(args, "bundle", None) is not None:  # a bad bundle is refused before the history is read
+        base_path = Path(args.bundle)
+        base = Predictor.load(base_path)
+    try:
+        # the history before any training: a bad one costs none
+        hist = H.read_site_history(args.history, site, getattr(args, "holdout_days", None), progress=True)
+        split = hist.split
+    except H.HistoryError as exc:
+        raise CliError(str(exc)) from None
+    print(f"history of {site.name}: {hist.path}, {hist.days:.2f} days ({H._iso(hist.start_s)} .. "
+          f"{H._iso(hist.end_s)}), {hist.units} units, {len(hist.runs)} segment(s); the last "
+          f"{split.holdout_days:.2f} days held out", file=sys.stderr)
+    if hist.extra_units:
+        print(f"note: {len(hist.extra_units)} unit(s) in the history are not in the site file (first: "
+              f"{hist.extra_units[0]}); left out", file=sys.stderr)
+    metrics, training = {}, None
+    if base is not None:
+        base_desc = f"bundle {base.version} ({base_path})"
+    else:
+        cfg = TrainConfig.from_args(args)
+        if site_file is not None:
+            cfg.site, cfg.site_file = site, str(site_file)
+        _check_train_config(cfg)
+        base, metrics, training = train(cfg, progress=True)
+        base_path, base_desc = None, f"bundle {base.version} (trained now)"
+    check = check_layout(base.meta, site)
+    if not check.matches:
+        print(f"note: {base_desc} was {check.reason}; the refined bundle keeps that record (the live CMCS on "
+              f"{site.name} stays Advisory with it)", file=sys.stderr)
+    t_refine = time.perf_counter()
+    try:
+        boosters, info = H.refine_load(base, hist, split, stride=H.HISTORY_STRIDE)
+    except H.HistoryError as exc:
+        raise CliError(str(exc)) from None
+    record = {
+        "data_dir": str(Path(args.history).resolve()), "file": str(hist.path.resolve()), "site": site.name,
+        "from": H._iso(hist.start_s), "to": H._iso(hist.end_s), "days": round(hist.days, 3),
+        "holdout_days": round(split.holdout_days, 3), "holdout_from": H._iso(split.holdout_start_s),
+        "units": hist.units, "segments": len(hist.runs), "train_rows": info["train_rows"], "val_rows": info["val_rows"],
+        "stride_samples": max(H.HISTORY_STRIDE, hist.feature_stride), "feature_stride_samples": hist.feature_stride,
+        "method": "continued boosting from the base bundle's load boosters "
+        f"(eta {H.REFINE_ETA:g}, early stopping on the last {H.VAL_FRACTION:.0%} of the training span)",
+        "horizons": info["horizons"], "base_bundle": {"version": base.version,
+                                                      "path": str(base_path) if base_path else None},
+    }
+    refined = H.refined_predictor(base, boosters, record)
+    refine_s = time.perf_counter() - t_refine
+    shipped = Predictor.load(SHIPPED_BUNDLE)
+    predictors = {"shipped": shipped}
+    names = {"shipped": "shipped bundle"}
+    if base_path is None or Path(base_path).resolve() != SHIPPED_BUNDLE.resolve():
+        predictors["base"], names["base"] = base, "base bundle"
+    predictors["refined"], names["refined"] = refined, "refined"
+    ev = H.evaluate_holdout(hist, split, predictors)
+    metrics["history"] = dict(record, read_s=round(hist.read_s, 1), refine_s=round(refine_s, 1),
+                              holdout=ev, base=("shipped" if "base" not in predictors else "base"))
+    metrics["history_load"] = H.contract_load(ev, "refined")
+    if training is not None:
+        print_table(metrics, title=f"test split ({len(cfg.splits()['test'])} scenarios never used to train or tune)")
+    H.print_history_table(ev, names, f"{split.holdout_days:.2f} days from {H._iso(split.holdout_start_s)}")
+    # the base's own training record stays (a bundle refined twice keeps the chain)
+    training = dict(training or {"base": base.meta.get("training")}, history=record)
+    training["wall_time_s"] = round(time.perf_counter() - t0, 1)
+    out = _out_dir(args)
+    path = refined.save(out, metrics=metrics, training=training)
+    if args.json:
+        _write_json(args.json, metrics)
+    print(f"bundle {refined.version} saved to {path} ({_dir_size_mb(path):.2f} MB); took "
+          f"{training['wall_time_s']:.0f} s (history read {hist.read_s:.0f} s, refinement {refine_s:.0f} s)")
     return 0
 
 

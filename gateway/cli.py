@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scenario-count", type=int, default=None, help="number of random training scenarios")
     p.add_argument("--seed", type=int, default=0, help="first seed of the random training scenarios")
     p.add_argument("--quick", action="store_true", help="a small, fast run (smoke check)")
+    from cmcs.cli_args import add_history_arguments  # argparse only: no numpy or xgboost at start-up
+
+    add_history_arguments(p)  # --history DATA_DIR, --holdout-days D
     p.set_defaults(handler="cmcs.train:cli_train")
 
     p = sub.add_parser("certs", help="application-instance certificate and trust list (pki/ in the data dir)")
