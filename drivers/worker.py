@@ -27,12 +27,19 @@ batches it would have seen in one process, and device qualities follow from the 
 Frames on the socket: a 4-byte big-endian length and a pickle (both ends are this program, on a
 socketpair made here: nothing else can write to it). Worker to gateway: ("c", [(device, [(point,
 value, quality, ts), ...]), ...], pulled) changes, ("h", {key: fields}) health, ("r", id, ok, value) a
-call's answer, ("ready",). Gateway to worker: ("init", site, devices, log_level), ("pull",) (the
-answer: ("c", changes, True)), ("call", id, method, args), ("stop",). The worker sends its waiting
+call's answer, ("ready",). Gateway to worker: ("init", site, devices, log_level, gateway_pid), ("pull",) (the
+answer: ("c", changes, True)), ("call", id, method, args, deadline), ("stop",). The worker sends its waiting
 changes before every answer, so a read_now's values are in the gateway's table when its call returns.
 
-If the worker dies, its devices turn Uncertain (last usable value), one line is logged, calls in
-flight fail as DeviceUnreachable, and it is started again (backoff 1 s doubling to 10 s).
+If the worker dies, or sends nothing for the stale time + 5 s (stopped, its loop blocked: it is then
+killed), one line is logged, its devices that were Good turn Uncertain (last usable value; Bad ones
+stay Bad), calls in flight and calls made until another worker is ready fail at once as
+DeviceUnreachable, and it is started again (backoff 1 s doubling to 10 s); devices of which no worker
+has sent anything since go Bad after the stale time, as the driver would have. Every call carries a
+deadline (CLOCK_MONOTONIC, one clock for both processes): a call the worker reads after it, because
+the gateway has given up on it and answered the caller, is refused there, never carried out late.
+After a reload changed the devices, the next worker's connections are grouped afresh, and so is the
+mirror (counters carried over).
 `gateway.driver_process: false` in the site file keeps the drivers in the gateway's process.
 """
 
@@ -65,11 +72,16 @@ PULL_S = 0.02  # the gateway pulls the worker's changes every 20 ms of its loop 
 HOLD_AFTER_S = 0.25  # not pulled for this long, or
 MAX_PENDING = 200_000  # more changes than this waiting: the worker keeps the latest per point (_Forward)
 HEALTH_S = 0.25  # and the connections' health every 250 ms (only the entries that changed)
-CALL_TIMEOUT_S = 30.0  # a call the worker does not answer (its own requests time out well before)
+CALL_TIMEOUT_S = 30.0  # a call the worker does not answer (its own requests time out well before); the
+# worker refuses a call it reads after this deadline (CLOCK_MONOTONIC is one clock for both processes), so a
+# command the gateway gave up on (and audited as failed) never reaches a device later
+WATCHDOG_EXTRA_S = 5.0  # a worker silent for the stale time + this is taken as hung: devices Uncertain, restarted
+MAX_TRANSITIONS = 10_000  # quality changes kept in order while changes are held (_Forward), beyond: coalesced
 RESTART_MIN_S, RESTART_MAX_S = 1.0, 10.0
 # ConnectionHealth fields that change while running (the rest are fixed by the site)
 HEALTH_FIELDS = ("connected", "last_error", "poll_duration_ms", "polls", "overruns", "reconnects", "devices",
                  "errors", "tls", "decode_errors", "dropped_frames")
+COUNTERS = frozenset({"polls", "overruns", "reconnects", "errors", "decode_errors", "dropped_frames"})  # never go back
 _QUALITIES = tuple(Quality)
 
 
@@ -134,6 +146,10 @@ class WorkerDriverSet(DriverSet):
         self.mirror = ModbusDriver(site, table, only=frozenset(remote), dormant=True)  # defines their points
         self.remote_devices = set(remote)
         self._health_by_key = {h.key: h for h in self.mirror.health()}
+        self._counter_base: dict[str, dict[str, int]] = {}  # a restarted worker's counters start from these
+        self._layout_changed = False  # a reload added or removed devices: the next worker's connections differ
+        self._last_frame = time.monotonic()
+        self._loss_reason = ""
         self._proc: asyncio.subprocess.Process | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task | None = None
@@ -141,6 +157,9 @@ class WorkerDriverSet(DriverSet):
         self._pulled: asyncio.Future | None = None
         self._supervisor: asyncio.Task | None = None
         self._calls: dict[int, asyncio.Future] = {}
+        self._background: set[asyncio.Task] = set()
+        self._lost_at: float | None = None
+        self._unconfirmed: set[str] = set()
         self._next_call = 0
         self._stopping = False
         self.ready = asyncio.Event()  # the current worker has started its drivers
@@ -163,27 +182,60 @@ class WorkerDriverSet(DriverSet):
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
         try:
             self._proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "drivers.worker", str(theirs.fileno()), pass_fds=(theirs.fileno(),),
+                sys.executable, "-m", "drivers.worker", str(theirs.fileno()), str(os.getpid()),
+                pass_fds=(theirs.fileno(),),
                 stdin=asyncio.subprocess.DEVNULL, stdout=2, env=env)  # its stdout is the gateway's stderr
         finally:
             theirs.close()
         reader, self._writer = await asyncio.open_unix_connection(sock=ours, limit=2**18)
         self.ready.clear()
-        self._writer.write(_frame(("init", self.site, sorted(self.remote_devices), logging.getLogger().level)))
+        if self._layout_changed:
+            self._rebuild_mirror()
+        self._last_frame = time.monotonic()
+        self._loss_reason = ""
+        self._writer.write(_frame(("init", self.site, sorted(self.remote_devices), logging.getLogger().level,
+                                   os.getpid())))
         self._reader_task = asyncio.create_task(self._read(reader), name="driver worker reader")
         self._pull_task = asyncio.create_task(self._pull(self._writer), name="driver worker pull")
 
+    def _rebuild_mirror(self) -> None:
+        """After a reload changed the devices, a new worker groups them into connections afresh: so
+        does the mirror (on a scratch table: the points are defined here already), keeping each
+        connection's counters where they were."""
+        from drivers.modbus.driver import ModbusDriver
+
+        logging.disable(logging.WARNING)  # the plain-TCP warning was given at start-up and by the reload
+        try:
+            mirror = ModbusDriver(self.site, PointTable(), only=frozenset(self.remote_devices), dormant=True)
+        finally:
+            logging.disable(logging.NOTSET)
+        mirror.table = self.table  # later reloads define and drop points in the gateway's table
+        self.mirror = mirror
+        self._health_by_key = {h.key: h for h in mirror.health()}
+        self._layout_changed = False
+
     async def _pull(self, writer: asyncio.StreamWriter) -> None:
         """Ask the worker for its changes every PULL_S of this loop, one request at a time: a loop
-        that is behind asks later, and the worker keeps the latest per point meanwhile (_Forward)."""
+        that is behind asks later, and the worker keeps the latest per point meanwhile (_Forward).
+        A worker that sends nothing at all for the stale time + WATCHDOG_EXTRA_S (stopped, its loop
+        blocked) is taken as hung: killed, and the supervisor reports it and starts another."""
         loop = asyncio.get_running_loop()
+        limit = self.site.gateway.stale_time_s + WATCHDOG_EXTRA_S
         while not writer.is_closing():
             self._pulled = loop.create_future()
             writer.write(_frame(("pull",)))
-            try:
-                await asyncio.wait_for(self._pulled, CALL_TIMEOUT_S)
-            except asyncio.TimeoutError:
-                continue  # a worker that does not answer is found by its stream's end
+            while not self._pulled.done():
+                try:
+                    await asyncio.wait_for(asyncio.shield(self._pulled), 1.0)
+                except asyncio.TimeoutError:
+                    self.check_stale()
+                    silent = time.monotonic() - self._last_frame
+                    if silent > limit and self._proc is not None and self._proc.returncode is None:
+                        self._loss_reason = f"sent nothing for {silent:.0f} s: killed"
+                        self._proc.kill()
+                        return
+            if self._lost_at is not None:
+                self.check_stale()
             await asyncio.sleep(PULL_S)
 
     async def _supervise(self) -> None:
@@ -193,7 +245,9 @@ class WorkerDriverSet(DriverSet):
             try:
                 await self._spawn()
                 await self._reader_task  # until the worker's stream ends
-            except OSError as exc:
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - whatever it was, the devices must not stay Good
                 log.error("driver worker process cannot start: %s", exc)
             if self._pull_task is not None:
                 self._pull_task.cancel()
@@ -206,6 +260,7 @@ class WorkerDriverSet(DriverSet):
             await asyncio.sleep(backoff)
             backoff = min(RESTART_MAX_S, backoff * 2)
             self.restarts += 1
+            self.check_stale()
 
     async def _reap(self) -> int | None:
         proc = self._proc
@@ -218,16 +273,38 @@ class WorkerDriverSet(DriverSet):
             return await proc.wait()
 
     def _worker_lost(self, code: int | None) -> None:
-        """The worker ended on its own: its devices keep their last values as Uncertain, its calls fail."""
-        log.error("driver worker process ended (exit %s): %d devices Uncertain until it is running again",
-                  code, len(self.remote_devices))
+        """The worker ended (or was killed as hung): the devices that were Good keep their last values
+        as Uncertain (Bad ones stay Bad), calls fail at once until another one is ready."""
+        self.ready.clear()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        why = self._loss_reason or f"ended (exit {code})"
+        log.error("driver worker process %s: its devices Uncertain until it is running again", why)
         now, defined = time.time(), set(self.table.devices())
-        for device in self.remote_devices & defined:
-            self.table.set_quality(device, Quality.UNCERTAIN_LAST_USABLE, now)
+        for device in sorted(self.remote_devices & defined):
+            if self.table.device_quality(device) is Quality.GOOD:
+                self.table.set_quality(device, Quality.UNCERTAIN_LAST_USABLE, now)
+        self._lost_at = time.monotonic()
+        self._unconfirmed = self.remote_devices & defined  # until the (next) worker sends something of them
         for h in self.mirror.health():
             h.connected = False
-            h.last_error = "driver worker process ended"
-        self._fail_calls("driver worker process ended")
+            h.last_error = f"driver worker process {why}"
+        self._counter_base = {h.key: {f: getattr(h, f) for f in COUNTERS} for h in self.mirror.health()}
+        self._fail_calls(f"driver worker process {why}")
+
+    def check_stale(self) -> None:
+        """After a worker was lost, the devices it served of which no worker has sent anything since go
+        from Uncertain to Bad after the stale time, as the driver would have (a new worker starts from an
+        empty table: a device that does not answer it never changes there, so it would say nothing)."""
+        lost = self._lost_at
+        if lost is None or time.monotonic() - lost < self.site.gateway.stale_time_s:
+            return
+        now, defined = time.time(), set(self.table.devices())
+        for device in sorted(self._unconfirmed & self.remote_devices & defined):
+            if self.table.device_quality(device) is Quality.UNCERTAIN_LAST_USABLE:
+                self.table.set_quality(device, Quality.BAD_COMM, now)
+        self._lost_at, self._unconfirmed = None, set()
 
     def _fail_calls(self, reason: str) -> None:
         calls, self._calls = self._calls, {}
@@ -265,53 +342,73 @@ class WorkerDriverSet(DriverSet):
 
     # ---- the worker's stream ----------------------------------------------------------------------------
     async def _read(self, reader: asyncio.StreamReader) -> None:
-        table = self.table
+        """Every message of the worker, until its stream ends; a message that cannot be read or applied
+        ends it too (the supervisor then kills the worker and starts another)."""
         while True:
             try:
                 msg = await _read_frame(reader)
-            except (ConnectionError, ValueError, pickle.UnpicklingError) as exc:
-                log.error("driver worker stream broken: %s", exc)
-                msg = None
-            if msg is None:
+                if msg is None:
+                    return
+                self._last_frame = time.monotonic()
+                self._dispatch(msg)
+            except asyncio.CancelledError:
+                raise
+            except ConnectionError:
+                return  # the worker's end closed (it died, or was killed): the supervisor says which
+            except Exception as exc:  # noqa: BLE001 - a broken stream is a lost worker, never a dead reader
+                self._loss_reason = self._loss_reason or f"sent what cannot be read ({type(exc).__name__}: {exc}): killed"
+                if self._proc is not None and self._proc.returncode is None:
+                    self._proc.kill()
                 return
-            self.frames_in += 1
-            kind = msg[0]
-            if kind == "c":
-                for device, items in msg[1]:
-                    if device in self.remote_devices:
-                        self.changes_in += table.apply(device, items)
-                if msg[2] and self._pulled is not None and not self._pulled.done():
-                    self._pulled.set_result(None)
-            elif kind == "h":
-                by_key = self._health_by_key
-                for key, values in msg[1].items():
-                    h = by_key.get(key)
-                    if h is not None:
-                        for name, value in zip(HEALTH_FIELDS, values):
-                            setattr(h, name, value)
-            elif kind == "r":
-                _, call_id, ok, value = msg
-                fut = self._calls.pop(call_id, None)
-                if fut is not None and not fut.done():
-                    if ok:
-                        fut.set_result(value)
-                    else:
-                        fut.set_exception(value)
-            elif kind == "s":
-                self.coalesced = self._coalesced_before + msg[1]["coalesced"]
-            elif kind == "ready":
-                self._coalesced_before = self.coalesced  # a restarted worker counts from 0
-                self.ready.set()
 
-    async def call(self, method: str, *args: Any) -> Any:
-        """One call in the worker (read_now, write_command, add, remove); its exception is raised here."""
-        if self._writer is None or not self.ready.is_set():
+    def _dispatch(self, msg: tuple) -> None:
+        """One message of the worker: changes, health, an answer, counters, ready."""
+        table = self.table
+        self.frames_in += 1
+        kind = msg[0]
+        if kind == "c":
+            unconfirmed = self._unconfirmed
+            for device, items in msg[1]:
+                if device in self.remote_devices:
+                    self.changes_in += table.apply(device, items)
+                    if unconfirmed:
+                        unconfirmed.discard(device)
+            if msg[2] and self._pulled is not None and not self._pulled.done():
+                self._pulled.set_result(None)
+        elif kind == "h":
+            by_key = self._health_by_key
+            for key, values in msg[1].items():
+                h = by_key.get(key)
+                if h is not None:
+                    base = self._counter_base.get(key, {})
+                    for name, value in zip(HEALTH_FIELDS, values):
+                        setattr(h, name, value + base[name] if name in base else value)
+        elif kind == "r":
+            _, call_id, ok, value = msg
+            fut = self._calls.pop(call_id, None)
+            if fut is not None and not fut.done():
+                if ok:
+                    fut.set_result(value)
+                else:
+                    fut.set_exception(value)
+        elif kind == "s":
+            self.coalesced = self._coalesced_before + msg[1]["coalesced"]
+        elif kind == "ready":
+            self._coalesced_before = self.coalesced  # a restarted worker counts from 0
+            self.ready.set()
+
+    async def call(self, method: str, *args: Any, starting: bool = False) -> Any:
+        """One call in the worker (read_now, write_command, add, remove); its exception is raised here.
+        `starting`: also to a worker that has not started its drivers yet (it reads the call after them)."""
+        if self._writer is None or not (self.ready.is_set() or starting) \
+                or self._proc is None or self._proc.returncode is not None:
             raise DeviceUnreachable("driver worker process not running")
         self._next_call += 1
         call_id = self._next_call
         fut = asyncio.get_running_loop().create_future()
         self._calls[call_id] = fut
-        self._writer.write(_frame(("call", call_id, method, args)))
+        deadline = time.monotonic() + CALL_TIMEOUT_S
+        self._writer.write(_frame(("call", call_id, method, args, deadline)))
         try:
             return await asyncio.wait_for(fut, CALL_TIMEOUT_S)
         except asyncio.TimeoutError:
@@ -344,20 +441,31 @@ class WorkerDriverSet(DriverSet):
             self.mirror.add_devices(site, ours)  # defines their points here; dormant: no connection
             self.remote_devices.update(ours)
             self._health_by_key = {h.key: h for h in self.mirror.health()}
+            self._layout_changed = True
             if self._writer is not None:  # the worker polls them from its next message on
-                self._writer.write(_frame(("call", 0, "add", (site, ours))))
+                task = asyncio.get_running_loop().create_task(self._add_in_worker(site, ours))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
         if rest:
             super().add_devices(site, rest)
+
+    async def _add_in_worker(self, site, devices: list[str]) -> None:
+        try:
+            await self.call("add", site, devices, starting=True)
+        except DeviceError as exc:  # a worker started after this has them in its init
+            if self.ready.is_set():
+                log.error("driver worker: adding %d devices failed: %s", len(devices), exc)
 
     async def remove_devices(self, devices: list[str]) -> None:
         ours = [d for d in devices if d in self.remote_devices]
         rest = [d for d in devices if d not in self.remote_devices]
         if ours:
             try:
-                await self.call("remove", ours)  # no request reaches them after this
+                await self.call("remove", ours, starting=True)  # no request reaches them after this
             except DeviceError as exc:
                 log.warning("driver worker: removing %d devices: %s", len(ours), exc)
-            self.remote_devices.difference_update(ours)
+            self.remote_devices.difference_update(ours)  # a worker started after this never polls them
+            self._layout_changed = True
             await self.mirror.remove_devices(ours)  # drops their points here
             self._health_by_key = {h.key: h for h in self.mirror.health()}
         if rest:
@@ -387,6 +495,7 @@ class _Forward(Sink):
         self.pending: list[tuple] = []
         self.pending_changes = 0
         self.held: dict[str, dict[str, tuple]] | None = None  # device -> point -> (value, quality, ts)
+        self.transitions: list[tuple] = []  # held values a quality change overtook, in order (_hold)
         self.coalesced = 0
         self.last_take = time.monotonic()
 
@@ -404,17 +513,28 @@ class _Forward(Sink):
                 self._hold(device, its)
 
     def _hold(self, device: str, items: list[tuple]) -> None:
+        """Keep the latest per point; a held value whose quality the new one changes is kept in order
+        (`transitions`), so that a device that went Uncertain and came back while held still shows
+        the outage to the gateway's lossless sinks and alarms."""
         points = self.held.setdefault(device, {})
-        before = len(points)
+        transitions = self.transitions
         for point, value, q, ts in items:
+            old = points.get(point)
+            if old is not None:
+                if old[1] != q and len(transitions) < MAX_TRANSITIONS:
+                    transitions.append((device, [(point, *old)]))
+                else:
+                    self.coalesced += 1
             points[point] = (value, q, ts)
-        self.coalesced += len(items) - (len(points) - before)
 
     def take(self) -> list[tuple]:
-        """Everything waiting, in order (held values first: they are older than what is pending)."""
-        out = [] if self.held is None else [(d, [(p, *v) for p, v in points.items()]) for d, points in self.held.items()]
+        """Everything waiting, in order: the quality changes overtaken while held, the held values (older
+        than what is pending), what is pending."""
+        out = self.transitions
+        if self.held is not None:
+            out += [(d, [(p, *v) for p, v in points.items()]) for d, points in self.held.items()]
         out += self.pending
-        self.held, self.pending, self.pending_changes = None, [], 0
+        self.held, self.pending, self.pending_changes, self.transitions = None, [], 0, []
         self.last_take = time.monotonic()
         return out
 
@@ -436,11 +556,11 @@ class _Worker:
         if out or pulled:
             self.writer.write(_frame(("c", out, pulled)))
 
-    async def run(self) -> None:
+    async def run(self) -> int:
         init = await _read_frame(self.reader)
         if init is None or init[0] != "init":
-            return
-        _, site, devices, level = init
+            return 1
+        _, site, devices, level = init[:4]
         logging.basicConfig(level=level or logging.WARNING,
                             format="%(asctime)s %(levelname)s %(name)s [driver worker]: %(message)s")
         from drivers.modbus.driver import ModbusDriver
@@ -451,7 +571,7 @@ class _Worker:
         except (OSError, ValueError, KeyError) as exc:  # e.g. a TLS file changed since the gateway read it
             logging.disable(logging.NOTSET)
             log.error("cannot build the drivers: %s", exc)
-            return
+            return 1
         logging.disable(logging.NOTSET)
         self.drivers = driver
         self.table.attach(self.forward)
@@ -467,7 +587,7 @@ class _Worker:
                 if msg[0] == "pull":
                     self.send_changes(True)
                 elif msg[0] == "call":
-                    task = asyncio.create_task(self._call(*msg[1:]))
+                    task = asyncio.create_task(self._call(*msg[1:5]))
                     calls.add(task)
                     task.add_done_callback(calls.discard)
         finally:
@@ -480,10 +600,14 @@ class _Worker:
                 await self.writer.drain()
             except ConnectionError:
                 pass
+        return 0
 
-    async def _call(self, call_id: int, method: str, args: tuple) -> None:
+    async def _call(self, call_id: int, method: str, args: tuple, deadline: float | None = None) -> None:
         driver = self.drivers
         try:
+            if deadline is not None and time.monotonic() > deadline:
+                # the gateway has given up on it and told the caller so: it must not happen now
+                raise DeviceUnreachable(f"driver worker: {method} read after its deadline, not carried out")
             if method == "read_now":
                 value = await driver.connection(args[0]).read_now(args[0])
             elif method == "write_command":
@@ -502,8 +626,8 @@ class _Worker:
         except Exception as exc:  # noqa: BLE001 - every failure goes back to the caller
             ok, value = False, exc
             try:
-                pickle.dumps(exc)
-            except Exception:  # noqa: BLE001 - an exception that does not pickle goes back as its text
+                pickle.loads(pickle.dumps(exc))
+            except Exception:  # noqa: BLE001 - an exception that does not travel goes back as its text
                 value = DeviceError(f"{type(exc).__name__}: {exc}")
         if call_id:
             self.send_changes(False)  # changes first: an answer never overtakes the values it read
@@ -519,7 +643,7 @@ class _Worker:
                 if self._sent_health.get(h.key) != values:
                     self._sent_health[h.key] = values
                     changed[h.key] = values
-            if changed:
+            if changed and self.writer.transport.get_write_buffer_size() < 2**20:  # the gateway reads: else next time
                 self.send(("h", changed))
             if self.forward.coalesced != self._sent_coalesced:
                 self._sent_coalesced = self.forward.coalesced
@@ -537,11 +661,12 @@ def _die_with_parent() -> None:
         pass
 
 
-async def _main(fd: int) -> None:
+async def _main(fd: int) -> int:
     sock = socket.socket(fileno=fd)
     reader, writer = await asyncio.open_unix_connection(sock=sock, limit=2**18)
-    await _Worker(reader, writer).run()
+    code = await _Worker(reader, writer).run()
     writer.close()
+    return code or 0
 
 
 if __name__ == "__main__":
@@ -549,4 +674,6 @@ if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _die_with_parent()
-    asyncio.run(_main(int(sys.argv[1])))
+    if len(sys.argv) > 2 and os.getppid() != int(sys.argv[2]):
+        sys.exit(1)  # the gateway died before the death signal was set: nobody to work for
+    sys.exit(asyncio.run(_main(int(sys.argv[1]))))

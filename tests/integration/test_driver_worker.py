@@ -73,10 +73,56 @@ async def test_a_worker_that_dies_is_reported_and_restarted(tmp_path, caplog):
         status = await rig.status_of(unit, "SwitchSource", sel(2 if rig.gateway.table.get(unit, "ActiveSource").value == 1 else 1))
         assert status == "BadCommunicationError"
         # it is started again, and its devices are Good again
-        await until(lambda: drivers.restarts == 1 and drivers.ready.is_set(), what="worker restarted")
+        await until(lambda: drivers.restarts == 1 and drivers.ready.is_set() and worker_children()
+                    and worker_children()[0].pid != child.pid, what="worker restarted")
         await rig.wait_good(unit, "LoadPower", timeout=10)
         (again,) = worker_children()
         assert again.pid != child.pid
+
+
+async def test_read_now_values_are_in_the_table_when_it_returns(tmp_path):
+    async with Rig(fast_site(), tmp_path=tmp_path) as rig:
+        drivers, table = rig.gateway.driver, rig.gateway.table
+        for unit in rig.site.units[:6]:
+            values = await drivers.connection(unit.name).read_now(unit.name)
+            assert values
+            for point, value in values.items():
+                if point in table.points(unit.name):
+                    assert table.get(unit.name, point).value == value, (unit.name, point)
+
+
+async def test_a_hung_worker_is_found_and_replaced(tmp_path, caplog):
+    async with Rig(fast_site(), tmp_path=tmp_path) as rig:  # stale time 3 s: a worker silent for 8 s is hung
+        drivers = rig.gateway.driver
+        unit = rig.site.units[0].name
+        await rig.wait_good(unit, "LoadPower")
+        (child,) = worker_children()
+        with caplog.at_level(logging.ERROR, logger="drivers.worker"):
+            child.suspend()  # SIGSTOP: the stream stays open, nothing comes
+            await until(lambda: rig.gateway.table.device_quality(unit) is Quality.UNCERTAIN_LAST_USABLE,
+                        timeout=15, what="devices Uncertain")
+        assert any("sent nothing for" in r.getMessage() for r in caplog.records)
+        await until(lambda: drivers.restarts >= 1 and drivers.ready.is_set() and worker_children()
+                    and worker_children()[0].pid != child.pid, timeout=20, what="a new worker")
+        await rig.wait_good(unit, "LoadPower", timeout=10)
+
+
+async def test_a_dead_device_stays_bad_across_a_worker_restart(tmp_path):
+    async with Rig(fast_site(), tmp_path=tmp_path) as rig:
+        unit = rig.site.units[0]
+        table = rig.gateway.table
+        await rig.host.stop_endpoint((unit.device.host, unit.device.port))
+        await until(lambda: table.device_quality(unit.name) is Quality.BAD_COMM, timeout=15, what="device Bad")
+        (child,) = worker_children()
+        child.kill()
+        await until(lambda: rig.gateway.driver.restarts == 1, timeout=15, what="restarted")
+        # a device that was Bad is not shown as 'last usable' again, and stays Bad with the new worker
+        seen = set()
+        deadline = time.monotonic() + 6
+        while time.monotonic() < deadline:
+            seen.add(table.device_quality(unit.name))
+            await asyncio.sleep(0.1)
+        assert seen == {Quality.BAD_COMM}, seen
 
 
 async def test_driver_process_off_keeps_the_drivers_in_the_gateway(tmp_path):
