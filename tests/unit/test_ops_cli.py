@@ -63,6 +63,6 @@ def test_train_refuses_a_bundle_without_eval_only_in_one_line(tmp_path):
     proc = cmcs("train", "--bundle", str(tmp_path / "b"), "--quick", "--data-dir", str(tmp_path / "d"))
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "cmcs: error: --bundle names the bundle to evaluate and needs --eval-only; training writes a new bundle "
-        "into --data-dir (or --out)"]
+        "cmcs: error: --bundle names the bundle to evaluate and needs --eval-only (or, with --history, the bundle "
+        "to refine); training writes a new bundle into --data-dir (or --out)"]
     assert not (tmp_path / "d" / "models").exists()  # nothing trained, nothing written
