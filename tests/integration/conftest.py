@@ -45,3 +45,20 @@ def demo_site_free_ports() -> Site:
 def relocate():
     """`relocate(site)`: the site with its endpoints on free local ports (see relocate_site)."""
     return relocate_site
+
+
+async def every_device_read(table, timeout: float = 15.0) -> None:
+    """Until every device of the gateway's point table has been read once (none BadWaitingForInitialData):
+    a scan spreads its devices over the period, so one device's first value says little of the others'."""
+    import asyncio
+    import time
+
+    from drivers.pointtable import Quality
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(table.device_quality(d) is not Quality.BAD_WAITING for d in table.devices()):
+            return
+        await asyncio.sleep(0.05)
+    waiting = [d for d in table.devices() if table.device_quality(d) is Quality.BAD_WAITING]
+    raise AssertionError(f"{len(waiting)} devices never read, e.g. {waiting[:3]}")

@@ -29,7 +29,7 @@ from simulator.endpoints import SimulatorHost
 from simulator.scenario import Fault, Scenario
 from siteconfig.demo import demo_site
 
-from .conftest import free_port, relocate_site
+from .conftest import every_device_read, free_port, relocate_site
 
 SITE_URI = "urn:cmcs-gateway:site:demo-hall"
 TYPES_URI = spec.TYPES_NAMESPACE_URI
@@ -94,6 +94,7 @@ class AlarmRig:
         self.ns = await self.client.get_namespace_index(SITE_URI)
         self.types_ns = await self.client.get_namespace_index(TYPES_URI)
         await self.wait_good("SourceA", "Available")
+        await every_device_read(self.gateway.table)  # the first scan spreads the devices over its period
         return self
 
     async def __aexit__(self, *exc):

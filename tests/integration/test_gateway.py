@@ -20,7 +20,7 @@ from simulator.scenario import Fault, Scenario
 from siteconfig.demo import demo_site
 from siteconfig.model import AtsState
 
-from .conftest import free_port, relocate_site
+from .conftest import every_device_read, free_port, relocate_site
 
 NS_URI = "urn:cmcs-gateway:site:demo-hall"
 RIG_PASSWORD = "rig-password"
@@ -54,6 +54,7 @@ class Rig:
         await self.client.connect()
         self.ns = await self.client.get_namespace_index(NS_URI)
         await self.wait_good("SourceA", "Available")
+        await every_device_read(self.gateway.table)  # the first scan spreads the devices over its period
         return self
 
     async def __aexit__(self, *exc):
