@@ -394,8 +394,6 @@ def load_scored_rows(run: ScenarioRun, horizon_s: int, normal_only: bool = True)
     outside 50-200 % of the unit's median level (IT load dropped by a dark unit, or restarting).
     Forecasting those is the risk model's job, and MAPE explodes as the truth approaches zero."""
     y = load_targets(run, horizon_s)
-    dt = run.times[1] - run.times[0]
-    season = int(round(SEASON_S / dt))
     seas = seasonal_naive(run, horizon_s)
     ok = np.isfinite(y) & (y > 0.5) & (run.load_m1 > 0.5) & np.isfinite(seas)
     ok &= (run.times >= SEASON_S)[:, None]

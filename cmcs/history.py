@@ -50,7 +50,6 @@ HISTORY_STRIDE = 1  # training keeps every sample of each unit (a site's days ar
 REFINE_ETA = 0.05
 REFINE_ROUNDS = 300
 REFINE_PATIENCE = 30
-_BAD = 0x80000000  # StatusCode severity bit: a Bad value (stored as null anyway)
 HORIZON_KEYS = {60: "1min", 300: "5min", 900: "15min"}
 
 
@@ -77,53 +76,26 @@ def history_file(data_dir: Path) -> Path:
                        "it in its --data-dir)")
 
 
-def site_key(site_name: str, device: str, point: str) -> str:
-    """The historian's node key of a point (gateway/historian.py HistorianStorage.key)."""
-    return f"urn:cmcs-gateway:site:{site_name}|s={device}.{point}"
-
-
 class HistoryReader:
-    """Read-only access to a historian file (it may be the running gateway's: WAL readers do not block it)."""
+    """The historian's file read-only (gateway.historian.HistoryFile), its failures as HistoryError."""
 
     def __init__(self, path: Path):
+        from gateway.historian import HistoryFile
+
         self.path = Path(path)
         try:
-            self.conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
-            self.conn.execute("PRAGMA query_only=ON")
-            self.keys: dict[str, int] = dict((k, i) for i, k in self.conn.execute("SELECT id, key FROM node"))
+            self.file = HistoryFile(self.path)
         except sqlite3.Error as exc:
             raise HistoryError(f"{self.path}: not a readable history ({exc})") from None
+        self.sites, self.devices = self.file.sites, self.file.devices
 
     def close(self) -> None:
-        self.conn.close()
-
-    def sites(self) -> dict[str, int]:
-        """Site names of the keys recorded, with their number of keys."""
-        out: dict[str, int] = {}
-        for key in self.keys:
-            ns, _, _ = key.partition("|")
-            if ns.startswith("urn:cmcs-gateway:site:"):
-                name = ns[len("urn:cmcs-gateway:site:"):]
-                out[name] = out.get(name, 0) + 1
-        return out
-
-    def devices(self, site_name: str, point: str) -> list[str]:
-        prefix, suffix = f"urn:cmcs-gateway:site:{site_name}|s=", f".{point}"
-        return sorted(k[len(prefix):-len(suffix)] for k in self.keys if k.startswith(prefix) and k.endswith(suffix))
+        self.file.close()
 
     def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
         """(timestamps s since 1970, values; NaN where Bad or null) of one node, in time order."""
-        node = self.keys.get(key)
-        if node is None:
-            return np.zeros(0), np.zeros(0)
-        rows = self.conn.execute("SELECT ts, status, value FROM sample WHERE node = ? ORDER BY ts, rowid",
-                                 (node,)).fetchall()
-        if not rows:
-            return np.zeros(0), np.zeros(0)
-        ts = np.array([r[0] for r in rows], dtype=np.int64) / 1e6
-        vals = np.array([np.nan if (r[2] is None or (r[1] & _BAD) or isinstance(r[2], (bytes, str)))
-                         else float(r[2]) for r in rows])
-        return ts, vals
+        ts, vals = self.file.numeric_series(key)
+        return np.asarray(ts, dtype=float), np.asarray(vals, dtype=float)
 
 
 def _hold(ts: np.ndarray, vals: np.ndarray, grid: np.ndarray) -> np.ndarray:
@@ -183,8 +155,10 @@ def _read(reader: HistoryReader, path: Path, site, holdout_days, progress: bool,
         raise HistoryError(f"{path}: recorded for another layout: {len(missing)} of this site's {len(units)} units "
                            f"have no LoadPower history (first: {missing[0]}); the history has {len(recorded)} units")
     extra = [u for u in recorded if u not in set(units)]
-    power = [reader.series(site_key(site.name, u, "LoadPower")) for u in units]
-    active = [reader.series(site_key(site.name, u, "ActiveSource")) for u in units]
+    from gateway.historian import point_key
+
+    power = [reader.series(point_key(site.name, u, "LoadPower")) for u in units]
+    active = [reader.series(point_key(site.name, u, "ActiveSource")) for u in units]
     firsts = [ts[0] for ts, _ in power if len(ts)]
     lasts = [ts[-1] for ts, _ in power if len(ts)]
     if not firsts:

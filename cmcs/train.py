@@ -405,8 +405,7 @@ def score_run(predictor: Predictor, run: ScenarioRun, keep_features: bool = Fals
 
 def train(cfg: TrainConfig, progress: bool = True, log=print):
     """Generate, train, calibrate, choose operating points, test. Returns (predictor, metrics, training)."""
-    from cmcs import models
-    from cmcs.metrics import FA_BUDGET_PER_100_UNIT_DAYS, choose_threshold
+    from cmcs.metrics import FA_BUDGET_PER_100_UNIT_DAYS
 
     splits = cfg.splits()
     t_start = time.perf_counter()

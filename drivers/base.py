@@ -178,7 +178,7 @@ class DriverSet:
         running driver with `add_devices` takes new devices (the Modbus driver); a device of any
         other driver needs a restart."""
         problems: list[str] = []
-        for path, names in _by_driver(site, devices).items():
+        for path, names in devices_by_factory(site, devices).items():
             driver = self.drivers.get(path)
             if driver is None or not hasattr(driver, "add_devices"):
                 problems += [f"{d}: driver {_driver_name(site, d)} cannot take new devices while running" for d in names]
@@ -193,7 +193,7 @@ class DriverSet:
 
     def add_devices(self, site: Site, devices: list[str]) -> None:
         """Define these devices' points and poll them (check_add first)."""
-        for path, names in _by_driver(site, devices).items():
+        for path, names in devices_by_factory(site, devices).items():
             driver = self.drivers[path]
             driver.add_devices(site, names)  # type: ignore[attr-defined]
             for name in names:
@@ -223,7 +223,7 @@ class DriverSet:
         return [h for driver in self.drivers.values() for h in driver.health()]
 
 
-def _by_driver(site: Site, devices: list[str]) -> dict[str, list[str]]:
+def devices_by_factory(site: Site, devices: list[str]) -> dict[str, list[str]]:
     """The devices of `site` grouped by their driver's factory path (drivers are dataclasses: unhashable)."""
     endpoints = {name: ep for name, _kind, ep in site.devices()}
     out: dict[str, list[str]] = {}

@@ -57,7 +57,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from drivers.base import DeviceError, DeviceUnreachable, DriverSet, factory_path
+from drivers.base import DeviceError, DeviceUnreachable, DriverSet, devices_by_factory, factory_path
 from drivers.pointtable import PointTable, Quality, Sink
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,6 @@ RESTART_MIN_S, RESTART_MAX_S = 1.0, 10.0
 HEALTH_FIELDS = ("connected", "last_error", "poll_duration_ms", "polls", "overruns", "reconnects", "devices",
                  "errors", "tls", "decode_errors", "dropped_frames")
 COUNTERS = frozenset({"polls", "overruns", "reconnects", "errors", "decode_errors", "dropped_frames"})  # never go back
-_QUALITIES = tuple(Quality)
 
 
 def worker_devices(site) -> list[str]:
@@ -164,8 +163,6 @@ class WorkerDriverSet(DriverSet):
         self._stopping = False
         self.ready = asyncio.Event()  # the current worker has started its drivers
         self.restarts = 0
-        self.frames_in = 0
-        self.changes_in = 0
         self.coalesced = 0  # changes the worker held back while this loop was behind (latest per point sent)
         self._coalesced_before = 0
 
@@ -364,13 +361,12 @@ class WorkerDriverSet(DriverSet):
     def _dispatch(self, msg: tuple) -> None:
         """One message of the worker: changes, health, an answer, counters, ready."""
         table = self.table
-        self.frames_in += 1
         kind = msg[0]
         if kind == "c":
             unconfirmed = self._unconfirmed
             for device, items in msg[1]:
                 if device in self.remote_devices:
-                    self.changes_in += table.apply(device, items)
+                    table.apply(device, items)
                     if unconfirmed:
                         unconfirmed.discard(device)
             if msg[2] and self._pulled is not None and not self._pulled.done():
@@ -428,14 +424,18 @@ class WorkerDriverSet(DriverSet):
     def health(self):
         return [*self.mirror.health(), *super().health()]
 
+    @staticmethod
+    def _split(site, devices: list[str]) -> tuple[list[str], list[str]]:
+        """(the devices the worker serves, the others), by their driver's factory (drivers.base)."""
+        ours = [d for path, names in devices_by_factory(site, devices).items() if path in WORKER_FACTORIES for d in names]
+        return ours, [d for d in devices if d not in ours]
+
     def check_add(self, site, devices: list[str]) -> list[str]:
-        ours = [d for d in devices if factory_path(_endpoint(site, d).driver) in WORKER_FACTORIES]
-        rest = [d for d in devices if d not in ours]
+        ours, rest = self._split(site, devices)
         return self.mirror.check_add(site, ours) + (super().check_add(site, rest) if rest else [])
 
     def add_devices(self, site, devices: list[str]) -> None:
-        ours = [d for d in devices if factory_path(_endpoint(site, d).driver) in WORKER_FACTORIES]
-        rest = [d for d in devices if d not in ours]
+        ours, rest = self._split(site, devices)
         if ours:
             self.site = site
             self.mirror.add_devices(site, ours)  # defines their points here; dormant: no connection
@@ -470,10 +470,6 @@ class WorkerDriverSet(DriverSet):
             self._health_by_key = {h.key: h for h in self.mirror.health()}
         if rest:
             await super().remove_devices(rest)
-
-
-def _endpoint(site, device: str):
-    return next(ep for name, _kind, ep in site.devices() if name == device)
 
 
 # ---- the worker's side ------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ from asyncua.server.history import HistoryStorageInterface
 from asyncua.ua.ua_binary import Primitives, variant_from_binary, variant_to_binary
 
 from drivers.pointtable import Birth, Change, LosslessBuffer, PointTable, Quality, Sink
+from information_model.instantiate import SITE_NAMESPACE_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -511,6 +512,64 @@ class Historian:
 
 
 # ---- asyncua history storage -----------------------------------------------------------------
+
+SITE_KEY_PREFIX = SITE_NAMESPACE_PREFIX  # a site's namespace URI, the first part of its node keys
+
+
+def point_key(site_name: str, device: str, point: str) -> str:
+    """The node key HistorianStorage.key gives a site's point variable (ns=<site>;s=<device>.<point>)."""
+    return f"{SITE_KEY_PREFIX}{site_name}|s={device}.{point}"
+
+
+class HistoryFile:
+    """Read-only access to a historian file, without the Historian's writer (which creates the schema and
+    prunes past its retention when it opens a file): for tools reading a data dir, e.g. `cmcs train
+    --history`. It may be the running gateway's file (WAL readers do not block the writer). Raises
+    sqlite3.Error when the file is not a readable history."""
+
+    _BAD = 0x80000000  # StatusCode severity bit (a Bad value is stored as null anyway)
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+        try:
+            self.conn.execute("PRAGMA query_only=ON")
+            self.keys: dict[str, int] = {k: i for i, k in self.conn.execute("SELECT id, key FROM node")}
+        except sqlite3.Error:
+            self.conn.close()
+            raise
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def sites(self) -> dict[str, int]:
+        """Site names of the keys recorded, with their number of keys."""
+        out: dict[str, int] = {}
+        for key in self.keys:
+            ns, _, _ = key.partition("|")
+            if ns.startswith(SITE_KEY_PREFIX):
+                name = ns[len(SITE_KEY_PREFIX):]
+                out[name] = out.get(name, 0) + 1
+        return out
+
+    def devices(self, site_name: str, point: str) -> list[str]:
+        """The devices of a site with this point recorded."""
+        prefix, suffix = f"{SITE_KEY_PREFIX}{site_name}|s=", f".{point}"  # as point_key writes them
+        return sorted(k[len(prefix):-len(suffix)] for k in self.keys if k.startswith(prefix) and k.endswith(suffix))
+
+    def numeric_series(self, key: str) -> tuple[list[float], list[float]]:
+        """(source timestamps in s since 1970, values; NaN where Bad, null or not a number) of one node,
+        in time order."""
+        node = self.keys.get(key)
+        if node is None:
+            return [], []
+        rows = self.conn.execute("SELECT ts, status, value FROM sample WHERE node = ? ORDER BY ts, rowid",
+                                 (node,)).fetchall()
+        nan = float("nan")
+        return ([r[0] / 1e6 for r in rows],
+                [nan if (r[2] is None or (r[1] & self._BAD) or isinstance(r[2], (bytes, str))) else float(r[2])
+                 for r in rows])
+
 
 class HistorianStorage(HistoryStorageInterface):
     """asyncua's HistoryStorageInterface over a Historian (install with history_manager.set_storage).

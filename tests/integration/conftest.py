@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
+import asyncio
+import time
 
 import pytest
 
@@ -50,9 +51,6 @@ def relocate():
 async def every_device_read(table, timeout: float = 15.0) -> None:
     """Until every device of the gateway's point table has been read once (none BadWaitingForInitialData):
     a scan spreads its devices over the period, so one device's first value says little of the others'."""
-    import asyncio
-    import time
-
     from drivers.pointtable import Quality
 
     deadline = time.monotonic() + timeout
@@ -62,3 +60,13 @@ async def every_device_read(table, timeout: float = 15.0) -> None:
         await asyncio.sleep(0.05)
     waiting = [d for d in table.devices() if table.device_quality(d) is Quality.BAD_WAITING]
     raise AssertionError(f"{len(waiting)} devices never read, e.g. {waiting[:3]}")
+
+
+async def until(predicate, timeout: float = 15.0, what: str = "condition") -> None:
+    """Until `predicate()` is true, polled every 50 ms; AssertionError naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"not within {timeout:g} s: {what}")

@@ -35,10 +35,6 @@ DAYS = 1.4  # the shortest history training accepts with the default hold-out (1
 END = float(int(time.time()) // 86400 * 86400)
 
 
-def run_cli(argv, monkeypatch) -> int:
-    return cli.main(argv)
-
-
 @pytest.fixture(scope="module")
 def site_history(tmp_path_factory):
     d = tmp_path_factory.mktemp("site-history")
@@ -107,8 +103,8 @@ def test_train_history_refines_the_load_forecaster_and_records_the_history(site_
     d, rec = site_history
     monkeypatch.setattr(H, "HISTORY_STRIDE", 3)  # one sample in 3: a quarter of the refinement's time
     out, js = tmp_path / "bundle", tmp_path / "m.json"
-    rc = run_cli(["train", "--history", str(d), "--bundle", str(SHIPPED_BUNDLE), "--out", str(out),
-                  "--json", str(js)], monkeypatch)
+    rc = cli.main(["train", "--history", str(d), "--bundle", str(SHIPPED_BUNDLE), "--out", str(out),
+                  "--json", str(js)])
     printed = capsys.readouterr()
     assert rc == 0, printed.err
     assert "held-out days" in printed.out and "shipped bundle" in printed.out
@@ -136,8 +132,16 @@ def test_train_history_refines_the_load_forecaster_and_records_the_history(site_
     np.testing.assert_array_equal(refined.predict({"source": X})["source"], shipped.predict({"source": X})["source"])
 
 
-def _one_line_error(argv, monkeypatch, capsys) -> str:
-    rc = run_cli(argv, monkeypatch)
+def _generated_site(path, name: str, aisles: int, units: int, capsys):
+    """A site file written by `cmcs config generate`."""
+    assert cli.main(["config", "generate", "--aisles", str(aisles), "--units-per-aisle", str(units), "--name", name,
+                     "-o", str(path)]) == 0
+    capsys.readouterr()
+    return path
+
+
+def _one_line_error(argv, capsys) -> str:
+    rc = cli.main(argv)
     err = capsys.readouterr().err
     assert rc == 2, err
     lines = [line for line in err.splitlines() if line.strip() and not line.startswith("history:")]
@@ -146,42 +150,36 @@ def _one_line_error(argv, monkeypatch, capsys) -> str:
     return lines[0]
 
 
-def test_bad_histories_are_refused_in_one_line(site_history, short_history, tmp_path, monkeypatch, capsys):
+def test_bad_histories_are_refused_in_one_line(site_history, short_history, tmp_path, capsys):
     shipped = str(SHIPPED_BUNDLE)
     base = ["train", "--bundle", shipped, "--out", str(tmp_path / "never")]
-    assert "no such directory" in _one_line_error(base + ["--history", str(tmp_path / "nope")], monkeypatch, capsys)
+    assert "no such directory" in _one_line_error(base + ["--history", str(tmp_path / "nope")], capsys)
     (tmp_path / "empty").mkdir()
-    msg = _one_line_error(base + ["--history", str(tmp_path / "empty")], monkeypatch, capsys)
+    msg = _one_line_error(base + ["--history", str(tmp_path / "empty")], capsys)
     assert "no history there" in msg and "history.sqlite3" in msg
     (tmp_path / "garbage").mkdir()
     (tmp_path / "garbage" / "history.sqlite3").write_bytes(b"not sqlite at all" * 100)
-    assert "not a readable history" in _one_line_error(base + ["--history", str(tmp_path / "garbage")], monkeypatch,
+    assert "not a readable history" in _one_line_error(base + ["--history", str(tmp_path / "garbage")],
                                                        capsys)
     d_short, _ = short_history
-    msg = _one_line_error(base + ["--history", str(d_short)], monkeypatch, capsys)
+    msg = _one_line_error(base + ["--history", str(d_short)], capsys)
     assert "too few" in msg and "0.12 days" in msg
     d, _ = site_history
-    msg = _one_line_error(base + ["--history", str(d), "--holdout-days", "0.9"], monkeypatch, capsys)
+    msg = _one_line_error(base + ["--history", str(d), "--holdout-days", "0.9"], capsys)
     assert "too few" in msg  # 1.4 days cannot give 1 day of training before 0.9 held out
     # another site's history: the site file names another site
-    other = tmp_path / "other.yaml"
-    assert cli.main(["config", "generate", "--aisles", "2", "--units-per-aisle", "3", "--name", "other-hall",
-                     "-o", str(other)]) == 0
-    capsys.readouterr()
-    msg = _one_line_error(base + ["--history", str(d), "--config", str(other)], monkeypatch, capsys)
+    other = _generated_site(tmp_path / "other.yaml", "other-hall", 2, 3, capsys)
+    msg = _one_line_error(base + ["--history", str(d), "--config", str(other)], capsys)
     assert "no LoadPower recorded for site 'other-hall'" in msg and "demo-hall" in msg
     # the same site name with another layout: units the history never saw
-    renamed = tmp_path / "renamed.yaml"
-    assert cli.main(["config", "generate", "--aisles", "5", "--units-per-aisle", "6", "--name", "demo-hall",
-                     "-o", str(renamed)]) == 0
-    capsys.readouterr()
-    msg = _one_line_error(base + ["--history", str(d), "--config", str(renamed)], monkeypatch, capsys)
+    renamed = _generated_site(tmp_path / "renamed.yaml", "demo-hall", 5, 6, capsys)
+    msg = _one_line_error(base + ["--history", str(d), "--config", str(renamed)], capsys)
     assert "another layout" in msg and "of this site's 30 units" in msg
     assert not (tmp_path / "never").exists()
-    msg = _one_line_error(["train", "--holdout-days", "1", "--out", str(tmp_path / "never")], monkeypatch, capsys)
+    msg = _one_line_error(["train", "--holdout-days", "1", "--out", str(tmp_path / "never")], capsys)
     assert "--holdout-days goes with --history" in msg
     msg = _one_line_error(["train", "--history", str(d), "--bundle", str(tmp_path / "no-bundle"), "--out",
-                           str(tmp_path / "never")], monkeypatch, capsys)
+                           str(tmp_path / "never")], capsys)
     assert "no-bundle" in msg
 
 

@@ -33,7 +33,7 @@ from simulator.endpoints import SimulatorHost
 from simulator.scenario import parse_scenario
 from siteconfig.demo import demo_site
 from siteconfig.model import CmcsMode, SourceSelection
-from tests.integration.conftest import free_port, relocate_site
+from tests.integration.conftest import free_port, relocate_site, until
 
 SPEED = 60.0
 PREDICTED_TYPE_ID = next(t.nodeid for t in spec.ALARM_TYPES if t.name == "PredictedFailureAlarmType")
@@ -214,15 +214,6 @@ async def test_cmcs_advises_then_moves_load_off_a_degrading_joint_before_it_fail
         await host.stop()
 
 
-async def _until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"not within {timeout:g} s: {what}")
-
-
 async def test_a_dead_device_is_not_fresh_and_a_lost_session_is_rebuilt(tmp_path: Path):
     """What the policy gets when a device stops answering (its values Uncertain/Bad: not fresh,
     the others still are), and after the session is cut (reconnected, safe start again)."""
@@ -233,26 +224,26 @@ async def test_a_dead_device_is_not_fresh_and_a_lost_session_is_rebuilt(tmp_path
     await gateway.start()
     try:
         live = gateway.live
-        await _until(lambda: live.cycles > 3 and all(f.all() for f in live.observation()[2].values()), 30,
+        await until(lambda: live.cycles > 3 and all(f.all() for f in live.observation()[2].values()), 30,
                      "every device fresh")
         address = host.endpoint_of("MATS-01-01").address
         dead = {u.name for u in site.units if (u.device.host, u.device.port) == address}
         assert 0 < len(dead) < len(site.units)
         await host.stop_endpoint(address)
         names = live.names["ats"]
-        await _until(lambda: not live.observation()[2]["ats"][names.index("MATS-01-01")], 30, "MATS-01-01 stale")
+        await until(lambda: not live.observation()[2]["ats"][names.index("MATS-01-01")], 30, "MATS-01-01 stale")
         fresh = live.observation()[2]["ats"]
         assert {n for n, f in zip(names, fresh, strict=True) if not f} == dead
         await host.start_endpoint(address)
-        await _until(lambda: live.observation()[2]["ats"].all(), 30, "fresh again")
+        await until(lambda: live.observation()[2]["ats"].all(), 30, "fresh again")
 
         # the session is cut under it: it reconnects, and the policy starts again from a safe start
         assert live.connections == 1
         before, cycles = live.policy_state, live.cycles
         live.client.uaclient.protocol.transport.close()
-        await _until(lambda: live.connections == 2 and live.connected and live.cycles > cycles + 2, 40, "reconnected")
+        await until(lambda: live.connections == 2 and live.connected and live.cycles > cycles + 2, 40, "reconnected")
         assert live.policy_state is not before  # nothing carried over blind: a new safe start
-        await _until(lambda: all(f.all() for f in live.observation()[2].values()), 30, "fresh after reconnecting")
+        await until(lambda: all(f.all() for f in live.observation()[2].values()), 30, "fresh after reconnecting")
     finally:
         await gateway.stop()
         await host.stop()

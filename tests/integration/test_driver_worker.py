@@ -13,20 +13,12 @@ from asyncua import ua
 from drivers.pointtable import Quality
 from drivers.worker import WorkerDriverSet
 
+from .conftest import until
 from .test_gateway import Rig, fast_site, sel, unit_on
 
 
 def worker_children() -> list[psutil.Process]:
     return [p for p in psutil.Process().children() if "drivers.worker" in " ".join(p.cmdline())]
-
-
-async def until(predicate, timeout: float = 15.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"{what}: not within {timeout} s")
 
 
 async def test_values_commands_and_health_cross_the_worker(tmp_path):

@@ -18,7 +18,6 @@ import logging
 import socket
 import struct
 import time
-from pathlib import Path
 
 import psutil
 import pytest
