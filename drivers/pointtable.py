@@ -335,8 +335,11 @@ class PointTable:
 
     def apply(self, device: str, items: list[tuple]) -> int:
         """Changes another table made (a driver worker's: drivers/worker.py), as (point, value, quality
-        as int, source_ts): taken as they are, de-duplication and deadbands were applied there; sinks are
-        notified as by update_device / set_quality. A device no longer defined here is skipped."""
+        as int, source_ts): taken as they are, deadbands were applied there; sinks are notified as by
+        update_device / set_quality. A device no longer defined here is skipped, and so is an item that
+        equals what this table holds (value and quality): a worker that kept only the latest value per
+        point while the gateway was behind sends one that may have come back to where it was (A, B, A),
+        which is no change here (no second history row, the SourceTimestamp of the last change kept)."""
         table = self._devices.get(device)
         if table is None:
             return 0
@@ -347,6 +350,8 @@ class PointTable:
             if pv is None:
                 continue
             quality = qualities[q]
+            if pv.quality is quality and pv.value == value:
+                continue
             pv.value, pv.quality, pv.source_ts = value, quality, ts
             changes.append(Change(device, point, value, quality, ts))
         if changes:

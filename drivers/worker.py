@@ -26,9 +26,11 @@ batches it would have seen in one process, and device qualities follow from the 
 
 Frames on the socket: a 4-byte big-endian length and a pickle (both ends are this program, on a
 socketpair made here: nothing else can write to it). Worker to gateway: ("c", [(device, [(point,
-value, quality, ts), ...]), ...], pulled) changes, ("h", {key: fields}) health, ("r", id, ok, value) a
-call's answer, ("ready",). Gateway to worker: ("init", site, devices, log_level, gateway_pid), ("pull",) (the
-answer: ("c", changes, True)), ("call", id, method, args, deadline), ("stop",). The worker sends its waiting
+value, quality, ts), ...]), ...], pulled) changes (at most FRAME_CHANGES a frame: a larger batch goes
+in several, `pulled` on the last), ("h", {key: fields}) health, ("r", id, ok, value) a call's answer,
+("s", counters), ("ready",), ("fail", why) (it cannot build its drivers: the gateway's one line says
+why). Gateway to worker: ("init", site, devices, log_level, gateway_pid), ("pull",) (the answer:
+("c", changes, True)), ("call", id, method, args, deadline), ("stop",). The worker sends its waiting
 changes before every answer, so a read_now's values are in the gateway's table when its call returns.
 
 If the worker dies, or sends nothing for the stale time + 5 s (stopped, its loop blocked: it is then
@@ -68,6 +70,7 @@ WORKER_FACTORIES = frozenset({"drivers.modbus.driver:ModbusDriver.for_devices"})
 
 _HEADER = struct.Struct(">I")
 MAX_FRAME = 64 * 2**20  # a frame longer than this is not from our worker: the stream is dropped
+FRAME_CHANGES = 50_000  # the worker sends at most this many changes a frame (~2 MB pickled), far below MAX_FRAME
 PULL_S = 0.02  # the gateway pulls the worker's changes every 20 ms of its loop (as the address space flushes)
 HOLD_AFTER_S = 0.25  # not pulled for this long, or
 MAX_PENDING = 200_000  # more changes than this waiting: the worker keeps the latest per point (_Forward)
@@ -163,6 +166,8 @@ class WorkerDriverSet(DriverSet):
         self._stopping = False
         self.ready = asyncio.Event()  # the current worker has started its drivers
         self.restarts = 0
+        self._failed_starts = 0  # workers in a row that ended before they were ready
+        self._last_loss = ""  # why the last one ended, as logged
         self.coalesced = 0  # changes the worker held back while this loop was behind (latest per point sent)
         self._coalesced_before = 0
 
@@ -245,7 +250,7 @@ class WorkerDriverSet(DriverSet):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - whatever it was, the devices must not stay Good
-                log.error("driver worker process cannot start: %s", exc)
+                self._loss_reason = f"cannot start ({type(exc).__name__}: {exc})"  # _worker_lost says it
             if self._pull_task is not None:
                 self._pull_task.cancel()
             if self._stopping:
@@ -271,13 +276,21 @@ class WorkerDriverSet(DriverSet):
 
     def _worker_lost(self, code: int | None) -> None:
         """The worker ended (or was killed as hung): the devices that were Good keep their last values
-        as Uncertain (Bad ones stay Bad), calls fail at once until another one is ready."""
+        as Uncertain (Bad ones stay Bad), calls fail at once until another one is ready. One line is
+        logged; a worker that keeps failing to start for the same reason is not logged again each time
+        (the line says it is retried; the next worker that starts says how many failed before it)."""
+        failed_start = not self.ready.is_set()
         self.ready.clear()
         if self._writer is not None:
             self._writer.close()
             self._writer = None
         why = self._loss_reason or f"ended (exit {code})"
-        log.error("driver worker process %s: its devices Uncertain until it is running again", why)
+        if failed_start:
+            self._failed_starts += 1
+        if not (failed_start and why == self._last_loss):
+            log.error("driver worker process %s: its devices Uncertain until it is running again%s", why,
+                      "; retried every 1-10 s, said once" if failed_start else "")
+        self._last_loss = why
         now, defined = time.time(), set(self.table.devices())
         for device in sorted(self.remote_devices & defined):
             if self.table.device_quality(device) is Quality.GOOD:
@@ -391,7 +404,12 @@ class WorkerDriverSet(DriverSet):
             self.coalesced = self._coalesced_before + msg[1]["coalesced"]
         elif kind == "ready":
             self._coalesced_before = self.coalesced  # a restarted worker counts from 0
+            if self._failed_starts:
+                log.warning("driver worker process running again (after %d failed starts)", self._failed_starts)
+            self._failed_starts, self._last_loss = 0, ""
             self.ready.set()
+        elif kind == "fail":
+            self._loss_reason = msg[1]
 
     async def call(self, method: str, *args: Any, starting: bool = False) -> Any:
         """One call in the worker (read_now, write_command, add, remove); its exception is raised here.
@@ -535,6 +553,25 @@ class _Forward(Sink):
         return out
 
 
+def change_frames(out: list[tuple], limit: int = FRAME_CHANGES):
+    """`out` ([(device, items), ...]) cut into lists of at most `limit` items in all, in order (a
+    device's items split over two frames if need be)."""
+    chunk: list[tuple] = []
+    n = 0
+    for device, items in out:
+        start = 0
+        while start < len(items):
+            take = min(limit - n, len(items) - start)
+            chunk.append((device, items[start:start + take] if (start or take < len(items)) else items))
+            n += take
+            start += take
+            if n >= limit:
+                yield chunk
+                chunk, n = [], 0
+    if chunk:
+        yield chunk
+
+
 class _Worker:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
@@ -548,9 +585,13 @@ class _Worker:
         self.writer.write(_frame(msg))
 
     def send_changes(self, pulled: bool) -> None:
-        out = self.forward.take()
-        if out or pulled:
-            self.writer.write(_frame(("c", out, pulled)))
+        """What waits, in frames of at most FRAME_CHANGES changes (a hold over a very large site can
+        exceed what one frame may carry), in order; `pulled` goes with the last."""
+        frames = list(change_frames(self.forward.take()))
+        if not frames and pulled:
+            frames = [[]]
+        for i, chunk in enumerate(frames):
+            self.writer.write(_frame(("c", chunk, pulled and i == len(frames) - 1)))
 
     async def run(self) -> int:
         init = await _read_frame(self.reader)
@@ -566,7 +607,11 @@ class _Worker:
             driver = ModbusDriver(site, self.table, only=frozenset(devices))
         except (OSError, ValueError, KeyError) as exc:  # e.g. a TLS file changed since the gateway read it
             logging.disable(logging.NOTSET)
-            log.error("cannot build the drivers: %s", exc)
+            self.send(("fail", f"cannot build its drivers ({exc})"))  # the gateway's one line says it
+            try:
+                await self.writer.drain()
+            except ConnectionError:
+                pass
             return 1
         logging.disable(logging.NOTSET)
         self.drivers = driver

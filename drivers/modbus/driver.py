@@ -35,6 +35,7 @@ import asyncio
 import math
 import logging
 import random
+import os
 import ssl
 import time
 from dataclasses import dataclass, field
@@ -666,7 +667,9 @@ class ModbusDriver:
             try:
                 self._ssl_contexts[files] = tls.client_context(*files)
             except OSError as exc:  # the loader checked them; a file changed since
-                raise OSError(f"{device.name}: cannot load its TLS certificate, key or CA: {exc}") from None
+                missing = [f for f in files if not os.path.isfile(f)]
+                which = f"{missing[0]} is gone" if missing else f"{', '.join(files)}: {exc}"
+                raise OSError(f"{device.name}: cannot load its TLS certificate, key or CA ({which})") from None
         return self._ssl_contexts[files]
 
     async def start(self) -> None:

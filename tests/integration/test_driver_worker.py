@@ -8,8 +8,10 @@ import logging
 import time
 
 import psutil
+import pytest
 from asyncua import ua
 
+from drivers.base import DeviceUnreachable
 from drivers.pointtable import Quality
 from drivers.worker import WorkerDriverSet
 
@@ -123,3 +125,44 @@ async def test_driver_process_off_keeps_the_drivers_in_the_gateway(tmp_path):
         assert worker_children() == []
         dv = await rig.wait_good(rig.site.units[0].name, "LoadPower")
         assert dv.StatusCode == ua.StatusCode(ua.StatusCodes.Good)
+
+
+async def test_a_worker_that_cannot_start_is_said_once_and_its_recovery_too(tmp_path, caplog):
+    """A worker that fails to build its drivers (here: the gateway's TLS key gone after the gateway
+    read it) says why in the gateway's one line; the restarts that fail the same way are not logged
+    again; once the file is back the next worker starts and says how many failed before it."""
+    from drivers.modbus.tls import CertificateAuthority
+    from drivers.pointtable import PointTable
+
+    from .conftest import LOCALHOST
+    from .test_modbus_tls import tls_site
+
+    pki = tmp_path / "pki"
+    ca = CertificateAuthority("cmcs test site CA")
+    ca.write(pki, "ca")
+    ca.issue("aisle01-modbus-gateway", ip_addresses=(LOCALHOST,), server=True).write(pki, "aisle01")
+    ca.issue("cmcs-gateway", client=True).write(pki, "gateway")
+    site = tls_site(tmp_path)  # Aisle01 on Modbus/TCP Security; no device answers: none is needed here
+    table = PointTable()
+    drivers = WorkerDriverSet(site, table)  # its mirror has read the files
+    key = pki / "gateway.key"
+    key.rename(pki / "gateway.key.away")
+    with caplog.at_level(logging.INFO, logger="drivers.worker"):
+        await drivers.start()
+        try:
+            await until(lambda: drivers.restarts >= 2, timeout=20, what="two failed starts")
+            assert not drivers.ready.is_set()
+            lost = [r for r in caplog.records if r.levelno == logging.ERROR]
+            assert len(lost) == 1, [r.getMessage() for r in lost]
+            assert "cannot build its drivers" in lost[0].getMessage() and "gateway.key" in lost[0].getMessage()
+            with pytest.raises(DeviceUnreachable, match="not running"):
+                await drivers.call("read_now", site.units[0].name)
+            (pki / "gateway.key.away").rename(key)
+            await until(drivers.ready.is_set, timeout=25, what="a worker running again")
+            back = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "running again" in
+                    r.getMessage()]
+            assert len(back) == 1 and f"after {drivers.restarts} failed starts" in back[0], back
+            assert len([r for r in caplog.records if r.levelno == logging.ERROR]) == 1
+        finally:
+            await drivers.stop()
+    assert worker_children() == []

@@ -10,7 +10,7 @@ import time
 
 from drivers.base import DeviceUnreachable
 from drivers.pointtable import Change, PointTable, Quality, Sink
-from drivers.worker import _HEADER, HOLD_AFTER_S, _Forward, _Worker
+from drivers.worker import _HEADER, FRAME_CHANGES, HOLD_AFTER_S, _Forward, _Worker, change_frames
 
 
 def batch(device, point, value, q, ts):
@@ -104,3 +104,64 @@ def test_a_call_read_after_its_deadline_is_not_carried_out():
     asyncio.run(w._call(8, "write_command", ("MATS-01-01", "SetPreferredSource", {"Source": 2}),
                         time.monotonic() + 10))
     assert w.drivers.conn.written == [("MATS-01-01", "SetPreferredSource", {"Source": 2})]
+
+
+def test_a_value_that_came_back_while_held_is_no_change_at_the_gateway():
+    """Held: A, B, A of one point goes as A; the gateway's table, which holds A, notifies nothing
+    and keeps the SourceTimestamp of the last real change (no second history row)."""
+    table = PointTable()
+    table.define("D", ["V"])
+    seen = []
+
+    class Watch(Sink):
+        def changes(self, b):
+            seen.extend((c.value, c.source_ts) for c in b)
+
+    table.attach(Watch())
+    assert table.apply("D", [("V", 10.0, 0, 1.0)]) == 1
+    f = _Forward()
+    f.last_take = time.monotonic() - HOLD_AFTER_S - 1
+    f.changes(batch("D", "V", 11.0, Quality.GOOD, 2.0))
+    f.changes(batch("D", "V", 10.0, Quality.GOOD, 3.0))
+    for device, items in f.take():
+        table.apply(device, items)
+    assert seen == [(10.0, 1.0)] and table.get("D", "V").source_ts == 1.0
+    # the same value with another quality is a change
+    assert table.apply("D", [("V", 10.0, int(Quality.UNCERTAIN_LAST_USABLE), 4.0)]) == 1
+    assert seen[-1] == (10.0, 4.0)
+
+
+def test_a_large_hold_goes_in_frames_of_bounded_size_in_order():
+    """More changes than a frame carries (a hold over a very large site) go in several frames, each
+    of at most FRAME_CHANGES changes, `pulled` on the last only; applied in order they give the same
+    table as one frame would."""
+    n_dev, per = 7, FRAME_CHANGES // 3 + 5  # 7 devices x ~1/3 of a frame each: splits inside devices
+    w = _Worker(None, _Writer())
+    w.forward.last_take = time.monotonic() - HOLD_AFTER_S - 1
+    for d in range(n_dev):
+        w.forward.changes([Change(f"D{d}", f"P{i}", float(i + d), Quality.GOOD, 1.0) for i in range(per)])
+    w.send_changes(True)
+    frames = w.writer.frames
+    assert len(frames) == -(-n_dev * per // FRAME_CHANGES) > 1
+    assert all(sum(len(items) for _, items in f[1]) <= FRAME_CHANGES for f in frames)
+    assert [f[2] for f in frames] == [False] * (len(frames) - 1) + [True]
+    table = PointTable()
+    for d in range(n_dev):
+        table.define(f"D{d}", [f"P{i}" for i in range(per)])
+    applied = sum(table.apply(device, items) for f in frames for device, items in f[1])
+    assert applied == n_dev * per
+    assert all(table.get(f"D{d}", f"P{i}").value == float(i + d) for d in range(n_dev) for i in (0, per - 1))
+    # nothing waiting and pulled: one empty frame that answers the pull
+    w.writer.frames.clear()
+    w.send_changes(True)
+    assert w.writer.frames == [("c", [], True)]
+    w.send_changes(False)
+    assert len(w.writer.frames) == 1
+
+
+def test_change_frames_keep_the_order_of_every_item():
+    out = [("A", [(f"a{i}",) for i in range(5)]), ("B", [("b0",)]), ("C", [(f"c{i}",) for i in range(4)])]
+    frames = list(change_frames(out, limit=3))
+    assert [sum(len(i) for _, i in f) for f in frames] == [3, 3, 3, 1]
+    flat = [(d, it) for f in frames for d, items in f for it in items]
+    assert flat == [(d, it) for d, items in out for it in items]
