@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from simulator.scenario import DEGRADATION_KINDS, Fault, LoadProfile, random_scenario, scenario_to_yaml
+from simulator.scenario import DEGRADATION_KINDS, Fault, random_scenario, scenario_to_yaml
 from siteconfig.demo import generate_site, site_to_yaml
 from siteconfig.model import Site, SourceSelection
 
@@ -87,7 +87,6 @@ def scenario(site: Site, seed: int, index: int):
             faults.append(Fault("joint_degradation", pdb.name, min(onset, 0.97 * DURATION_S),
                                 float(np.round(rng.uniform(1800, 5400))), float(np.round(rng.uniform(0.5, 0.9), 2))))
     load = dataclasses.replace(base.load, scale=float(np.round(rng.uniform(0.6, 1.25), 2)))
-    assert isinstance(load, LoadProfile)
     return dataclasses.replace(base, site=f"../{NAME}.yaml", load=load,
                                faults=tuple(sorted(faults, key=lambda f: f.onset_s)))
 

@@ -513,12 +513,9 @@ class Historian:
 
 # ---- asyncua history storage -----------------------------------------------------------------
 
-SITE_KEY_PREFIX = SITE_NAMESPACE_PREFIX  # a site's namespace URI, the first part of its node keys
-
-
 def point_key(site_name: str, device: str, point: str) -> str:
     """The node key HistorianStorage.key gives a site's point variable (ns=<site>;s=<device>.<point>)."""
-    return f"{SITE_KEY_PREFIX}{site_name}|s={device}.{point}"
+    return f"{SITE_NAMESPACE_PREFIX}{site_name}|s={device}.{point}"
 
 
 class HistoryFile:
@@ -547,14 +544,14 @@ class HistoryFile:
         out: dict[str, int] = {}
         for key in self.keys:
             ns, _, _ = key.partition("|")
-            if ns.startswith(SITE_KEY_PREFIX):
-                name = ns[len(SITE_KEY_PREFIX):]
+            if ns.startswith(SITE_NAMESPACE_PREFIX):
+                name = ns[len(SITE_NAMESPACE_PREFIX):]
                 out[name] = out.get(name, 0) + 1
         return out
 
     def devices(self, site_name: str, point: str) -> list[str]:
         """The devices of a site with this point recorded."""
-        prefix, suffix = f"{SITE_KEY_PREFIX}{site_name}|s=", f".{point}"  # as point_key writes them
+        prefix, suffix = f"{SITE_NAMESPACE_PREFIX}{site_name}|s=", f".{point}"  # as point_key writes them
         return sorted(k[len(prefix):-len(suffix)] for k in self.keys if k.startswith(prefix) and k.endswith(suffix))
 
     def numeric_series(self, key: str) -> tuple[list[float], list[float]]:

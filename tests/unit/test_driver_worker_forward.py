@@ -17,6 +17,20 @@ def batch(device, point, value, q, ts):
     return [Change(device, point, value, q, ts)]
 
 
+def watched_table(device: str, points: list[str]) -> tuple[PointTable, list[Change]]:
+    """A table with these points and the list of every Change its sinks are given."""
+    table = PointTable()
+    table.define(device, points)
+    seen: list[Change] = []
+
+    class Watch(Sink):
+        def changes(self, b):
+            seen.extend(b)
+
+    table.attach(Watch())
+    return table, seen
+
+
 def test_kept_up_every_change_goes_in_order():
     f = _Forward()
     f.changes(batch("D", "V", 1.0, Quality.GOOD, 1.0))
@@ -34,17 +48,10 @@ def test_held_values_keep_the_latest_but_not_a_quality_change_they_overtake():
     f.changes(batch("D", "V", 12.0, Quality.GOOD, 4.0))
     out = f.take()
     assert f.coalesced == 1
-    table = PointTable()
-    table.define("D", ["V"])
-    seen = []
-
-    class Watch(Sink):
-        def changes(self, b):
-            seen.extend((c.value, c.quality) for c in b)
-
-    table.attach(Watch())
+    table, changes = watched_table("D", ["V"])
     for device, items in out:
         table.apply(device, items)
+    seen = [(c.value, c.quality) for c in changes]
     # the outage is seen, in order, and the last value wins
     assert (11.0, Quality.UNCERTAIN_LAST_USABLE) in seen
     assert seen.index((11.0, Quality.UNCERTAIN_LAST_USABLE)) < seen.index((12.0, Quality.GOOD))
@@ -109,15 +116,7 @@ def test_a_call_read_after_its_deadline_is_not_carried_out():
 def test_a_value_that_came_back_while_held_is_no_change_at_the_gateway():
     """Held: A, B, A of one point goes as A; the gateway's table, which holds A, notifies nothing
     and keeps the SourceTimestamp of the last real change (no second history row)."""
-    table = PointTable()
-    table.define("D", ["V"])
-    seen = []
-
-    class Watch(Sink):
-        def changes(self, b):
-            seen.extend((c.value, c.source_ts) for c in b)
-
-    table.attach(Watch())
+    table, changes = watched_table("D", ["V"])
     assert table.apply("D", [("V", 10.0, 0, 1.0)]) == 1
     f = _Forward()
     f.last_take = time.monotonic() - HOLD_AFTER_S - 1
@@ -125,10 +124,10 @@ def test_a_value_that_came_back_while_held_is_no_change_at_the_gateway():
     f.changes(batch("D", "V", 10.0, Quality.GOOD, 3.0))
     for device, items in f.take():
         table.apply(device, items)
-    assert seen == [(10.0, 1.0)] and table.get("D", "V").source_ts == 1.0
+    assert [(c.value, c.source_ts) for c in changes] == [(10.0, 1.0)] and table.get("D", "V").source_ts == 1.0
     # the same value with another quality is a change
     assert table.apply("D", [("V", 10.0, int(Quality.UNCERTAIN_LAST_USABLE), 4.0)]) == 1
-    assert seen[-1] == (10.0, 4.0)
+    assert (changes[-1].value, changes[-1].source_ts) == (10.0, 4.0)
 
 
 def test_a_large_hold_goes_in_frames_of_bounded_size_in_order():
